@@ -1,0 +1,62 @@
+"""One entry point for every model config: ``kind: amflow`` or ``kind: zeroi2v``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
+from stage1_extract.config import ConfigError, build_config, deep_merge, parse_overrides, read_yaml
+from stage1_extract.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
+
+ModelConfig = AMFlowConfig | ZeroI2VConfig
+MODEL_KINDS: dict[str, type] = {"amflow": AMFlowConfig, "zeroi2v": ZeroI2VConfig}
+
+
+def model_config_from_dict(data: dict[str, Any], source: str = "<config>") -> ModelConfig:
+    """Builds the config class named by ``kind`` (default ``amflow``) from a mapping."""
+    kind = data.get("kind", "amflow")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"{source}: key 'kind': expected one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    return build_config(MODEL_KINDS[kind], data, source)
+
+
+def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """Reads a model YAML (any kind) and applies ``key.sub=value`` overrides."""
+    data = deep_merge(read_yaml(path), parse_overrides(overrides))
+    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return model_config_from_dict(data, source)
+
+
+def build_model(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:
+    """Builds the model a config describes."""
+    if isinstance(cfg, ZeroI2VConfig):
+        return build_zeroi2v(cfg)
+    return build_amflow(cfg)
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> tuple[int, int]:
+    """(total, trainable) element counts, each parameter tensor counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in params}
+    total = sum(p.numel() for p in seen.values())
+    return total, sum(p.numel() for p in seen.values() if p.requires_grad)
+
+
+def parameter_report(model: AMFlowModel | ZeroI2VModel) -> dict[str, Any]:
+    """``{"components": {name: {"total", "trainable"}}, "total", "trainable"}`` per ``model.components()``."""
+    components = {}
+    for name, params in model.components().items():
+        total, trainable = count_parameters(params)
+        components[name] = {"total": total, "trainable": trainable}
+    total, trainable = count_parameters(model.parameters())
+    return {"components": components, "total": total, "trainable": trainable}
+
+
+def build_model_on_meta(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:
+    """Builds the model without allocating its weights (for counting parameters of paper-size configs)."""
+    with torch.device("meta"):
+        return build_model(cfg)

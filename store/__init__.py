@@ -1,0 +1,1 @@
+"""The Zarr feature store between stage 1 and stage 2 (imports neither stage)."""
