@@ -43,7 +43,10 @@ def am_flow(scores: torch.Tensor, next_scores: torch.Tensor | None = None) -> to
 
 
 def feature_difference(x: torch.Tensor) -> torch.Tensor:
-    """Control signal (METHOD.md s7): mean |x_{t+1} - x_t| per token, (B, T, N, D) -> (B, T, 1, N)."""
+    """The control of METHOD.md s7: mean |x_{t+1} - x_t| per token, (B, T, N, D) -> (B, T, 1, N).
+
+    Like eq. 4, the last frame repeats the (T-1, T) pair.
+    """
     if x.shape[1] == 1:
         return x.new_zeros(x.shape[0], 1, 1, x.shape[2])
     diff = (x[:, 1:] - x[:, :-1]).abs().mean(dim=-1)

@@ -19,6 +19,7 @@ from stage1_extract.am_flow import (
     am_flow,
     attention_scores_softmax_sum,
     attention_scores_sum_softmax,
+    feature_difference,
 )
 from stage1_extract.attention import attend, attention_probs, project_qkv
 from stage1_extract.backbone import create_vit, freeze
@@ -43,6 +44,9 @@ class AMFlowConfig:
     aligner_mlp_ratio: float = 4 / 3
     bottleneck: int | None = None  # adapter width r; None = the backbone width D
     pooling: Literal["mean", "cls", "flow"] = "mean"
+    # What the per-token maps of the features hold: AM flow (h per token), or METHOD.md s7's control,
+    # the frame-to-frame difference of the block's normed token features (1 per token).
+    maps: Literal["am_flow", "feature_diff"] = "am_flow"
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     seed: int = 0
 
@@ -102,10 +106,13 @@ class AligningEncoder(nn.Module):
 
 @dataclass
 class BlockOutput:
-    """One AM-flow block's outputs besides its tokens: the two adapters' E and the flow (B*T, h, N)."""
+    """One AM-flow block's outputs besides its tokens: the two adapters' pooled E and its per-token maps.
+
+    ``maps`` is the AM flow (B*T, h, N), or with ``maps: feature_diff`` the control (B*T, 1, N).
+    """
 
     embeddings: tuple[torch.Tensor, torch.Tensor]
-    flow: torch.Tensor
+    maps: torch.Tensor
 
 
 def pool_tokens(e: torch.Tensor, mode: str, num_prefix: int, flow: torch.Tensor) -> torch.Tensor:
@@ -137,6 +144,7 @@ class AMFlowBlock(nn.Module):
         self.aggregation = cfg.aggregation
         self.temperature = cfg.temperature
         self.pooling = cfg.pooling
+        self.maps = cfg.maps
         self.num_prefix_tokens = num_prefix_tokens
         self.head_offsets: list[int] | None = None  # STDHA, set by build_amflow when configured
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
@@ -181,7 +189,8 @@ class AMFlowBlock(nn.Module):
         update_mlp, e_mlp = self.adapter_mlp(m)
         x = x + self.drop_path2(self.ls2(self.mlp(m))) + update_mlp
         pooled = tuple(pool_tokens(e, self.pooling, self.num_prefix_tokens, flow) for e in (e_attn, e_mlp))
-        return x, BlockOutput(embeddings=pooled, flow=flow)
+        maps = flow if self.maps == "am_flow" else feature_difference(a.reshape(B, T, N, D)).reshape(BT, 1, N)
+        return x, BlockOutput(embeddings=pooled, maps=maps)
 
 
 def block_indices(blocks: list[int] | str, depth: int) -> list[int]:
@@ -219,11 +228,16 @@ class AMFlowModel(nn.Module):
             embed_dim=self.bottleneck,
             cls_dim=self.embed_dim,
             flow_blocks=len(self.flow_block_indices),
-            flow_heads=self.num_heads,
+            flow_heads=self.num_heads if cfg.maps == "am_flow" else 1,  # = map_channels
             patch_grid=self.patch_grid,
             num_prefix_tokens=self.num_prefix_tokens,
             seed=cfg.seed,
         )
+
+    @property
+    def map_channels(self) -> int:
+        """Channels per token of the cached maps: h for AM flow, 1 for the feature-difference control."""
+        return self.num_heads if self.cfg.maps == "am_flow" else 1
 
     @property
     def num_tokens(self) -> int:
@@ -243,7 +257,7 @@ class AMFlowModel(nn.Module):
             if isinstance(blk, AMFlowBlock):
                 x, out = blk(x, T)
                 embeddings.extend(out.embeddings)
-                flows.append(out.flow)
+                flows.append(out.maps)
             else:
                 x = blk(x)
         x = vit.norm(x)

@@ -89,7 +89,7 @@ def load_vit_weights(model: VisionTransformer, path: str | Path) -> None:
         state = filter_fn(state, model)
     state = {k: v for k, v in state.items() if not k.startswith("head.") or hasattr(model.head, "weight")}
     result = model.load_state_dict(state, strict=False)
-    backbone_missing = [k for k in result.missing_keys if not _is_added_key(k)]
+    backbone_missing = [k for k in result.missing_keys if not is_added_key(k)]
     if backbone_missing or result.unexpected_keys:
         raise WeightsError(
             f"{path}: does not fit {type(model).__name__}: missing {backbone_missing[:5]}"
@@ -101,7 +101,7 @@ def load_vit_weights(model: VisionTransformer, path: str | Path) -> None:
 ADDED_KEY_MARKERS = ("adapter", "aligner", "time_embed")
 
 
-def _is_added_key(key: str) -> bool:
+def is_added_key(key: str) -> bool:
     """Keys of modules amflow adds to a timm ViT (absent from plain timm checkpoints)."""
     return any(m in key for m in ADDED_KEY_MARKERS)
 

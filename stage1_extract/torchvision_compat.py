@@ -58,7 +58,7 @@ def ensure_torchvision_importable(package: str = "torchvision", max_ops: int = 1
             library.define(_KNOWN_SCHEMAS.get(op, f"{op}(Tensor[] args) -> Tensor"))
             defined.append(op)
     if defined:
-        logging.getLogger(__name__).info(
+        logging.getLogger(__name__).debug(
             "%s's compiled ops failed to load (a build for another torch?); defined placeholder schemas "
             "for %s so that timm can import; %s.ops raises if called.",
             package,

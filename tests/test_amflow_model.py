@@ -181,3 +181,16 @@ def test_model_info_matches_paper_counts(capsys):
 def test_unknown_block_is_an_error():
     with pytest.raises(ValueError, match=r"blocks \[7\]"):
         build_amflow(tiny_cfg(blocks=[1, 7]))
+
+
+def test_feature_difference_maps_are_the_control_signal():
+    model = build_amflow(tiny_cfg(maps="feature_diff")).eval()
+    video = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = model.extract(video)
+        a = model.vit.blocks[0].norm1(model.vit._pos_embed(model.vit.patch_embed(video.flatten(0, 1))))
+    assert feats.flow.shape == (1, 2, 4, 1, 5)
+    expected = (a[1:] - a[:-1]).abs().mean(dim=-1)  # frames (t, t+1) of block 1's normed tokens
+    assert expected[:, 1:].min() > 0  # patch tokens (the CLS token is the same in every frame at block 1)
+    torch.testing.assert_close(feats.flow[0, 0, :3, 0], expected)
+    torch.testing.assert_close(feats.flow[0, 0, 3, 0], expected[-1])
