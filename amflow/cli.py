@@ -7,9 +7,9 @@ import logging
 import sys
 
 from amflow import __version__
-from amflow.commands import model_info
+from amflow.commands import datasets, extract, model_info, store
 
-COMMANDS = (model_info,)
+COMMANDS = (model_info, datasets, extract, store)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,90 @@
+"""``amflow extract``: stage 1, videos of a dataset split -> the Zarr feature store."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="stage 1: decode a dataset split, run the frozen backbone + adapters, write the feature store",
+        description="Decodes every clip of a dataset split (decord, in DataLoader workers), runs the frozen "
+        "ViT with AM-flow adapters in inference mode (bf16 on CUDA) and writes per-adapter embeddings, "
+        "last-frame CLS features and optionally AM-flow maps to a Zarr store. Undecodable videos are "
+        "recorded as failures. Interrupted runs resume with only the missing clips; a finished store is "
+        "left untouched. Dataset settings come from configs/datasets/<name>.yaml, overridable by key=value.",
+        epilog="examples:\n"
+        "  amflow extract --dataset smarthome --root data/smarthome --protocol cs --split train \\\n"
+        "      --config configs/models/amflow_vitb14_dinov2_am2_lstm.yaml --out cache/cs_train.zarr\n"
+        "  amflow extract --dataset folder --root demo_out/videos --split train \\\n"
+        "      --config configs/models/amflow_tiny.yaml --out train.zarr --flow --workers 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48 or folder")
+    p.add_argument("--root", required=True, help="the dataset's root folder")
+    p.add_argument("--split", required=True, help="train, val/validation or test")
+    p.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: 1, 2, 3")
+    p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
+    p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
+    p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
+    p.add_argument("--weights", help="local backbone weights (.safetensors/.pth); same as backbone.weights=")
+    p.add_argument("--flow", action="store_true", help="also store AM-flow maps (needed by flow-map heads)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per forward (default 8)")
+    p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
+    p.add_argument("--shard-clips", type=int, help="clips per shard (default: ~32 MB shards)")
+    p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
+    p.add_argument("--workers", type=int, default=1, help="extraction workers on a dask LocalCluster")
+    p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any video failed to decode")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dataset config overrides (num_frames=16, num_crops=3); model.<key>=value for the model config",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
+
+    model_overrides = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
+    data_overrides = [o for o in args.overrides if not o.startswith("model.")]
+    if args.weights:
+        model_overrides.append(f"backbone.weights={args.weights}")
+    options = ExtractOptions(
+        batch_size=args.batch_size,
+        decode_workers=args.decode_workers,
+        device=args.device,
+        store_flow=args.flow,
+        dtype=args.dtype,
+        shard_clips=args.shard_clips,
+        compression=args.compression,
+        strict=args.strict,
+    )
+    plan, store = plan_extraction(
+        args.dataset,
+        args.root,
+        args.split,
+        args.config,
+        args.out,
+        protocol=args.protocol,
+        dataset_overrides=data_overrides,
+        model_overrides=model_overrides,
+        checkpoint=args.checkpoint,
+        options=options,
+    )
+    summary = run_extraction(plan, store, workers=args.workers, scheduler=args.scheduler)
+    if summary.already_complete:
+        print(f"{args.out}: already complete ({summary.done} done, {summary.failed} failed): nothing to do")
+    else:
+        print(f"extracted {args.dataset} {args.split} -> {args.out}")
+        print(summary.table())
+    if summary.failed:
+        print(f"{summary.failed} clips failed to decode: see `amflow store info {args.out}`")
+        if args.strict:
+            return 1
+    return 0

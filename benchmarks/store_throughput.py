@@ -1,0 +1,172 @@
+"""Write and read throughput of the feature store against numpy.save / np.load of the same bytes.
+
+Read patterns are stage 2's: the whole store into memory (``load_arrays`` vs ``np.load``), and
+shard-ordered random batches read out of core (``FeatureDataset(in_memory=False)`` + ``ShardOrderedSampler``
+vs fancy-indexing an ``np.load(mmap_mode="r")`` array in the same order). Files are fresh, so reads
+come from the page cache on both sides. Example:
+
+    python benchmarks/store_throughput.py                       # 512 clips, ~150 MB, < 1 min
+    python benchmarks/store_throughput.py --clips 2048 --compression zstd:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from store import FeatureDataset, FeatureStore, ShardOrderedSampler, load_arrays
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=512, help="number of clips (default 512, ~150 MB)")
+    p.add_argument("--adapters", type=int, default=24)
+    p.add_argument("--views", type=int, default=1)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--dim", type=int, default=768, help="adapter bottleneck r")
+    p.add_argument("--cls-dim", type=int, default=768)
+    p.add_argument("--shard-clips", type=int, default=None, help="default: the store's automatic choice")
+    p.add_argument("--chunk-clips", type=int, default=None, help="clips per chunk inside a shard")
+    p.add_argument("--compression", default="none", help="none | zstd[:level] | blosc[:level]")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="reads are repeated; the median is reported")
+    p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    return p.parse_args()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def interleaved(
+    store_fn: Callable[[], object], numpy_fn: Callable[[], object], repeats: int
+) -> tuple[float, float, float]:
+    """Median store seconds, median numpy seconds and median per-repeat ratio, the two runs alternating
+    so that both see the same machine load."""
+    ts, tn = [], []
+    for _ in range(repeats):
+        for fn, out in ((store_fn, ts), (numpy_fn, tn)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return (
+        statistics.median(ts),
+        statistics.median(tn),
+        statistics.median(n / s for s, n in zip(ts, tn, strict=True)),
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    shape = (args.clips, args.adapters, args.views, args.frames, args.dim)
+    # Pooled ReLU embeddings are non-negative; |N(0,1)| gives float16 data of similar entropy.
+    emb = np.abs(rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
+    cls = rng.standard_normal((args.clips, args.views, args.cls_dim), dtype=np.float32).astype(np.float16)
+    labels = rng.integers(0, 31, args.clips)
+    mb = (emb.nbytes + cls.nbytes) / 1e6
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="store_bench_"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    store_path, emb_npy, cls_npy = scratch / "bench.zarr", scratch / "emb.npy", scratch / "cls.npy"
+    shutil.rmtree(store_path, ignore_errors=True)
+    try:
+        # ---- write
+        t = time.perf_counter()
+        st = FeatureStore.create(
+            store_path,
+            clip_ids=[f"clip_{i:06d}.mp4" for i in range(args.clips)],
+            labels=labels,
+            num_adapters=args.adapters,
+            num_views=args.views,
+            num_frames=args.frames,
+            embed_dim=args.dim,
+            cls_dim=args.cls_dim,
+            shard_clips=args.shard_clips,
+            chunk_clips=args.chunk_clips,
+            compression=args.compression,
+            provenance={"benchmark": True},
+            fingerprint_fields={"benchmark": True},
+        )
+        store_create = time.perf_counter() - t
+        t = time.perf_counter()
+        for shard in range(st.num_shards):
+            with st.shard_writer(shard) as w:
+                for i in w.pending():
+                    w.put(int(i), embeddings=emb[i], cls=cls[i])
+        store_write = time.perf_counter() - t
+        t = time.perf_counter()
+        for path, arr in ((emb_npy, emb), (cls_npy, cls)):
+            np.save(path, arr)
+            fsync_file(path)
+        numpy_write = time.perf_counter() - t
+
+        # ---- whole store into memory
+        def store_load() -> None:
+            out = load_arrays(st, progress=False)
+            assert out.embeddings.shape == emb.shape
+
+        def numpy_load() -> None:
+            e, c = np.load(emb_npy), np.load(cls_npy)
+            assert e.shape == emb.shape and c.shape == cls.shape
+
+        out = load_arrays(st, progress=False)
+        assert np.array_equal(out.embeddings, emb) and np.array_equal(out.cls, cls)
+        read = interleaved(store_load, numpy_load, args.repeats)
+
+        # ---- shard-ordered random batches, out of core
+        ds = FeatureDataset(st, in_memory=False, cache_shards=2)
+        sampler = ShardOrderedSampler(ds, batch_size=args.batch_size, seed=0)
+        order = sampler.order()
+
+        def store_batches() -> None:
+            for batch in DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0):
+                assert batch["embeddings"].dtype == torch.float32
+
+        def numpy_batches() -> None:
+            e, c = np.load(emb_npy, mmap_mode="r"), np.load(cls_npy, mmap_mode="r")
+            for k in range(0, len(order), args.batch_size):
+                idx = order[k : k + args.batch_size]
+                be = torch.from_numpy(e[idx].astype(np.float32))
+                bc = torch.from_numpy(c[idx].astype(np.float32))
+                assert be.dtype == bc.dtype == torch.float32
+
+        batches = interleaved(store_batches, numpy_batches, args.repeats)
+        on_disk = sum(p.stat().st_size for p in store_path.rglob("*") if p.is_file()) / 1e6
+    finally:
+        if args.dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    print(
+        f"{args.clips} clips x {args.adapters} adapters x {args.views} views x {args.frames} frames "
+        f"x r {args.dim} + cls {args.cls_dim}: {mb:.1f} MB float16; store: {st.num_shards} shards of "
+        f"{st.shard_clips} clips, chunks of {st.layout.chunk_clips}, compression {st.layout.compression}, "
+        f"{on_disk:.1f} MB on disk; creating the empty store took {store_create:.2f} s"
+    )
+    rows = [
+        ("write (fsync'd)", store_write, numpy_write, numpy_write / store_write),
+        ("read whole store into memory", *read),
+        (f"shard-ordered batches of {args.batch_size}", *batches),
+    ]
+    print(f"{'pattern':<34}{'store MB/s':>12}{'numpy MB/s':>12}{'store/numpy':>13}")
+    for name, ts, tn, ratio in rows:
+        print(f"{name:<34}{mb / ts:>12.0f}{mb / tn:>12.0f}{ratio:>13.2f}")
+    print("(reads: medians of interleaved repeats; ratio = median of the per-repeat ratios)")
+
+
+if __name__ == "__main__":
+    main()

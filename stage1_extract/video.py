@@ -1,0 +1,233 @@
+"""Decoding clips with decord into uint8 view tensors, and the torch Dataset that feeds extraction.
+
+Frames are fetched by index (``VideoReader.get_batch``) and resized during decoding (decord's
+``width``/``height``) so that the short side equals the crop size; the frame size is read first from the
+container header with PyAV, which decodes nothing. Then the centre crop or three crops along the long side
+are cut (views ordered as in ``stage1_extract.sampling``). A few tiny frame widths that decord copies
+wrongly are decoded with PyAV instead. A video that cannot be read becomes an error item, not an
+exception, so one bad file never stops an extraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import decord
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.sampling import clip_indices
+
+# decord.DECORDError is not a RuntimeError subclass; PyAV's errors are OSError/ValueError subclasses or
+# av.FFmpegError.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    decord.DECORDError,
+    OSError,
+    ValueError,
+    EOFError,
+    av.FFmpegError,
+)
+
+
+def probe_frame_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the first video stream, from the container header (no frame is decoded)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        ctx = container.streams.video[0].codec_context
+        height, width = int(ctx.height), int(ctx.width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{path}: the header gives no frame size ({width}x{height})")
+    return height, width
+
+
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) after scaling the short side to ``short_side``, keeping the aspect ratio."""
+    if height <= width:
+        return short_side, max(short_side, round(width * short_side / height))
+    return max(short_side, round(height * short_side / width)), short_side
+
+
+def crop_offsets(
+    height: int,
+    width: int,
+    crop_size: int,
+    num_crops: int,
+    rng: np.random.Generator | None = None,
+) -> list[tuple[int, int]]:
+    """(top, left) of square crops: a random one with ``rng``, else the centre (1) or start/centre/end (3).
+
+    Three crops move along the long side and are centred on the short side.
+    """
+    if crop_size > height or crop_size > width:
+        raise ValueError(f"crop {crop_size} does not fit a {height}x{width} frame")
+    dy, dx = height - crop_size, width - crop_size
+    if rng is not None:
+        return [(int(rng.integers(0, dy + 1)), int(rng.integers(0, dx + 1)))]
+    if num_crops == 1:
+        return [(dy // 2, dx // 2)]
+    if num_crops == 3:
+        if dy > dx:
+            return [(0, dx // 2), (dy // 2, dx // 2), (dy, dx // 2)]
+        return [(dy // 2, 0), (dy // 2, dx // 2), (dy // 2, dx)]
+    raise ValueError(f"num_crops: expected 1 or 3, got {num_crops}")
+
+
+def open_video(path: str | Path, size: tuple[int, int] | None = None) -> decord.VideoReader:
+    """A single-threaded decord reader (DataLoader workers parallelise), resizing to ``size`` (h, w)."""
+    height, width = size if size is not None else (-1, -1)
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+
+
+def read_frames(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarray:
+    """Frames at ``indices`` (any shape, repeats allowed) as uint8 ``(*indices.shape, H, W, 3)``.
+
+    Each distinct frame is decoded once, in increasing order.
+    """
+    unique, inverse = np.unique(np.asarray(indices), return_inverse=True)
+    frames = reader.get_batch(unique.tolist()).asnumpy()
+    if frames.ndim != 4 or frames.shape[0] != len(unique):
+        raise ValueError(f"decoder returned {frames.shape} for {len(unique)} frames")
+    return frames[inverse.reshape(-1)].reshape(*np.shape(indices), *frames.shape[1:])
+
+
+def read_frames_pyav(path: str | Path, indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Like ``read_frames`` but decoding sequentially with PyAV and resizing to ``size`` (h, w).
+
+    The fallback for frame widths decord copies wrongly (e.g. 48 or 72 px: it mistakes the padded rows
+    for a 4-channel image and fails); only tiny frames hit it, so decoding from the start is cheap.
+    """
+    unique, inverse = np.unique(np.asarray(indices), return_inverse=True)
+    wanted, last = set(unique.tolist()), int(unique[-1])
+    found: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                found[i] = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
+            if i >= last:
+                break
+    if len(found) != len(unique):
+        raise ValueError(f"{path}: decoded {len(found)} of {len(unique)} requested frames (file truncated?)")
+    frames = np.stack([found[i] for i in unique.tolist()])
+    return frames[inverse.reshape(-1)].reshape(*np.shape(indices), *frames.shape[1:])
+
+
+def decode_views(
+    path: str | Path,
+    cfg: DatasetConfig,
+    crop_size: int,
+    *,
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+    start_frame: int | None = None,
+    end_frame: int | None = None,
+) -> torch.Tensor:
+    """Decodes one video into its views, uint8 ``(V, T, 3, crop, crop)`` (V = clips x crops, clip-major).
+
+    Training: one random clip and (with ``cfg.train_crop == "random"``) one random crop, from ``rng``.
+    Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = resized_shape(*probe_frame_size(path), crop_size)
+    reader = open_video(path, size)
+    n = len(reader)
+    if n == 0:
+        raise ValueError(f"{path}: the video has no frames")
+    idx = clip_indices(n, cfg, train=train, rng=rng, start_frame=start_frame, end_frame=end_frame)
+    try:
+        frames = read_frames(reader, idx)  # (clips, T, h, w, 3)
+    except decord.DECORDError as e:
+        if "must exactly match" not in str(e):
+            raise
+        frames = read_frames_pyav(path, idx, size)
+    if frames.shape[-1] != 3:
+        frames = read_frames_pyav(path, idx, size)
+    h, w = frames.shape[2:4]
+    crop_rng = rng if train and cfg.train_crop == "random" else None
+    offsets = crop_offsets(h, w, crop_size, 1 if train else cfg.num_crops, crop_rng)
+    views = [clip[:, y : y + crop_size, x : x + crop_size] for clip in frames for (y, x) in offsets]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(views))).permute(0, 1, 4, 2, 3).contiguous()
+
+
+class VideoClipDataset(Dataset):
+    """Clips of a ``DatasetIndex`` as view tensors, for a DataLoader with worker processes.
+
+    Item: ``{"video": uint8 (V, T, 3, H, W) or None, "label", "index", "path", "error": None or
+    (error type name, message)}``. Training randomness comes from ``numpy.random.default_rng((seed, epoch,
+    index))``: it depends only on those three numbers, never on a worker's RNG state, so results do not
+    change with the number of workers. Call ``set_epoch`` before each epoch (DataLoader workers are
+    re-created per epoch unless ``persistent_workers=True``, which would keep the old epoch).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        root: str | Path,
+        cfg: DatasetConfig,
+        crop_size: int | None = None,
+        train: bool = False,
+        seed: int = 0,
+    ) -> None:
+        crop_size = crop_size if crop_size is not None else cfg.crop_size
+        if crop_size is None:
+            raise ValueError("VideoClipDataset: crop_size is not set (pass the model's img size)")
+        self.records = list(records)
+        self.root = Path(root)
+        self.cfg = cfg
+        self.crop_size = int(crop_size)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose random clips and crops training items use."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        item: dict[str, Any] = {"video": None, "label": record.label, "index": index, "path": record.path}
+        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.train else None
+        try:
+            item["video"] = decode_views(
+                self.root / record.path,
+                self.cfg,
+                self.crop_size,
+                train=self.train,
+                rng=rng,
+                start_frame=record.start_frame,
+                end_frame=record.end_frame,
+            )
+            item["error"] = None
+        except DECODE_ERRORS as e:
+            item["error"] = (type(e).__name__, str(e) or repr(e))
+        return item
+
+
+def collate_clips(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks the decoded items of a batch; failed ones pass through separately under ``"failed"``.
+
+    Returns ``video`` uint8 ``(B, V, T, 3, H, W)`` (None when every item failed), ``label`` and ``index``
+    int64 ``(B,)``, ``path`` (list), and ``failed``: the error items (``index``, ``label``, ``path``,
+    ``error``).
+    """
+    good = [b for b in batch if b["error"] is None]
+    failed = [{k: b[k] for k in ("index", "label", "path", "error")} for b in batch if b["error"] is not None]
+    return {
+        "video": torch.stack([b["video"] for b in good]) if good else None,
+        "label": torch.tensor([b["label"] for b in good], dtype=torch.long),
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "path": [b["path"] for b in good],
+        "failed": failed,
+    }

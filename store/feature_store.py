@@ -1,0 +1,804 @@
+"""The feature store: a Zarr 3 cache of stage-1 features that survives crashes and scales out by shards.
+
+Layout, write protocol and crash guarantees are documented in ``store/SCHEMA.md``. In short: every
+per-clip array is split along the clip axis into shards of ``shard_clips`` clips (the same clips for every
+array); a writer owns whole shards; a clip's status flips to done only after its data is durable on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+if TYPE_CHECKING:
+    import dask.array
+
+    from store.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "amflow_store"
+STATUS_MISSING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+DATA_ARRAYS = ("embeddings", "flow", "cls")
+STRING_DTYPE = np.dtypes.StringDType()
+LOCK_DIR = "_locks"
+SHARD_TARGET_BYTES = 32 * 2**20
+MAX_SHARD_CLIPS = 1024
+TABLE_CHUNK = 65536
+FLOAT_DTYPES = ("float16", "float32")
+DIMENSION_NAMES = {
+    "embeddings": ("clip", "adapter", "view", "frame", "feature"),
+    "flow": ("clip", "block", "view", "frame", "head", "token"),
+    "cls": ("clip", "view", "feature"),
+}
+ADDED_PROVENANCE_KEYS = ("amflow_version", "created", "schema_version")
+
+
+class StoreError(ValueError):
+    """A feature store cannot be created, opened or written as asked; the message names the path."""
+
+
+class NotAStoreError(StoreError):
+    """The path holds no amflow feature store."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """A write was attempted on a store opened with ``mode="r"``."""
+
+
+class FingerprintMismatch(StoreError):
+    """The store was made from other settings than the ones asked for; names each differing field."""
+
+
+class ShardBusyError(StoreError):
+    """Another writer holds the shard (two writers inside one shard would lose data)."""
+
+
+def package_version() -> str:
+    """The installed amflow version, recorded in every store's provenance."""
+    try:
+        return importlib.metadata.version("amflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def canonical_json(value: Any, what: str = "value") -> str:
+    """JSON with sorted keys and no whitespace, so equal settings always hash equally."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(
+            f"{what} must be JSON-serialisable (str, int, float, bool, None, list, dict): {e}"
+        ) from e
+
+
+def compute_fingerprint(fields: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the fields that change the features."""
+    return hashlib.sha256(canonical_json(dict(fields), "fingerprint_fields").encode()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}`` so a difference can be named by its dotted key."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def fingerprint_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """One line per differing field (dotted key): ``key: stored X, expected Y``."""
+    a = _flatten(json.loads(canonical_json(dict(stored))))
+    b = _flatten(json.loads(canonical_json(dict(expected))))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            lines.append(f"{key}: not in the store, expected {json.dumps(b[key])}")
+        elif key not in b:
+            lines.append(f"{key}: stored {json.dumps(a[key])}, not expected")
+        elif canonical_json(a[key]) != canonical_json(b[key]):
+            lines.append(f"{key}: stored {json.dumps(a[key])}, expected {json.dumps(b[key])}")
+    return lines
+
+
+def check_fingerprint(
+    store: FeatureStore, expected_fields: Mapping[str, Any], force: bool = False
+) -> list[str]:
+    """Refuses a store made from other settings, naming each differing field; with ``force`` only warns.
+
+    Returns the list of differences (empty when the fingerprints match).
+    """
+    if compute_fingerprint(expected_fields) == store.fingerprint:
+        return []
+    diffs = fingerprint_differences(store.fingerprint_fields, expected_fields)
+    msg = f"{store.path}: the store was made with other settings ({len(diffs)} field(s) differ):\n  " + (
+        "\n  ".join(diffs)
+    )
+    if not force:
+        raise FingerprintMismatch(msg + "\n(use --force to use it anyway)")
+    warnings.warn(msg + "\n(--force given: using it anyway)", stacklevel=2)
+    return diffs
+
+
+def parse_compression(spec: str) -> tuple[str, list[Any] | None]:
+    """``"none" | "zstd[:level]" | "blosc[:level]"`` -> (normalised spec, zarr compressors)."""
+    name, _, level_text = str(spec).strip().lower().partition(":")
+    defaults = {"zstd": 3, "blosc": 5}
+    if name == "none" and not level_text:
+        return "none", None
+    if name not in defaults:
+        raise StoreError(f"compression={spec!r}: expected 'none', 'zstd[:level]' or 'blosc[:level]'")
+    try:
+        level = int(level_text) if level_text else defaults[name]
+    except ValueError as e:
+        raise StoreError(f"compression={spec!r}: the level after ':' must be an integer") from e
+    if name == "zstd":
+        if not 1 <= level <= 22:
+            raise StoreError(f"compression={spec!r}: zstd level must be in 1..22")
+        return f"zstd:{level}", [ZstdCodec(level=level)]
+    if not 0 <= level <= 9:
+        raise StoreError(f"compression={spec!r}: blosc level must be in 0..9")
+    return f"blosc:{level}", [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and storage settings of a store; everything needed to build its arrays."""
+
+    num_clips: int
+    num_adapters: int
+    num_views: int
+    num_frames: int
+    embed_dim: int
+    cls_dim: int
+    flow_shape: tuple[int, int, int] | None  # (flow_blocks, heads, tokens); None = no flow array
+    dtype: str
+    shard_clips: int
+    chunk_clips: int  # clips per Zarr chunk inside a shard (= shard_clips: one chunk per shard file)
+    compression: str
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_clips",
+            "num_adapters",
+            "num_views",
+            "num_frames",
+            "embed_dim",
+            "cls_dim",
+            "shard_clips",
+            "chunk_clips",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise StoreError(f"{name}={value!r}: expected a positive integer")
+        if self.flow_shape is not None:
+            fs = tuple(int(x) for x in self.flow_shape)
+            if len(fs) != 3 or min(fs) < 1:
+                raise StoreError(
+                    f"flow_shape={self.flow_shape!r}: expected (flow_blocks, heads, tokens) > 0 or None"
+                )
+            object.__setattr__(self, "flow_shape", fs)
+        if self.shard_clips % self.chunk_clips:
+            raise StoreError(
+                f"chunk_clips={self.chunk_clips}: must divide shard_clips={self.shard_clips} "
+                "(a chunk never straddles two shards)"
+            )
+        if self.dtype not in FLOAT_DTYPES:
+            raise StoreError(f"dtype={self.dtype!r}: expected one of {FLOAT_DTYPES}")
+        object.__setattr__(self, "compression", parse_compression(self.compression)[0])
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards along the clip axis (the last one may be partial)."""
+        return math.ceil(self.num_clips / self.shard_clips)
+
+    def clip_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-clip shape of each float array stored (``flow`` only when the store has one)."""
+        shapes = {
+            "embeddings": (self.num_adapters, self.num_views, self.num_frames, self.embed_dim),
+            "cls": (self.num_views, self.cls_dim),
+        }
+        if self.flow_shape is not None:
+            blocks, heads, tokens = self.flow_shape
+            shapes["flow"] = (blocks, self.num_views, self.num_frames, heads, tokens)
+        return {name: shapes[name] for name in DATA_ARRAYS if name in shapes}
+
+    def clip_bytes(self) -> int:
+        """Bytes of one clip's float data (all arrays) in the stored dtype."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return sum(math.prod(s) * itemsize for s in self.clip_shapes().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form stored in the attributes."""
+        d = dataclasses.asdict(self)
+        d["flow_shape"] = list(self.flow_shape) if self.flow_shape is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["flow_shape"] = tuple(d["flow_shape"]) if d.get("flow_shape") is not None else None
+        return cls(**d)
+
+
+def default_shard_clips(clip_bytes: int) -> int:
+    """Power of two with about 32 MiB of float data per shard, in [1, 1024] clips."""
+    n = max(1, SHARD_TARGET_BYTES // max(1, clip_bytes))
+    return int(min(MAX_SHARD_CLIPS, 2 ** int(math.log2(n))))
+
+
+def nonfinite_mask(values: np.ndarray) -> np.ndarray:
+    """Boolean mask of NaN/inf entries; for float16 via the exponent bits (np.isfinite is ~30x slower)."""
+    if values.dtype == np.float16:
+        return (np.ascontiguousarray(values).view(np.uint16) & 0x7C00) == 0x7C00
+    return ~np.isfinite(values)
+
+
+def is_store(path: str | Path) -> bool:
+    """True when ``path`` holds an amflow feature store (a Zarr group with our attributes)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return ATTRS_KEY in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+def fsync_path(path: Path, up_to: Path | None = None) -> None:
+    """fsyncs a file (if it exists) and its parent folders up to ``up_to`` so renames survive power loss."""
+    targets = [path] if path.exists() else []
+    parent = path.parent
+    while True:
+        targets.append(parent)
+        if up_to is None or parent == up_to or parent == parent.parent:
+            break
+        parent = parent.parent
+    for p in targets:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsyncs every file and folder under ``root`` (a freshly built store, before its rename)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath) / ".")
+
+
+def _resolve_names(what: str, names: Sequence[str] | None, count: int, default_prefix: str) -> list[str]:
+    if names is None:
+        return [f"{default_prefix}{i}" for i in range(count)]
+    names = [str(n) for n in names]
+    if len(names) != count:
+        raise StoreError(f"{what}: expected {count} names, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise StoreError(f"{what}: names must be unique, got {names}")
+    return names
+
+
+def _validate_table(
+    clip_ids: Sequence[str] | np.ndarray, labels: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(clip_ids, dtype=STRING_DTYPE)
+    labs = np.asarray(labels)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise StoreError(
+            f"clip_ids: expected a non-empty 1-D list of relative video paths, got shape {ids.shape}"
+        )
+    if labs.shape != ids.shape:
+        raise StoreError(f"labels: expected {len(ids)} labels (one per clip id), got shape {labs.shape}")
+    if not np.issubdtype(labs.dtype, np.integer):
+        raise StoreError(f"labels: expected integers (-1 = unlabelled), got dtype {labs.dtype}")
+    labs = labs.astype(np.int64)
+    if (labs < -1).any():
+        raise StoreError(f"labels: values must be >= -1 (-1 = unlabelled), got {int(labs.min())}")
+    empty = np.flatnonzero(np.strings.str_len(ids) == 0)
+    if len(empty):
+        raise StoreError(f"clip_ids: empty id at index {int(empty[0])}")
+    if len(np.unique(ids)) != len(ids):
+        u, counts = np.unique(ids, return_counts=True)
+        raise StoreError(f"clip_ids: ids must be unique, {u[counts > 1][0]!r} appears {counts.max()} times")
+    return ids, labs
+
+
+def build_empty_store(
+    root: Path, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+) -> None:
+    """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place."""
+    group = zarr.open_group(LocalStore(root), mode="w", zarr_format=3)
+    _, compressors = parse_compression(layout.compression)
+    # One chunk per shard is stored without the sharding codec (same file, one copy less on read).
+    sharded = layout.chunk_clips < layout.shard_clips
+    for name, shape in layout.clip_shapes().items():
+        group.create_array(
+            name,
+            shape=(layout.num_clips, *shape),
+            dtype=layout.dtype,
+            chunks=(layout.chunk_clips, *shape),
+            shards=(layout.shard_clips, *shape) if sharded else None,
+            compressors=compressors,
+            fill_value=np.nan,
+            dimension_names=DIMENSION_NAMES[name],
+        )
+    table_chunk = min(layout.num_clips, TABLE_CHUNK)
+    group.create_array(
+        "labels", shape=(layout.num_clips,), dtype="int64", chunks=(table_chunk,), fill_value=-1
+    )
+    group.create_array("clip_ids", shape=(layout.num_clips,), dtype=str, chunks=(table_chunk,))
+    group["labels"][:] = labs
+    group["clip_ids"][:] = ids
+    group.create_array(
+        "status",
+        shape=(layout.num_clips,),
+        dtype="int8",
+        chunks=(layout.shard_clips,),
+        fill_value=0,
+        compressors=None,
+    )
+    for name in ("failure_type", "failure_message"):
+        group.create_array(name, shape=(layout.num_clips,), dtype=str, chunks=(layout.shard_clips,))
+    (root / LOCK_DIR).mkdir(exist_ok=True)
+    group.attrs.put({ATTRS_KEY: dict(attrs)})
+    fsync_tree(root)
+
+
+def _stale_creation_dirs(path: Path) -> list[Path]:
+    """Temp folders of earlier ``create`` calls on this host whose process is gone (killed mid-create)."""
+    out = []
+    prefix = f".{path.name}.creating-{socket.gethostname()}-"
+    for p in path.parent.glob(f".{path.name}.creating-*"):
+        pid = p.name[len(prefix) :].split("-")[0] if p.name.startswith(prefix) else ""
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                out.append(p)
+            except PermissionError:
+                pass
+    return out
+
+
+class FeatureStore:
+    """An opened feature store; use :meth:`create` or :meth:`open`, not the constructor."""
+
+    def __init__(self, path: Path, group: zarr.Group, read_only: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+        self._group = group
+        meta = dict(group.attrs[ATTRS_KEY])
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {meta.get('schema_version')!r} is not supported "
+                f"(this amflow {package_version()} reads version {SCHEMA_VERSION})"
+            )
+        self._meta = meta
+        self.layout = StoreLayout.from_dict(meta["layout"])
+        self._arrays: dict[str, zarr.Array] = {}
+        self._clip_ids: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._id_order: np.ndarray | None = None
+        self._sorted_keys: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ opening / creating
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+        """Opens an existing store read-only (``"r"``) or for writing (``"r+"``)."""
+        if mode not in ("r", "r+"):
+            raise StoreError(f"mode={mode!r}: expected 'r' (read-only) or 'r+' (read and write)")
+        p = Path(path)
+        if not is_store(p):
+            why = "does not exist" if not p.exists() else "has no zarr.json with amflow_store attributes"
+            raise NotAStoreError(f"{p}: not an amflow feature store ({why})")
+        group = zarr.open_group(LocalStore(p, read_only=mode == "r"), mode=mode, zarr_format=3)
+        return cls(p, group, read_only=mode == "r")
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        clip_ids: Sequence[str] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        num_adapters: int,
+        num_views: int,
+        num_frames: int,
+        embed_dim: int,
+        cls_dim: int,
+        provenance: Mapping[str, Any],
+        fingerprint_fields: Mapping[str, Any],
+        flow_shape: tuple[int, int, int] | None = None,
+        dtype: str = "float16",
+        shard_clips: int | None = None,
+        chunk_clips: int | None = None,
+        compression: str = "none",
+        adapter_names: Sequence[str] | None = None,
+        flow_block_names: Sequence[str] | None = None,
+        overwrite: bool = False,
+    ) -> FeatureStore:
+        """Creates a store, or re-opens the same one for resuming (same fingerprint, clips and layout).
+
+        ``shard_clips`` (default: ~32 MiB of data per shard) is the unit a writer owns and one file per
+        array; ``chunk_clips`` (default: = shard_clips) < shard_clips splits each shard file into Zarr
+        chunks so single clips can be read without reading their whole shard.
+
+        A store at ``path`` made with another fingerprint raises :class:`FingerprintMismatch` naming the
+        differing fields; other clips or shapes raise :class:`StoreError`. ``overwrite=True`` deletes an
+        existing store (never a folder that is not a store) and starts afresh.
+        """
+        path = Path(path)
+        ids, labs = _validate_table(clip_ids, labels)
+        probe = StoreLayout(
+            num_clips=len(ids),
+            num_adapters=num_adapters,
+            num_views=num_views,
+            num_frames=num_frames,
+            embed_dim=embed_dim,
+            cls_dim=cls_dim,
+            flow_shape=flow_shape,
+            dtype=dtype,
+            shard_clips=shard_clips or 1,
+            chunk_clips=1,
+            compression=compression,
+        )
+        shards = shard_clips or default_shard_clips(probe.clip_bytes())
+        layout = dataclasses.replace(probe, shard_clips=shards, chunk_clips=chunk_clips or shards)
+        a_names = _resolve_names("adapter_names", adapter_names, num_adapters, "adapter")
+        f_names = (
+            _resolve_names("flow_block_names", flow_block_names, layout.flow_shape[0], "block")
+            if layout.flow_shape is not None
+            else []
+        )
+        fields = json.loads(canonical_json(dict(fingerprint_fields), "fingerprint_fields"))
+        prov = json.loads(canonical_json(dict(provenance), "provenance"))
+        clash = [k for k in ADDED_PROVENANCE_KEYS if k in prov]
+        if clash:
+            raise StoreError(f"provenance: keys {clash} are added by the store; do not pass them")
+
+        if path.exists() and overwrite:
+            if is_store(path):
+                shutil.rmtree(path)
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            else:
+                raise StoreError(f"{path}: exists and is not an amflow feature store; refusing to delete it")
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
+            attrs = {
+                "schema_version": SCHEMA_VERSION,
+                "layout": layout.to_dict(),
+                "adapter_names": a_names,
+                "flow_block_names": f_names,
+                "fingerprint": compute_fingerprint(fields),
+                "fingerprint_fields": fields,
+                "provenance": prov,
+            }
+            if cls._build_and_move(path, layout, attrs, ids, labs):
+                return cls.open(path, mode="r+")
+        # An existing store (or one a concurrent writer just created): resume it if it is the same.
+        if not is_store(path):
+            raise StoreError(f"{path}: exists and is not an amflow feature store; refusing to write into it")
+        store = cls.open(path, mode="r+")
+        store._check_same(layout, shard_clips, chunk_clips, a_names, f_names, fields, ids, labs)
+        counts = store.counts()
+        if counts["missing"] == 0:
+            log.info(
+                "%s: complete (%d done, %d failed); nothing to write", path, counts["done"], counts["failed"]
+            )
+        else:
+            log.info(
+                "%s: resuming (%d done, %d failed, %d missing)",
+                path,
+                counts["done"],
+                counts["failed"],
+                counts["missing"],
+            )
+        return store
+
+    @staticmethod
+    def _build_and_move(
+        path: Path, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+    ) -> bool:
+        """Builds in a temp folder beside ``path``, then renames it into place (atomic; False if beaten)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _stale_creation_dirs(path):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = (
+            path.parent / f".{path.name}.creating-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            build_empty_store(tmp, layout, attrs, ids, labs)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if is_store(path):
+                    return False
+                raise
+            fsync_path(path)
+            return True
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_same(
+        self,
+        layout: StoreLayout,
+        shard_clips_arg: int | None,
+        chunk_clips_arg: int | None,
+        a_names: list[str],
+        f_names: list[str],
+        fields: Mapping[str, Any],
+        ids: np.ndarray,
+        labs: np.ndarray,
+    ) -> None:
+        if compute_fingerprint(fields) != self.fingerprint:
+            diffs = fingerprint_differences(self.fingerprint_fields, fields)
+            raise FingerprintMismatch(
+                f"{self.path}: holds a store made with other settings ({len(diffs)} field(s) differ):\n  "
+                + "\n  ".join(diffs)
+                + "\n(pass overwrite=True / --overwrite to delete it and start again)"
+            )
+        have, want = self.layout.to_dict(), layout.to_dict()
+        if shard_clips_arg is None:
+            want["shard_clips"] = have["shard_clips"]
+        if chunk_clips_arg is None:
+            want["chunk_clips"] = have["chunk_clips"]
+        bad = [f"{k}: stored {have[k]!r}, asked {want[k]!r}" for k in have if have[k] != want[k]]
+        if list(self.adapter_names) != a_names:
+            bad.append(f"adapter_names: stored {self.adapter_names}, asked {a_names}")
+        if list(self.flow_block_names) != f_names:
+            bad.append(f"flow_block_names: stored {self.flow_block_names}, asked {f_names}")
+        if bad:
+            raise StoreError(f"{self.path}: existing store has another layout:\n  " + "\n  ".join(bad))
+        if len(ids) != self.num_clips or (self.clip_ids != ids).any():
+            n = min(len(ids), self.num_clips)
+            first = (
+                int(np.flatnonzero(self.clip_ids[:n] != ids[:n])[0])
+                if (self.clip_ids[:n] != ids[:n]).any()
+                else n
+            )
+            raise StoreError(
+                f"{self.path}: existing store holds other clips ({self.num_clips} stored, {len(ids)} asked; "
+                f"first difference at index {first})"
+            )
+        if (self.labels != labs).any():
+            first = int(np.flatnonzero(self.labels != labs)[0])
+            raise StoreError(
+                f"{self.path}: existing store has other labels (first at index {first}, clip "
+                f"{self.clip_ids[first]!r}: stored {int(self.labels[first])}, asked {int(labs[first])})"
+            )
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All store attributes (schema version, layout, names, fingerprint, provenance)."""
+        return json.loads(json.dumps(self._meta))
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What made the store: the caller's record plus amflow_version, created and schema_version."""
+        return json.loads(json.dumps(self._meta["provenance"]))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of :attr:`fingerprint_fields`."""
+        return str(self._meta["fingerprint"])
+
+    @property
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that change the features, as given at creation."""
+        return json.loads(json.dumps(self._meta["fingerprint_fields"]))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters along the ``embeddings`` adapter axis."""
+        return list(self._meta["adapter_names"])
+
+    @property
+    def flow_block_names(self) -> list[str]:
+        """Names of the blocks along the ``flow`` block axis (empty without flow)."""
+        return list(self._meta["flow_block_names"])
+
+    @property
+    def has_flow(self) -> bool:
+        """Whether AM-flow maps are stored."""
+        return self.layout.flow_shape is not None
+
+    @property
+    def num_clips(self) -> int:
+        """Number of clips (done or not)."""
+        return self.layout.num_clips
+
+    @property
+    def shard_clips(self) -> int:
+        """Clips per shard (the unit a writer owns)."""
+        return self.layout.shard_clips
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards along the clip axis."""
+        return self.layout.num_shards
+
+    @property
+    def data_arrays(self) -> list[str]:
+        """Names of the per-clip float arrays present (``embeddings``, ``flow`` if stored, ``cls``)."""
+        return list(self.layout.clip_shapes())
+
+    @property
+    def array_names(self) -> list[str]:
+        """Every array in the store."""
+        return [*self.data_arrays, "labels", "clip_ids", "status", "failure_type", "failure_message"]
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (opened once)."""
+        if name not in self._arrays:
+            if name not in self.array_names:
+                raise KeyError(f"{self.path}: no array {name!r}; arrays: {self.array_names}")
+            arr = self._group[name]
+            # Zarr's default skips chunks equal to the fill value, testing NaN equality over the whole
+            # chunk at ~100 MB/s; writing them anyway makes commits several times faster.
+            self._arrays[name] = arr if self.read_only else arr.with_config({"write_empty_chunks": True})
+        return self._arrays[name]
+
+    @property
+    def clip_ids(self) -> np.ndarray:
+        """Clip ids (relative video paths) as a numpy StringDType array."""
+        if self._clip_ids is None:
+            self._clip_ids = np.asarray(self.array("clip_ids")[:], dtype=STRING_DTYPE)
+        return self._clip_ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class index per clip (int64; -1 = unlabelled)."""
+        if self._labels is None:
+            self._labels = np.asarray(self.array("labels")[:], dtype=np.int64)
+        return self._labels
+
+    def index_of(self, clip_id: str | Sequence[str]) -> int | np.ndarray:
+        """Clip index of an id (or an int64 array of indices for a list of ids); KeyError if unknown.
+
+        Binary search over the UTF-8 bytes of the ids (numpy's searchsorted on StringDType is unreliable).
+        """
+        if self._id_order is None:
+            keys = np.strings.encode(self.clip_ids, "utf-8")
+            self._id_order = np.argsort(keys, kind="stable")
+            self._sorted_keys = keys[self._id_order]
+        query = np.strings.encode(np.atleast_1d(np.asarray(clip_id, dtype=STRING_DTYPE)), "utf-8")
+        pos = np.clip(np.searchsorted(self._sorted_keys, query), 0, len(self._sorted_keys) - 1)
+        found = self._sorted_keys[pos] == query
+        if not found.all():
+            raise KeyError(f"{self.path}: no clip with id {query[~found][0].decode()!r}")
+        out = self._id_order[pos].astype(np.int64)
+        return int(out[0]) if isinstance(clip_id, str) else out
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> np.ndarray:
+        """Per-clip status read from disk: 0 missing, 1 done, 2 failed (int8)."""
+        return np.asarray(self.array("status")[:], dtype=np.int8)
+
+    def done_mask(self) -> np.ndarray:
+        """Boolean mask of clips whose data is complete on disk."""
+        return self.status() == STATUS_DONE
+
+    def failed_mask(self) -> np.ndarray:
+        """Boolean mask of clips recorded as failed."""
+        return self.status() == STATUS_FAILED
+
+    def missing(self) -> np.ndarray:
+        """Indices of clips neither done nor failed (what a resumed extraction still has to do)."""
+        return np.flatnonzero(self.status() == STATUS_MISSING)
+
+    def counts(self) -> dict[str, int]:
+        """``{"done", "failed", "missing"}`` clip counts from one read of the status array."""
+        s = self.status()
+        return {
+            "done": int((s == STATUS_DONE).sum()),
+            "failed": int((s == STATUS_FAILED).sum()),
+            "missing": int((s == STATUS_MISSING).sum()),
+        }
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Failed clips as records ``{index, clip_id, error_type, message}`` in clip order."""
+        idx = np.flatnonzero(self.status() == STATUS_FAILED)
+        if len(idx) == 0:
+            return []
+        types = self.array("failure_type").get_coordinate_selection(idx)
+        messages = self.array("failure_message").get_coordinate_selection(idx)
+        return [
+            {"index": int(i), "clip_id": str(self.clip_ids[i]), "error_type": str(t), "message": str(m)}
+            for i, t, m in zip(idx, types, messages, strict=True)
+        ]
+
+    def clips_in_shard(self, shard: int) -> range:
+        """Clip indices of shard ``shard``."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"{self.path}: shard {shard} out of range [0, {self.num_shards})")
+        start = shard * self.shard_clips
+        return range(start, min(start + self.shard_clips, self.num_clips))
+
+    def shard_of(self, index: int) -> int:
+        """Shard holding clip ``index``."""
+        if not 0 <= index < self.num_clips:
+            raise IndexError(f"{self.path}: clip index {index} out of range [0, {self.num_clips})")
+        return index // self.shard_clips
+
+    def pending_shards(self) -> list[int]:
+        """Shards with at least one missing clip (the work left, in writer-sized units)."""
+        s = self.status()
+        pad = (-len(s)) % self.shard_clips
+        per_shard = np.concatenate([s, np.full(pad, STATUS_DONE, np.int8)]).reshape(-1, self.shard_clips)
+        return [int(i) for i in np.flatnonzero((per_shard == STATUS_MISSING).any(axis=1))]
+
+    def is_complete(self) -> bool:
+        """True when no clip is missing (every clip done or failed)."""
+        return not (self.status() == STATUS_MISSING).any()
+
+    # ------------------------------------------------------------------ reading / writing
+    def read_clip(self, clip: int | str) -> dict[str, np.ndarray]:
+        """One clip's float arrays in the stored dtype, by index or id (NaN where not done)."""
+        i = self.index_of(clip) if isinstance(clip, str) else int(clip)
+        self.shard_of(i)
+        return {name: np.asarray(self.array(name)[i]) for name in self.data_arrays}
+
+    def to_dask(self, name: str) -> dask.array.Array:
+        """A lazy dask view of one array, chunked by shard (one task per shard file)."""
+        import dask.array as da
+
+        arr = self.array(name)
+        return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
+
+    def shard_writer(
+        self, shard: int, *, commit_every: int | None = None, durable: bool = True
+    ) -> ShardWriter:
+        """A writer owning ``shard`` (see :class:`store.writer.ShardWriter`); use it as a context manager."""
+        from store.writer import ShardWriter
+
+        return ShardWriter(self, shard, commit_every=commit_every, durable=durable)
+
+    def require_writable(self) -> None:
+        """Raises :class:`ReadOnlyStoreError` for a store opened with ``mode="r"``."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{self.path}: opened read-only; open it with mode='r+' to write")
+
+    def chunk_file(self, name: str, shard: int) -> Path:
+        """Path of the file holding shard ``shard`` of array ``name`` (it may not exist yet)."""
+        arr = self.array(name)
+        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+        return self.path / name / key
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (
+            f"FeatureStore({str(self.path)!r}, clips={self.num_clips}, done={c['done']}, "
+            f"failed={c['failed']}, missing={c['missing']}, shards={self.num_shards}x{self.shard_clips}, "
+            f"mode={'r' if self.read_only else 'r+'})"
+        )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,138 @@
+"""HDF5 export and import of a feature store (same arrays, same attributes, failures included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from store.feature_store import (
+    ATTRS_KEY,
+    SCHEMA_VERSION,
+    STRING_DTYPE,
+    FeatureStore,
+    NotAStoreError,
+    StoreError,
+    StoreLayout,
+    build_empty_store,
+    fsync_tree,
+    is_store,
+)
+
+H5_COMPRESSIONS = ("none", "gzip", "lzf")
+PER_SHARD_ARRAYS = ("status", "failure_type", "failure_message")
+
+
+def _h5_compression(compression: str) -> dict[str, object]:
+    if compression not in H5_COMPRESSIONS:
+        raise StoreError(f"compression={compression!r}: expected one of {H5_COMPRESSIONS}")
+    return {} if compression == "none" else {"compression": compression}
+
+
+def export_h5(
+    store: FeatureStore | str | Path,
+    out_path: str | Path,
+    *,
+    compression: str = "none",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Writes every array and the store attributes (JSON in the ``amflow_store`` attribute) to one HDF5 file.
+
+    The file is written under a temporary name and renamed at the end, so an interrupted export leaves
+    no file that looks complete.
+    """
+    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    comp = _h5_compression(compression)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["fingerprint"] = st.fingerprint
+            for name in st.array_names:
+                arr = st.array(name)
+                is_text = name in ("clip_ids", "failure_type", "failure_message")
+                dtype = h5py.string_dtype() if is_text else arr.dtype
+                chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
+                f.create_dataset(name, shape=arr.shape, dtype=dtype, chunks=chunks, **comp)
+            for shard in tqdm(
+                range(st.num_shards),
+                desc=f"exporting {st.path.name}",
+                unit="shard",
+                disable=not progress or st.num_shards < 8,
+            ):
+                sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
+                for name in st.array_names:
+                    f[name][sl] = st.array(name)[sl]
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _read_attrs(f: h5py.File, path: Path) -> dict:
+    if ATTRS_KEY not in f.attrs:
+        raise NotAStoreError(f"{path}: not an amflow store export (no {ATTRS_KEY!r} attribute)")
+    attrs = json.loads(f.attrs[ATTRS_KEY])
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema version {attrs.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return attrs
+
+
+def import_h5(
+    h5_path: str | Path, out_path: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> FeatureStore:
+    """Rebuilds a store from :func:`export_h5` output, with the same attributes (fingerprint, provenance).
+
+    The store is built in a temporary folder and renamed into place when complete.
+    """
+    src, out = Path(h5_path), Path(out_path)
+    if not src.is_file():
+        raise StoreError(f"{src}: no such HDF5 file")
+    if out.exists():
+        if not overwrite:
+            raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
+        if not is_store(out):
+            raise StoreError(f"{out}: exists and is not an amflow feature store; refusing to delete it")
+    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
+    with h5py.File(src, "r") as f:
+        attrs = _read_attrs(f, src)
+        layout = StoreLayout.from_dict(attrs["layout"])
+        ids = np.asarray(f["clip_ids"].asstr()[:], dtype=STRING_DTYPE)
+        labels = np.asarray(f["labels"][:], dtype=np.int64)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build_empty_store(tmp, layout, attrs, ids, labels)
+            st = FeatureStore.open(tmp, mode="r+")
+            for shard in tqdm(
+                range(st.num_shards),
+                desc=f"importing {src.name}",
+                unit="shard",
+                disable=not progress or st.num_shards < 8,
+            ):
+                sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
+                # Data first, status last: the same order a writer commits in.
+                for name in (*st.data_arrays, *PER_SHARD_ARRAYS):
+                    ds = f[name]
+                    if h5py.check_string_dtype(ds.dtype):
+                        st.array(name)[sl] = np.asarray(ds.asstr()[sl], dtype=STRING_DTYPE)
+                    else:
+                        st.array(name)[sl] = ds[sl]
+            fsync_tree(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureStore.open(out, mode="r")

@@ -1,0 +1,149 @@
+"""Reading a store into numpy for stage 2: whole in-memory arrays of the done clips, shard by shard."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+from zarr.core.buffer.cpu import NDBuffer
+
+from store.feature_store import STATUS_DONE, FeatureStore, StoreError
+
+
+def resolve_selection(
+    what: str, available: Sequence[str], selection: Sequence[str | int] | None
+) -> list[int]:
+    """Indices of the selected names (or integer positions); all of them when ``selection`` is None."""
+    if selection is None:
+        return list(range(len(available)))
+    out = []
+    for item in selection:
+        if isinstance(item, str):
+            if item not in available:
+                raise KeyError(f"{what}: no {item!r}; available: {list(available)}")
+            out.append(list(available).index(item))
+        elif (
+            isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(available)
+        ):
+            out.append(int(item))
+        else:
+            raise KeyError(f"{what}: {item!r} is neither a name nor an index in [0, {len(available)})")
+    if not out:
+        raise KeyError(f"{what}: empty selection")
+    return out
+
+
+@dataclasses.dataclass
+class StoreArrays:
+    """Done clips of a store as in-memory numpy arrays (stored dtype), row k = clip ``indices[k]``."""
+
+    indices: np.ndarray
+    clip_ids: np.ndarray
+    labels: np.ndarray
+    embeddings: np.ndarray | None
+    cls: np.ndarray | None
+    flow: np.ndarray | None
+    adapter_names: list[str]
+    flow_block_names: list[str]
+
+
+def selections(
+    store: FeatureStore,
+    adapters: Sequence[str | int] | None,
+    flow_blocks: Sequence[str | int] | None,
+    with_flow: bool,
+) -> dict[str, list[int] | None]:
+    """Axis-1 selection per array to read (None = the whole axis), checked against the store."""
+    if with_flow and not store.has_flow:
+        raise StoreError(f"{store.path}: with_flow=True but the store holds no flow maps")
+    sel: dict[str, list[int] | None] = {
+        "embeddings": resolve_selection("adapters", store.adapter_names, adapters),
+        "cls": None,
+    }
+    if with_flow:
+        sel["flow"] = resolve_selection("flow_blocks", store.flow_block_names, flow_blocks)
+    for name in ("embeddings", "flow"):
+        n_all = len(store.adapter_names) if name == "embeddings" else len(store.flow_block_names)
+        if name in sel and sel[name] == list(range(n_all)):
+            sel[name] = None
+    return sel
+
+
+def read_shard(store: FeatureStore, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads one whole shard of an array, into ``out`` when given (saves a copy)."""
+    clips = store.clips_in_shard(shard)
+    arr = store.array(name)
+    if out is None:
+        return np.asarray(arr[clips.start : clips.stop])
+    arr.get_basic_selection((slice(clips.start, clips.stop),), out=NDBuffer.from_numpy_array(out))
+    return out
+
+
+def load_arrays(
+    store: FeatureStore | str | Path,
+    *,
+    adapters: Sequence[str | int] | None = None,
+    flow_blocks: Sequence[str | int] | None = None,
+    with_flow: bool = False,
+    with_cls: bool = True,
+    read_threads: int = 2,
+    progress: bool = True,
+) -> StoreArrays:
+    """Loads every done clip into memory, shard by shard, for fast stage-2 training.
+
+    ``adapters`` / ``flow_blocks`` select along those axes by name or index (default: all).
+    ``read_threads`` shards are read at once (file reads overlap the copies; ~1.2x with 2 on 2 cores).
+    """
+    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    sel = selections(st, adapters, flow_blocks, with_flow)
+    if not with_cls:
+        del sel["cls"]
+    done = st.status() == STATUS_DONE
+    indices = np.flatnonzero(done)
+    out: dict[str, np.ndarray] = {}
+    for name, s in sel.items():
+        shape = list(st.array(name).shape)
+        shape[0] = len(indices)
+        if s is not None:
+            shape[1] = len(s)
+        out[name] = np.empty(shape, dtype=st.array(name).dtype)
+    per_shard = np.bincount(indices // st.shard_clips, minlength=st.num_shards)
+    starts = np.concatenate([[0], np.cumsum(per_shard)])
+    shards = [int(s) for s in np.flatnonzero(per_shard)]
+
+    def read(shard: int) -> None:
+        clips = st.clips_in_shard(shard)
+        local = done[clips.start : clips.stop]
+        rows = slice(int(starts[shard]), int(starts[shard + 1]))
+        for name, s in sel.items():
+            if s is None and local.all():
+                read_shard(st, name, shard, out=out[name][rows])
+            else:
+                block = read_shard(st, name, shard)[local]
+                out[name][rows] = block if s is None else np.take(block, s, axis=1)
+
+    bar = tqdm(
+        total=len(shards),
+        desc=f"loading {st.path.name}",
+        unit="shard",
+        disable=not progress or len(shards) < 8,
+    )
+    with bar, ThreadPoolExecutor(max_workers=max(1, read_threads)) as pool:
+        for _ in pool.map(read, shards):
+            bar.update()
+    emb_sel = sel["embeddings"] if sel["embeddings"] is not None else range(len(st.adapter_names))
+    flow_sel = sel.get("flow") or range(len(st.flow_block_names))
+    return StoreArrays(
+        indices=indices.astype(np.int64),
+        clip_ids=st.clip_ids[indices],
+        labels=st.labels[indices],
+        embeddings=out["embeddings"],
+        cls=out.get("cls"),
+        flow=out.get("flow"),
+        adapter_names=[st.adapter_names[i] for i in emb_sel],
+        flow_block_names=[st.flow_block_names[i] for i in flow_sel] if with_flow else [],
+    )

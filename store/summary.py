@@ -1,0 +1,186 @@
+"""What a store holds (``amflow store info``) and whether its done clips are sound (``store verify``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from store.feature_store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    STRING_DTYPE,
+    FeatureStore,
+    nonfinite_mask,
+)
+
+MAX_REPORTED_CLIPS = 20
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path`` (what the array takes on disk)."""
+    total = 0
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def store_info(store: FeatureStore | str | Path) -> dict[str, Any]:
+    """A stable JSON-able summary: counts, arrays (shape, dtype, bytes on disk), fingerprint, provenance."""
+    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    counts = st.counts()
+    arrays = {}
+    for name in st.array_names:
+        arr = st.array(name)
+        arrays[name] = {
+            "shape": list(arr.shape),
+            "dtype": "string" if arr.dtype == STRING_DTYPE else str(arr.dtype),
+            "chunks": list(arr.chunks),
+            "shards": list(arr.shards or arr.chunks),
+            "bytes_on_disk": folder_bytes(st.path / name),
+        }
+    return {
+        "path": str(st.path),
+        "schema_version": st.attrs["schema_version"],
+        "num_clips": st.num_clips,
+        "done": counts["done"],
+        "failed": counts["failed"],
+        "missing": counts["missing"],
+        "complete": counts["missing"] == 0,
+        "num_shards": st.num_shards,
+        "shard_clips": st.shard_clips,
+        "pending_shards": len(st.pending_shards()),
+        "compression": st.layout.compression,
+        "arrays": arrays,
+        "bytes_on_disk": sum(a["bytes_on_disk"] for a in arrays.values()),
+        "adapter_names": st.adapter_names,
+        "flow_block_names": st.flow_block_names,
+        "fingerprint": st.fingerprint,
+        "fingerprint_fields": st.fingerprint_fields,
+        "provenance": st.provenance,
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human form of :func:`store_info`: a header, an array table and the provenance."""
+    lines = [
+        f"store        {info['path']}",
+        f"clips        {info['num_clips']}  (done {info['done']}, failed {info['failed']}, "
+        f"missing {info['missing']}){'  complete' if info['complete'] else ''}",
+        f"shards       {info['num_shards']} x {info['shard_clips']} clips "
+        f"({info['pending_shards']} pending), compression {info['compression']}",
+        f"on disk      {_human_bytes(info['bytes_on_disk'])}",
+        f"fingerprint  {info['fingerprint']}",
+        "",
+    ]
+    rows = [("array", "shape", "dtype", "chunk", "shard", "on disk")]
+    for name, a in info["arrays"].items():
+        rows.append(
+            (
+                name,
+                "x".join(map(str, a["shape"])),
+                a["dtype"],
+                "x".join(map(str, a["chunks"])),
+                "x".join(map(str, a["shards"])),
+                _human_bytes(a["bytes_on_disk"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["", f"adapters     {', '.join(info['adapter_names'])}"]
+    if info["flow_block_names"]:
+        lines.append(f"flow blocks  {', '.join(info['flow_block_names'])}")
+    lines += ["", "provenance"]
+    for key, value in info["provenance"].items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        lines.append(f"  {key}: {text if len(text) <= 200 else text[:197] + '...'}")
+    lines += ["", "fingerprint fields"]
+    for key, value in info["fingerprint_fields"].items():
+        lines.append(f"  {key}: {json.dumps(value, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def _clips_text(store: FeatureStore, indices: np.ndarray) -> str:
+    shown = ", ".join(f"{int(i)} ({store.clip_ids[i]!s})" for i in indices[:MAX_REPORTED_CLIPS])
+    more = len(indices) - MAX_REPORTED_CLIPS
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def verify_store(store: FeatureStore | str | Path, *, progress: bool = True) -> list[str]:
+    """Checks that every done clip has complete, finite data and that the tables are consistent.
+
+    Returns one line per problem (empty when the store is sound).
+    """
+    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    problems: list[str] = []
+    status = st.status()
+    bad_status = np.flatnonzero(~np.isin(status, [STATUS_MISSING, STATUS_DONE, STATUS_FAILED]))
+    if len(bad_status):
+        problems.append(f"status: invalid value(s) at clip(s) {_clips_text(st, bad_status)}")
+    labels = st.labels
+    if (labels < -1).any():
+        problems.append(f"labels: values below -1 at clip(s) {_clips_text(st, np.flatnonzero(labels < -1))}")
+    ids = st.clip_ids
+    if len(np.unique(ids)) != len(ids):
+        problems.append("clip_ids: ids are not unique")
+    if (np.strings.str_len(ids) == 0).any():
+        empty = np.flatnonzero(np.strings.str_len(ids) == 0)
+        problems.append(f"clip_ids: empty id(s) at clip(s) {_clips_text(st, empty)}")
+    failures = st.failures()
+    untyped = np.array([r["index"] for r in failures if not r["error_type"]], dtype=np.int64)
+    if len(untyped):
+        problems.append(f"failures: failed clip(s) without an error type: {_clips_text(st, untyped)}")
+
+    done = status == STATUS_DONE
+    shards = [
+        s for s in range(st.num_shards) if done[st.clips_in_shard(s).start : st.clips_in_shard(s).stop].any()
+    ]
+    incomplete: dict[str, list[int]] = {name: [] for name in st.data_arrays}
+    for shard in tqdm(
+        shards, desc=f"verifying {st.path.name}", unit="shard", disable=not progress or len(shards) < 8
+    ):
+        clips = st.clips_in_shard(shard)
+        local = np.flatnonzero(done[clips.start : clips.stop])
+        for name in st.data_arrays:
+            try:
+                block = np.asarray(st.array(name)[clips.start : clips.stop])[local]
+            except Exception as e:  # a damaged shard file: report it, keep checking the others
+                problems.append(
+                    f"{name}: shard {shard} (clips {clips.start}..{clips.stop - 1}) unreadable: {e!r}"
+                )
+                continue
+            broken = nonfinite_mask(block).reshape(len(local), -1).any(axis=1)
+            incomplete[name].extend(int(clips.start + i) for i in local[broken])
+    for name, bad in incomplete.items():
+        if bad:
+            problems.append(
+                f"{name}: {len(bad)} done clip(s) with missing or non-finite values: "
+                f"{_clips_text(st, np.asarray(bad))}"
+            )
+    return problems

@@ -1,0 +1,257 @@
+"""Writing one shard of a feature store: buffer clips, then make data durable before marking it done."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from store.feature_store import (
+    LOCK_DIR,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    STRING_DTYPE,
+    ShardBusyError,
+    StoreError,
+    fsync_path,
+    nonfinite_mask,
+)
+
+if TYPE_CHECKING:
+    from store.feature_store import FeatureStore
+
+MAX_MESSAGE_CHARS = 4000
+
+
+def _acquire_shard_lock(lock_path: Path, shard: int) -> int:
+    """Takes an exclusive advisory lock (released by the kernel even on SIGKILL)."""
+    lock_path.parent.mkdir(exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise ShardBusyError(
+            f"{lock_path.parent.parent}: shard {shard} is being written by another writer "
+            f"(lock {lock_path}); two writers inside one shard would lose data"
+        ) from e
+    return fd
+
+
+class ShardWriter:
+    """Owns one shard: ``put``/``fail`` buffer clips in memory, ``commit`` writes them crash-safely.
+
+    Commit order: the shard's data files (whole-shard rewrite, atomic rename by Zarr's LocalStore, then
+    fsync), the failure texts, and only then the shard's status chunk (atomic rename, fsync). A process
+    killed at any point leaves every clip marked done with its data on disk. ``commit_every=k`` commits
+    after every k clips so a long shard keeps its work; each commit rewrites the shard (cost ~ shard size).
+    Leaving the ``with`` block commits what is buffered, also when an exception ends it.
+    """
+
+    def __init__(
+        self, store: FeatureStore, shard: int, *, commit_every: int | None = None, durable: bool = True
+    ) -> None:
+        store.require_writable()
+        clips = store.clips_in_shard(shard)
+        if commit_every is not None and commit_every < 1:
+            raise StoreError(f"commit_every={commit_every}: expected a positive integer or None")
+        self.store = store
+        self.shard = shard
+        self.start, self.stop = clips.start, clips.stop
+        self.commit_every = commit_every
+        self.durable = durable
+        self._lock_fd: int | None = _acquire_shard_lock(
+            store.path / LOCK_DIR / f"shard_{shard:06d}.lock", shard
+        )
+        try:
+            self._remove_partial_files()
+            self._status = np.asarray(store.array("status")[self.start : self.stop], dtype=np.int8).copy()
+            self._committed_status = self._status.copy()
+            self._data = {name: self._load_data(name) for name in store.data_arrays}
+            self._types, self._messages = self._load_texts()
+            self._committed_texts = (self._types.copy(), self._messages.copy())
+        except BaseException:
+            self._release()
+            raise
+        self._shapes = store.layout.clip_shapes()
+        self._dtype = np.dtype(store.layout.dtype)
+        self._uncommitted = 0
+        self._data_dirty = False
+        self._synced: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+    def _remove_partial_files(self) -> None:
+        """Deletes temp files (``<chunk>.<uuid>.partial``) a killed writer of this shard left behind."""
+        for name in (*self.store.data_arrays, "status", "failure_type", "failure_message"):
+            chunk = self.store.chunk_file(name, self.shard)
+            if chunk.parent.is_dir():
+                for p in chunk.parent.glob(f"{chunk.name}.*.partial"):
+                    p.unlink(missing_ok=True)
+
+    def _load_data(self, name: str) -> np.ndarray:
+        """The shard's done clips (resume) and NaN elsewhere, also over rows of an interrupted commit."""
+        arr = self.store.array(name)
+        done = self._status == STATUS_DONE
+        if not done.any():
+            return np.full((self.stop - self.start, *arr.shape[1:]), np.nan, dtype=arr.dtype)
+        data = np.array(arr[self.start : self.stop])
+        data[~done] = np.nan
+        return data
+
+    def _load_texts(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.stop - self.start
+        if (self._status == STATUS_FAILED).any():
+            t = np.asarray(self.store.array("failure_type")[self.start : self.stop], dtype=STRING_DTYPE)
+            m = np.asarray(self.store.array("failure_message")[self.start : self.stop], dtype=STRING_DTYPE)
+            return t.copy(), m.copy()
+        return np.full(n, "", dtype=STRING_DTYPE), np.full(n, "", dtype=STRING_DTYPE)
+
+    # ------------------------------------------------------------------ the writer's API
+    def pending(self) -> np.ndarray:
+        """Clip indices of this shard still to write (buffered clips count as written)."""
+        return self.start + np.flatnonzero(self._status == STATUS_MISSING)
+
+    def _local(self, index: int) -> int:
+        if self._lock_fd is None:
+            raise StoreError(f"{self.store.path}: writer of shard {self.shard} is closed")
+        if not self.start <= index < self.stop:
+            raise IndexError(
+                f"{self.store.path}: clip {index} is not in shard {self.shard} "
+                f"(clips {self.start}..{self.stop - 1})"
+            )
+        return index - self.start
+
+    def put(self, index: int, *, embeddings: Any, cls: Any, flow: Any = None) -> None:
+        """Buffers clip ``index``: embeddings (A,V,T,r), cls (V,D), flow (Bf,V,T,h,N) when the store has flow.
+
+        Raises ValueError for a wrong shape or a non-finite value after casting to the stored dtype.
+        """
+        k = self._local(int(index))
+        given = {"embeddings": embeddings, "cls": cls, "flow": flow}
+        if flow is not None and "flow" not in self._shapes:
+            raise ValueError(f"{self.store.path}: clip {index}: flow given but the store has no flow array")
+        converted = {}
+        for name, shape in self._shapes.items():
+            if given[name] is None:
+                raise ValueError(f"{self.store.path}: clip {index}: {name} missing (expected shape {shape})")
+            value = np.asarray(given[name])
+            if value.shape != shape:
+                raise ValueError(
+                    f"{self.store.path}: clip {index}: {name} has shape {value.shape}, expected {shape}"
+                )
+            with np.errstate(over="ignore", invalid="ignore"):
+                value = value.astype(self._dtype)
+            bad_mask = nonfinite_mask(value)
+            if bad_mask.any():
+                bad = int(bad_mask.sum())
+                raise ValueError(
+                    f"{self.store.path}: clip {index} ({self.store.clip_ids[index]!s}): {name} has {bad} "
+                    f"non-finite value(s) in {self._dtype} (NaN/inf, or beyond the dtype's range); "
+                    "record it with fail()"
+                )
+            converted[name] = value
+        for name, value in converted.items():
+            self._data[name][k] = value
+        self._status[k] = STATUS_DONE
+        self._types[k] = ""
+        self._messages[k] = ""
+        self._data_dirty = True
+        self._count_and_maybe_commit()
+
+    def fail(self, index: int, error_type: str, message: str) -> None:
+        """Records clip ``index`` as failed (e.g. an undecodable video) so a resume does not retry it."""
+        k = self._local(int(index))
+        if not error_type:
+            raise ValueError(f"{self.store.path}: clip {index}: error_type must be a non-empty string")
+        if self._status[k] == STATUS_DONE:
+            for buf in self._data.values():
+                buf[k] = np.nan
+            self._data_dirty = True
+        self._status[k] = STATUS_FAILED
+        self._types[k] = str(error_type)
+        self._messages[k] = str(message)[:MAX_MESSAGE_CHARS]
+        self._count_and_maybe_commit()
+
+    def _count_and_maybe_commit(self) -> None:
+        self._uncommitted += 1
+        if self.commit_every is not None and self._uncommitted >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> int:
+        """Writes buffered clips crash-safely; returns how many clips changed status."""
+        if self._lock_fd is None:
+            raise StoreError(f"{self.store.path}: writer of shard {self.shard} is closed")
+        changed = int((self._status != self._committed_status).sum())
+        if not changed and not self._data_dirty:
+            self._uncommitted = 0
+            return 0
+        store, sl = self.store, slice(self.start, self.stop)
+        if self._data_dirty:
+            for name, buf in self._data.items():
+                store.array(name)[sl] = buf
+                self._sync(name)
+        # Clips going failed -> done keep their old failure text until their status says done.
+        revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
+        types = np.where(revived, self._committed_texts[0], self._types)
+        messages = np.where(revived, self._committed_texts[1], self._messages)
+        self._write_texts(types, messages)
+        store.array("status")[sl] = self._status
+        self._sync("status")
+        if revived.any():
+            self._write_texts(self._types, self._messages)
+        self._committed_status = self._status.copy()
+        self._uncommitted = 0
+        self._data_dirty = False
+        return changed
+
+    def _write_texts(self, types: np.ndarray, messages: np.ndarray) -> None:
+        sl = slice(self.start, self.stop)
+        for name, new, old in (
+            ("failure_type", types, self._committed_texts[0]),
+            ("failure_message", messages, self._committed_texts[1]),
+        ):
+            if (new != old).any():
+                self.store.array(name)[sl] = new
+                self._sync(name)
+        self._committed_texts = (types.copy(), messages.copy())
+
+    def _sync(self, name: str) -> None:
+        """fsyncs the shard file and its folder (the rename); the first time also the folders above it."""
+        if self.durable:
+            first = name not in self._synced
+            self._synced.add(name)
+            chunk = self.store.chunk_file(name, self.shard)
+            fsync_path(chunk, up_to=self.store.path / name if first else chunk.parent)
+
+    # ------------------------------------------------------------------ lifetime
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self) -> None:
+        """Commits what is buffered and releases the shard."""
+        if self._lock_fd is None:
+            return
+        try:
+            self.commit()
+        finally:
+            self._release()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            self._release()
