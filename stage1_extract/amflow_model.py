@@ -25,6 +25,7 @@ from stage1_extract.attention import attend, attention_probs, project_qkv
 from stage1_extract.backbone import create_vit, freeze
 from stage1_extract.heads import AveragingClassifier, ClipFeatures, HeadsConfig
 from stage1_extract.model_config import BackboneConfig
+from stage1_extract.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
 
 
 @dataclass
@@ -168,8 +169,6 @@ class AMFlowBlock(nn.Module):
         q, k, v = project_qkv(self.attn, a)
         k_att, v_att = k, v
         if self.head_offsets is not None:
-            from stage1_extract.stdha import temporal_shift_kv
-
             k_att, v_att = temporal_shift_kv(k, v, T, self.head_offsets)
         probs = attention_probs(self.attn, q, k) if self.aggregation == "softmax_sum" else None
         attn_out = attend(self.attn, q, k_att, v_att, probs=probs if k_att is k else None, gate_input=a)
@@ -307,8 +306,6 @@ def build_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowModel:
     indices = block_indices(cfg.blocks, len(vit.blocks))
     offsets = None
     if bcfg.head_offsets is not None:
-        from stage1_extract.stdha import expand_head_offsets, use_stdha
-
         offsets = expand_head_offsets(bcfg.head_offsets, vit.blocks[0].attn.num_heads)
         plain = [i for i in range(len(vit.blocks)) if i not in indices]
         if plain:

@@ -47,8 +47,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class Replace(dict):
+    """A mapping given whole on the command line (``key={a: 1}``): it replaces the value, never merges."""
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turns ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    """Turns ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists.
+
+    A dotted key merges into its section (``backbone.timm_kwargs.depth=2``); a mapping value replaces
+    the whole entry (``backbone.head_offsets={1: 1, 0: 11}``).
+    """
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -62,12 +70,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         node = nested
-        parts = key.split(".")
+        parts: list[Any] = [int(p) if p.lstrip("+-").isdigit() else p for p in key.split(".")]
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is both a value and a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = Replace(value) if isinstance(value, dict) else value
     return nested
 
 
@@ -75,7 +83,7 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     """Returns ``base`` with ``update`` merged in recursively (update wins)."""
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+        if isinstance(v, Mapping) and not isinstance(v, Replace) and isinstance(out.get(k), Mapping):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

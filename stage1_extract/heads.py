@@ -223,13 +223,18 @@ def build_temporal_heads(
 
 
 class FlowMapEncoder(nn.Module):
-    """Per flow block: AM-flow map (h x patch grid) pooled to a small grid, then a 2-layer MLP."""
+    """Per flow block: AM-flow map (h x patch grid) pooled to a small grid, normalised, then a 2-layer MLP.
+
+    The layer norm over each frame's map makes the heads see where things move whatever the flow's
+    overall scale (tiny for a random-init backbone, whose attention is nearly uniform).
+    """
 
     def __init__(self, groups: int, num_heads: int, grid: tuple[int, int], out_grid: int, embed: int) -> None:
         super().__init__()
         self.grid = grid
         self.out_grid = (min(out_grid, grid[0]), min(out_grid, grid[1]))
         in_dim = num_heads * self.out_grid[0] * self.out_grid[1]
+        self.norm = GroupedLayerNorm(groups, in_dim)
         self.fc1 = GroupedLinear(groups, in_dim, embed)
         self.fc2 = GroupedLinear(groups, embed, embed)
 
@@ -238,7 +243,7 @@ class FlowMapEncoder(nn.Module):
         B, G, T, h, P = maps.shape
         x = maps.reshape(B * G * T, h, *self.grid)
         x = F.adaptive_avg_pool2d(x, self.out_grid).reshape(B, G, T, -1)
-        return self.fc2(F.relu(self.fc1(x)))
+        return self.fc2(F.relu(self.fc1(self.norm(x))))
 
 
 @dataclass

@@ -194,3 +194,27 @@ def test_feature_difference_maps_are_the_control_signal():
     assert expected[:, 1:].min() > 0  # patch tokens (the CLS token is the same in every frame at block 1)
     torch.testing.assert_close(feats.flow[0, 0, :3, 0], expected)
     torch.testing.assert_close(feats.flow[0, 0, 3, 0], expected[-1])
+
+
+def test_am_flow_on_an_stdha_backbone_matches_timm_with_stdha():
+    """AM flow + STDHA (blocks 1 and 2 adapted, block 3 plain STDHA) against timm's ViT with STDHA."""
+    from stage1_extract.stdha import use_stdha
+
+    offsets = [-1, 1, 0]
+    cfg = tiny_cfg(depth=3, blocks=[1, 2])
+    cfg.backbone.head_offsets = {-1: 1, 1: 1, 0: 1}
+    model = build_amflow(cfg).eval()
+    ref = plain_timm(cfg, model)
+    use_stdha(ref, offsets, num_frames=4)
+    plain = build_amflow(tiny_cfg(depth=3, blocks=[1, 2])).eval()
+    plain.vit.load_state_dict(model.vit.state_dict())
+    video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens, feats = model.encode(video)
+        expected = ref.forward_features(video.flatten(0, 1))
+        plain_tokens, plain_feats = plain.encode(video)
+    assert (tokens - expected).abs().max().item() <= 1e-5
+    assert (tokens - plain_tokens).abs().max().item() > 1e-3  # STDHA changes the features...
+    # ...but AM flow reads the block's own q, k: block 1 (same input) has the same flow, block 2 not.
+    assert torch.equal(feats.flow[:, 0], plain_feats.flow[:, 0])
+    assert not torch.equal(feats.flow[:, 1], plain_feats.flow[:, 1])

@@ -33,6 +33,9 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.blocks == [1, 12] and cfg.inner.names == ["a", "b"]
     assert cfg.offsets == {1: 1, -1: 1, 0: 10}
     assert config_to_dict(cfg)["inner"] == {"size": 8, "rate": 2.0, "names": ["a", "b"]}
+    # A mapping given whole replaces the file's mapping; a dotted key merges into it.
+    assert load_config(Outer, p, ["offsets={1: 1, 0: 11}"]).offsets == {1: 1, 0: 11}
+    assert load_config(Outer, p, ["offsets.0=9"]).offsets == {1: 1, -1: 1, 0: 9}
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -1,0 +1,398 @@
+"""Stage 1: decode a dataset's videos, run the frozen backbone with adapters, write the feature store.
+
+One plan (``ExtractionPlan``) describes a run completely and is picklable, so the same function
+(``extract_shards``) runs in this process or in dask.distributed workers; each call owns whole shards,
+batches clips in shard order (the same batches whatever the number of workers, so results are
+identical), records undecodable videos as failures and commits per shard. A finished store is left as
+it is; an interrupted one resumes with only its missing clips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
+from safetensors.torch import load_file
+
+from stage1_extract.backbone import file_sha256, is_added_key
+from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
+from stage1_extract.config import ConfigError, config_to_dict
+from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
+from stage1_extract.models import load_model_config
+from stage1_extract.video import VideoClipDataset, collate_clips
+from stage1_extract.zeroi2v import FORMAT_KEY, MERGED_FORMAT, split_merged_state
+from store.feature_store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExtractOptions:
+    """How to run an extraction (none of these change the features, except ``dtype``)."""
+
+    batch_size: int = 8
+    decode_workers: int = 2
+    device: str = "auto"
+    store_flow: bool = False  # AM-flow maps (clips, blocks, views, T, heads, N): large for ViT-B
+    dtype: str = "float16"
+    shard_clips: int | None = None
+    compression: str = "none"
+    strict: bool = False
+    commit_every: int | None = None
+
+
+@dataclasses.dataclass
+class ExtractionPlan:
+    """Everything a worker needs to extract shards of one store (picklable)."""
+
+    store_path: str
+    root: str
+    model_config: dict[str, Any]
+    dataset_config: dict[str, Any]
+    records: list[tuple[str, int, int | None, int | None]]
+    checkpoint: str | None
+    options: ExtractOptions
+
+
+@dataclasses.dataclass
+class ExtractSummary:
+    """What a run did: clip counts, wall time and throughput."""
+
+    store: str
+    total: int
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    processed: int = 0
+    seconds: float = 0.0
+    already_complete: bool = False
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        """A short summary table for the end of a run."""
+        rows = [
+            ("clips in split", self.total),
+            ("done (in store)", self.done),
+            ("failed (recorded)", self.failed),
+            ("skipped (already done)", self.skipped),
+            ("processed this run", self.processed),
+            ("wall time", f"{self.seconds:.1f} s"),
+            ("throughput", f"{self.clips_per_second:.2f} clips/s"),
+        ]
+        return "\n".join(f"  {k:<24}{v}" for k, v in rows)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowModel:
+    """The AM-flow model in inference mode, with trained adapters or a merged ZeroI2V backbone if given.
+
+    A merged ZeroI2V file (``amflow merge``) supplies the backbone weights and its STDHA head offsets; a
+    finetuning checkpoint supplies adapters and aligning encoders. Without a checkpoint the adapters are
+    freshly initialised from ``cfg.seed`` (recorded in the store).
+    """
+    if not checkpoint:
+        return build_amflow(cfg).eval().to(device)
+    meta = read_metadata(checkpoint)
+    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
+        if meta.get("backbone") != cfg.backbone.name:
+            raise ConfigError(
+                f"{checkpoint}: a merged {meta.get('backbone')!r} model; the config's backbone is "
+                f"{cfg.backbone.name!r}"
+            )
+        offsets = json.loads(meta.get("head_offsets", "null"))
+        model = build_amflow(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets)))
+        vit_state, _ = split_merged_state(load_file(checkpoint))
+        source = "a merged ZeroI2V backbone"
+        state = {f"vit.{k}": v for k, v in vit_state.items()}
+        wanted = {k for k in model.state_dict() if k.startswith("vit.") and not is_added_key(k)}
+    else:
+        model = build_amflow(cfg)
+        state, _ = load_trainable_checkpoint(checkpoint)
+        source = "trained adapters"
+        wanted = {k for k in model.state_dict() if k.startswith("vit.") and is_added_key(k)}
+    missing = sorted(wanted - set(state))
+    unknown = sorted(set(state) - set(model.state_dict()))
+    if missing or unknown:
+        raise ConfigError(
+            f"{checkpoint}: {source} that do not fit this model config: missing {missing[:4]}, "
+            f"unexpected {unknown[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return model.eval().to(device)
+
+
+def feature_fingerprint(
+    model_cfg: AMFlowConfig, data_cfg: DatasetConfig, checkpoint: str | None, dtype: str, store_flow: bool
+) -> dict[str, Any]:
+    """Everything that changes the cached features (not the split: train/val/test stores must agree)."""
+    model = config_to_dict(model_cfg)
+    for key in ("heads", "num_classes"):
+        model.pop(key)
+    weights = model["backbone"].pop("weights")
+    data = config_to_dict(data_cfg)
+    for key in ("video_dir", "annotation_dir", "train_crop"):
+        data.pop(key, None)
+    return {
+        "model": model,
+        "data": data,
+        "weights_sha256": file_sha256(weights),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "dtype": dtype,
+        "flow": store_flow,
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlowModel:
+    """One model per worker process and plan (dask runs many shard tasks in one process)."""
+    from stage1_extract.models import model_config_from_dict
+
+    cfg = model_config_from_dict(json.loads(model_json), "<extraction plan>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_extraction_model(cfg, checkpoint, torch.device(device))
+
+
+def _worker_device(requested: str) -> str:
+    """The device for this process: in a dask worker with several GPUs, GPU (worker number mod count)."""
+    device = resolve_device(requested)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+            return f"cuda:{int(name) % torch.cuda.device_count()}"
+        except (ImportError, ValueError, TypeError):
+            pass
+    return str(device)
+
+
+def extract_shards(plan: ExtractionPlan, shards: Sequence[int], progress: Callable[[int], None] | None = None) -> dict:
+    """Extracts the missing clips of ``shards`` into the store; returns counts of done and failed clips."""
+    opts = plan.options
+    device = _worker_device(opts.device)
+    model = _cached_model(json.dumps(plan.model_config, sort_keys=True), plan.checkpoint, device)
+    data_cfg = DatasetConfig(**plan.dataset_config)
+    store = FeatureStore.open(plan.store_path, mode="r+")
+    on_cuda = device.startswith("cuda")
+    mean = torch.tensor(model.vit.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(3, 1, 1)
+    std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(3, 1, 1)
+    counts = {"done": 0, "failed": 0}
+    for shard in shards:
+        with store.shard_writer(shard, commit_every=opts.commit_every) as writer:
+            todo = [int(i) for i in writer.pending()]
+            if not todo:
+                continue
+            records = [ClipRecord(*plan.records[i]) for i in todo]
+            dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+            loader = DataLoader(
+                dataset,
+                batch_size=opts.batch_size,
+                num_workers=opts.decode_workers,
+                collate_fn=collate_clips,
+                pin_memory=on_cuda,
+            )
+            for batch in loader:
+                for item in batch["failed"]:
+                    writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
+                    counts["failed"] += 1
+                if batch["video"] is not None:
+                    features = _forward(model, batch["video"], mean, std, device, on_cuda)
+                    for j, idx in enumerate(batch["index"].tolist()):
+                        try:
+                            writer.put(
+                                todo[idx],
+                                embeddings=features["embeddings"][j],
+                                cls=features["cls"][j],
+                                flow=features["flow"][j] if opts.store_flow else None,
+                            )
+                            counts["done"] += 1
+                        except ValueError as e:  # non-finite features (e.g. a float16 overflow)
+                            writer.fail(todo[idx], "NonFiniteFeatures", str(e))
+                            counts["failed"] += 1
+                if progress is not None:
+                    progress(len(batch["index"]) + len(batch["failed"]))
+    return counts
+
+
+@torch.inference_mode()
+def _forward(
+    model: AMFlowModel, video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: str, on_cuda: bool
+) -> dict[str, np.ndarray]:
+    """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays."""
+    B, V = video.shape[:2]
+    x = video.to(device, non_blocking=on_cuda).flatten(0, 1).float().div_(255.0)
+    x = (x - mean) / std
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        f = model.extract(x)
+    emb = f.embeddings.float().reshape(B, V, *f.embeddings.shape[1:]).transpose(1, 2)  # (B, A, V, T, r)
+    flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
+    cls = f.cls.float().reshape(B, V, -1)
+    return {"embeddings": emb.cpu().numpy(), "flow": flow.cpu().numpy(), "cls": cls.cpu().numpy()}
+
+
+def plan_extraction(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    model_config: str | Path,
+    out: str | Path,
+    *,
+    protocol: str | None = None,
+    dataset_overrides: Sequence[str] = (),
+    model_overrides: Sequence[str] = (),
+    checkpoint: str | None = None,
+    options: ExtractOptions | None = None,
+) -> tuple[ExtractionPlan, FeatureStore]:
+    """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store."""
+    options = options or ExtractOptions()
+    overrides = list(dataset_overrides) + ([f"protocol={protocol}"] if protocol is not None else [])
+    data_cfg = load_dataset_config(dataset, overrides)
+    model_cfg = load_model_config(model_config, model_overrides)
+    if not isinstance(model_cfg, AMFlowConfig):
+        raise ConfigError(
+            f"{model_config}: extraction runs an AM-flow model (kind: amflow); for ZeroI2V, merge the "
+            "checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow config"
+        )
+    img_size = model_cfg.backbone.img_size
+    if data_cfg.crop_size is None:
+        if img_size is None:
+            raise ConfigError(f"{model_config}: set backbone.img_size (or the dataset's crop_size)")
+        data_cfg = dataclasses.replace(data_cfg, crop_size=img_size)
+    if data_cfg.num_frames != model_cfg.num_frames:
+        model_cfg = dataclasses.replace(model_cfg, num_frames=data_cfg.num_frames)
+    index = build_index(dataset, root, split, data_cfg)
+    log.info(index.summary())
+    if index.missing:
+        log.warning("%d listed videos are missing; they are recorded as failures", len(index.missing))
+    records = sorted(index.records + index.missing, key=lambda r: r.path)
+    if not records:
+        raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
+    model_cfg = dataclasses.replace(model_cfg, num_classes=index.num_classes)
+
+    from stage1_extract.models import build_model_on_meta
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        meta = build_model_on_meta(model_cfg)
+    views = data_cfg.num_clips * data_cfg.num_crops
+    fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
+    provenance = {
+        "config": {"model": config_to_dict(model_cfg), "dataset": config_to_dict(data_cfg)},
+        "backbone": model_cfg.backbone.name,
+        "weights": model_cfg.backbone.weights,
+        "weights_sha256": fingerprint["weights_sha256"],
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": fingerprint["checkpoint_sha256"],
+        "adapter_seed": model_cfg.seed,
+        "dataset": dataset,
+        "root": str(Path(root).resolve()),
+        "protocol": data_cfg.protocol,
+        "split": split,
+        "sampling": {k: getattr(data_cfg, k) for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops")},
+        "classes": index.classes,
+        "num_classes": index.num_classes,
+        "skipped": index.skipped,
+        "patch_grid": list(meta.patch_grid),
+        "num_prefix_tokens": meta.num_prefix_tokens,
+        "maps": model_cfg.maps,
+    }
+    store = FeatureStore.create(
+        out,
+        clip_ids=[r.path for r in records],
+        labels=[r.label for r in records],
+        num_adapters=len(meta.adapter_names),
+        num_views=views,
+        num_frames=data_cfg.num_frames,
+        embed_dim=meta.bottleneck,
+        cls_dim=meta.embed_dim,
+        provenance=provenance,
+        fingerprint_fields=fingerprint,
+        flow_shape=(len(meta.flow_block_names), meta.map_channels, meta.num_tokens) if options.store_flow else None,
+        dtype=options.dtype,
+        shard_clips=options.shard_clips,
+        compression=options.compression,
+        adapter_names=meta.adapter_names,
+        flow_block_names=meta.flow_block_names,
+    )
+    plan = ExtractionPlan(
+        store_path=str(out),
+        root=str(root),
+        model_config=config_to_dict(model_cfg),
+        dataset_config=config_to_dict(data_cfg),
+        records=[(r.path, r.label, r.start_frame, r.end_frame) for r in records],
+        checkpoint=checkpoint,
+        options=options,
+    )
+    return plan, store
+
+
+def run_extraction(
+    plan: ExtractionPlan, store: FeatureStore, workers: int = 1, scheduler: str | None = None
+) -> ExtractSummary:
+    """Extracts every pending shard, in this process or on dask.distributed; prints progress."""
+    counts_before = store.counts()
+    summary = ExtractSummary(store=plan.store_path, total=store.num_clips, skipped=counts_before["done"])
+    pending = store.pending_shards()
+    start = time.perf_counter()
+    if not pending:
+        summary.already_complete = True
+        summary.done, summary.failed = counts_before["done"], counts_before["failed"]
+        return summary
+    todo = int(store.missing().size)
+    with tqdm(total=todo, unit="clip", desc="extract", dynamic_ncols=True) as bar:
+        if workers <= 1 and scheduler is None:
+            extract_shards(plan, pending, progress=bar.update)
+        else:
+            _run_distributed(plan, store, pending, workers, scheduler, bar)
+    summary.seconds = time.perf_counter() - start
+    final = FeatureStore.open(plan.store_path).counts()
+    summary.done, summary.failed = final["done"], final["failed"]
+    summary.processed = (final["done"] + final["failed"]) - (counts_before["done"] + counts_before["failed"])
+    return summary
+
+
+def _run_distributed(
+    plan: ExtractionPlan, store: FeatureStore, shards: list[int], workers: int, scheduler: str | None, bar: tqdm
+) -> None:
+    """One dask task per shard; each worker process keeps its model between tasks."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        with Client(scheduler or cluster) as client:
+            plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, decode_workers=0))
+            plan_future = client.scatter(plan, broadcast=True)
+            per_shard = np.bincount(store.missing() // store.shard_clips, minlength=store.num_shards)
+            sizes = {s: int(per_shard[s]) for s in shards}
+            futures = {client.submit(extract_shards, plan_future, [s], pure=False): s for s in shards}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(sizes[futures[future]])
+    finally:
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,189 @@
+"""ZeroI2V linear adapters (paper 002, sec. 3.3): serial, no activation, merged exactly (eq. 11).
+
+``A(x) = x + s · W_up(dropout(W_down x))``. An adapter sits before or after one of a block's linear
+layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). The adapted layer stays an ``nn.Linear``
+owning the same ``weight``/``bias`` (an ``AdaptedLinear``), so timm's state-dict keys are unchanged and
+the adapter's keys read ``...attn.qkv.adapter.down.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from tqdm import tqdm
+
+Position = Literal["before", "after"]
+# Where an adapter may sit: "<before|after>_<layer>", layer one of these (path inside a timm Block).
+ADAPTED_LAYERS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+DEFAULT_PLACES = ("before_qkv", "after_proj", "before_fc1", "after_fc2")
+
+
+class LinearAdapter(nn.Module):
+    """``x + s · W_up(dropout(W_down x))`` with ``W_up`` zero-initialised: the identity at initialisation."""
+
+    def __init__(
+        self, dim: int, bottleneck: int, scale: float = 0.5, dropout: float = 0.1, bias: bool = True
+    ):
+        super().__init__()
+        if dim < 1 or bottleneck < 1:
+            raise ValueError(f"LinearAdapter: dim and bottleneck must be >= 1, got {dim} and {bottleneck}")
+        self.scale = float(scale)
+        self.down = nn.Linear(dim, bottleneck, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, dim, bias=bias)
+        nn.init.zeros_(self.up.weight)
+        if bias:
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * self.up(self.dropout(self.down(x)))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``s W_up``, ``W_down``, ``c = s (W_up b_down + b_up)`` in float64: ``M = I + (s W_up) W_down``."""
+        s_up, w_down = self.scale * self.up.weight.double(), self.down.weight.double()
+        c = torch.zeros(s_up.shape[0], dtype=torch.float64, device=s_up.device)
+        if self.down.bias is not None:
+            c = c + s_up @ self.down.bias.double()
+        if self.up.bias is not None:
+            c = c + self.scale * self.up.bias.double()
+        return s_up, w_down, c
+
+    def merge_before(self, linear: nn.Linear) -> nn.Linear:
+        """``linear ∘ adapter`` as one Linear (eq. 11, adapter on the input): ``W' = W M, b' = W c + b``.
+
+        Computed in float64 in low-rank form, ``W M = W + (W s W_up) W_down``, then cast back.
+        """
+        s_up, w_down, c = self._factors()
+        w = linear.weight.double()
+        b = w @ c + (linear.bias.double() if linear.bias is not None else 0.0)
+        return _linear_like(linear, w + (w @ s_up) @ w_down, b)
+
+    def merge_after(self, linear: nn.Linear) -> nn.Linear:
+        """``adapter ∘ linear`` as one Linear (eq. 11, adapter on the output): ``W' = M W, b' = M b + c``.
+
+        Computed in float64 in low-rank form, ``M W = W + s W_up (W_down W)``, then cast back.
+        """
+        s_up, w_down, c = self._factors()
+        w = linear.weight.double()
+        b = c if linear.bias is None else linear.bias.double() + s_up @ (w_down @ linear.bias.double()) + c
+        return _linear_like(linear, w + s_up @ (w_down @ w), b)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def _linear_like(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``linear``'s dtype, device and gradient flags holding merged weights.
+
+    A layer without bias stays without bias; that is exact because its adapter then has no biases.
+    """
+    if linear.bias is None and not bias.is_meta and bool(bias.abs().max() > 0):
+        raise ValueError("merge: a bias-free linear layer cannot absorb a non-zero adapter offset")
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=linear.bias.requires_grad)
+    return out
+
+
+class AdaptedLinear(nn.Linear):
+    """A timm ``nn.Linear`` with a ``LinearAdapter`` on its input (``before``) or output (``after``).
+
+    It owns the very ``weight``/``bias`` Parameters of the linear layer it replaces, so the layer's
+    state-dict keys do not change; ``merged()`` folds the adapter in and returns a plain ``nn.Linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, adapter: LinearAdapter, position: Position):
+        nn.Module.__init__(self)  # no new weights: the linear layer's own Parameters are reused
+        if position not in ("before", "after"):
+            raise ValueError(f"AdaptedLinear: position must be 'before' or 'after', got {position!r}")
+        width = linear.in_features if position == "before" else linear.out_features
+        if adapter.down.in_features != width:
+            raise ValueError(
+                f"AdaptedLinear: adapter width {adapter.down.in_features} != {position} width {width}"
+            )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.position = position
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.position == "before":
+            return F.linear(self.adapter(x), self.weight, self.bias)
+        return self.adapter(F.linear(x, self.weight, self.bias))
+
+    def merged(self) -> nn.Linear:
+        """The plain Linear equal to this layer (adapter folded in, float64 arithmetic)."""
+        if self.position == "before":
+            return self.adapter.merge_before(self)
+        return self.adapter.merge_after(self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, adapter={self.position}"
+
+
+def parse_place(place: str) -> tuple[Position, str]:
+    """``"before_qkv"`` -> ``("before", "attn.qkv")``, with an error listing the valid places."""
+    position, _, layer = place.partition("_")
+    if position not in ("before", "after") or layer not in ADAPTED_LAYERS:
+        valid = [f"{p}_{n}" for p in ("before", "after") for n in ADAPTED_LAYERS]
+        raise ValueError(f"adapter place {place!r}: expected one of {valid}")
+    return position, ADAPTED_LAYERS[layer]  # type: ignore[return-value]
+
+
+def add_linear_adapters(
+    vit: VisionTransformer,
+    ratio: float = 0.25,
+    scale: float = 0.5,
+    dropout: float = 0.1,
+    places: Sequence[str] = DEFAULT_PLACES,
+) -> VisionTransformer:
+    """Puts a LinearAdapter (bottleneck ``round(ratio · D)``) at each place of every block, in place.
+
+    A layer without bias gets an adapter without biases, so the merge needs no new bias. Returns ``vit``.
+    """
+    if ratio <= 0:
+        raise ValueError(f"add_linear_adapters: ratio must be > 0, got {ratio}")
+    if len(set(places)) != len(places):
+        raise ValueError(f"add_linear_adapters: places repeat: {list(places)}")
+    bottleneck = max(1, round(ratio * vit.embed_dim))
+    parsed = [parse_place(p) for p in places]
+    for i, block in enumerate(vit.blocks):
+        for place, (position, path) in zip(places, parsed):
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path)
+            linear = getattr(parent, name)
+            if isinstance(linear, AdaptedLinear):
+                raise ValueError(f"blocks.{i}.{path} already has an adapter (place {place!r} given twice?)")
+            if type(linear) is not nn.Linear:
+                raise TypeError(f"blocks.{i}.{path} is a {type(linear).__name__}, not an nn.Linear")
+            width = linear.in_features if position == "before" else linear.out_features
+            adapter = LinearAdapter(width, bottleneck, scale, dropout, bias=linear.bias is not None)
+            adapter.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            setattr(parent, name, AdaptedLinear(linear, adapter, position))
+    return vit
+
+
+def linear_adapter_modules(module: nn.Module) -> list[AdaptedLinear]:
+    """Every adapted linear layer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, AdaptedLinear)]
+
+
+@torch.no_grad()
+def merge_linear_adapters(vit: VisionTransformer) -> VisionTransformer:
+    """Folds every adapter of ``vit`` into its linear layer and removes it, in place (eq. 11).
+
+    Returns ``vit``, now holding exactly the plain timm model's keys and parameter count (its attention
+    stays STDHA where it was).
+    """
+    targets = [(name, m) for name, m in vit.named_modules() if isinstance(m, AdaptedLinear)]
+    for name, module in tqdm(targets, desc="merging linear adapters", unit="layer", disable=None):
+        parent_name, _, attr = name.rpartition(".")
+        setattr(vit.get_submodule(parent_name), attr, module.merged())
+    return vit
