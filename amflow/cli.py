@@ -7,9 +7,34 @@ import logging
 import sys
 
 from amflow import __version__
-from amflow.commands import datasets, extract, model_info, store
+from amflow.commands import (
+    datasets,
+    demo,
+    evaluate,
+    extract,
+    finetune,
+    merge,
+    model_info,
+    store,
+    sweep,
+    train_heads,
+    visualize,
+)
 
-COMMANDS = (model_info, datasets, extract, store)
+# In the order a newcomer meets them: demo, stage 1, the store, stage 2, finetuning, ZeroI2V, pictures.
+COMMANDS = (
+    demo,
+    model_info,
+    datasets,
+    extract,
+    store,
+    train_heads,
+    sweep,
+    evaluate,
+    finetune,
+    merge,
+    visualize,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

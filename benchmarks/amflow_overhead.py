@@ -3,7 +3,7 @@
 Measured side by side in one run, interleaved repetitions, median of the per-repetition ratios.
 Target (issue 2): <= 1.25 on CPU for ViT-S/14 at 224 px with 8 frames (no aligning encoder).
 
-    python benchmarks/amflow_overhead.py                      # CPU, configs/models/amflow_vits14_dinov2_am12_lstm.yaml
+    python benchmarks/amflow_overhead.py     # CPU, configs/models/amflow_vits14_dinov2_am12_lstm.yaml
     python benchmarks/amflow_overhead.py --device cuda --dtype bf16 --clips 8
 """
 
@@ -14,10 +14,10 @@ import statistics
 import time
 import warnings
 
-import stage1_extract  # noqa: F401  (before timm)
 import timm
 import torch
 
+import stage1_extract  # noqa: F401  (before timm)
 from stage1_extract.amflow_model import build_amflow
 from stage1_extract.models import load_model_config
 
@@ -68,14 +68,14 @@ def main() -> None:
                 times[name].append(timed(fn, sync))
     base = times["timm forward_features"]
     print(
-        f"{cfg.backbone.name} @ {size}px, {cfg.num_frames} frames x {args.clips} clip(s), {args.device} {args.dtype}, "
-        f"blocks={cfg.blocks}, r={model.bottleneck}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+        f"{cfg.backbone.name} @ {size}px, {cfg.num_frames} frames x {args.clips} clip(s), "
+        f"{args.device} {args.dtype}, blocks={cfg.blocks}, r={model.bottleneck}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats"
     )
     for name, ts in times.items():
         ratios = [t / b0 for t, b0 in zip(ts, base)]
-        print(
-            f"  {name:<28} median {statistics.median(ts) * 1e3:8.1f} ms   ratio to timm {statistics.median(ratios):.3f}"
-        )
+        median_ms = statistics.median(ts) * 1e3
+        print(f"  {name:<28} median {median_ms:8.1f} ms   ratio to timm {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

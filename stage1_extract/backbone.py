@@ -122,3 +122,18 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def pixel_stats(
+    vit: VisionTransformer, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's input normalisation (timm ``pretrained_cfg`` mean and std), each shaped (3, 1, 1)."""
+    cfg = vit.pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(3, 1, 1)
+    return mean, std
+
+
+def normalise_video(video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (..., 3, H, W) -> float in [0, 1], minus mean, over std: the backbone's input."""
+    return (video.float().div_(255.0) - mean) / std

@@ -13,28 +13,29 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
-from safetensors.torch import load_file
-
-from stage1_extract.backbone import file_sha256, is_added_key
+from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats
 from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
 from stage1_extract.models import load_model_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import FORMAT_KEY, MERGED_FORMAT, split_merged_state
-from store.feature_store import FeatureStore
+from store.feature_store import STATUS_MISSING, FeatureStore
+from store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ExtractOptions:
     compression: str = "none"
     strict: bool = False
     commit_every: int | None = None
+    threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
 
 
 @dataclasses.dataclass
@@ -122,7 +124,9 @@ def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: tor
                 f"{cfg.backbone.name!r}"
             )
         offsets = json.loads(meta.get("head_offsets", "null"))
-        model = build_amflow(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets)))
+        model = build_amflow(
+            dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
+        )
         vit_state, _ = split_merged_state(load_file(checkpoint))
         source = "a merged ZeroI2V backbone"
         state = {f"vit.{k}": v for k, v in vit_state.items()}
@@ -189,51 +193,91 @@ def _worker_device(requested: str) -> str:
     return str(device)
 
 
-def extract_shards(plan: ExtractionPlan, shards: Sequence[int], progress: Callable[[int], None] | None = None) -> dict:
-    """Extracts the missing clips of ``shards`` into the store; returns counts of done and failed clips."""
+class ShardBatches(Sampler[list[int]]):
+    """Batches of consecutive clips that never cross a shard boundary (the same in every run mode)."""
+
+    def __init__(self, shard_of_clip: Sequence[int], batch_size: int) -> None:
+        self.batches: list[list[int]] = []
+        for i, shard in enumerate(shard_of_clip):
+            last = self.batches[-1] if self.batches else None
+            if last and shard_of_clip[last[0]] == shard and len(last) < batch_size:
+                last.append(i)
+            else:
+                self.batches.append([i])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def extract_shards(
+    plan: ExtractionPlan, shards: Sequence[int], progress: Callable[[int], None] | None = None
+) -> dict[str, int]:
+    """Extracts the missing clips of ``shards`` into the store; returns counts of done and failed clips.
+
+    One DataLoader decodes all of them (started before the model loads, so decoding overlaps it), in
+    batches that stay inside a shard; each shard's writer commits when its last batch is written.
+    """
     opts = plan.options
     device = _worker_device(opts.device)
-    model = _cached_model(json.dumps(plan.model_config, sort_keys=True), plan.checkpoint, device)
-    data_cfg = DatasetConfig(**plan.dataset_config)
     store = FeatureStore.open(plan.store_path, mode="r+")
-    on_cuda = device.startswith("cuda")
-    mean = torch.tensor(model.vit.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(3, 1, 1)
-    std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(3, 1, 1)
+    status = store.status()
+    todo = [i for s in sorted(shards) for i in store.clips_in_shard(s) if status[i] == STATUS_MISSING]
     counts = {"done": 0, "failed": 0}
-    for shard in shards:
-        with store.shard_writer(shard, commit_every=opts.commit_every) as writer:
-            todo = [int(i) for i in writer.pending()]
-            if not todo:
-                continue
-            records = [ClipRecord(*plan.records[i]) for i in todo]
-            dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
-            loader = DataLoader(
-                dataset,
-                batch_size=opts.batch_size,
-                num_workers=opts.decode_workers,
-                collate_fn=collate_clips,
-                pin_memory=on_cuda,
-            )
-            for batch in loader:
-                for item in batch["failed"]:
-                    writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
-                    counts["failed"] += 1
-                if batch["video"] is not None:
-                    features = _forward(model, batch["video"], mean, std, device, on_cuda)
-                    for j, idx in enumerate(batch["index"].tolist()):
-                        try:
-                            writer.put(
-                                todo[idx],
-                                embeddings=features["embeddings"][j],
-                                cls=features["cls"][j],
-                                flow=features["flow"][j] if opts.store_flow else None,
-                            )
-                            counts["done"] += 1
-                        except ValueError as e:  # non-finite features (e.g. a float16 overflow)
-                            writer.fail(todo[idx], "NonFiniteFeatures", str(e))
-                            counts["failed"] += 1
-                if progress is not None:
-                    progress(len(batch["index"]) + len(batch["failed"]))
+    if not todo:
+        return counts
+    threads = opts.threads or (
+        max(1, (os.cpu_count() or 1) - opts.decode_workers) if opts.decode_workers else None
+    )
+    if device.startswith("cpu") and threads:
+        torch.set_num_threads(threads)  # the model and the decoding workers share the cores
+    data_cfg = DatasetConfig(**plan.dataset_config)
+    records = [ClipRecord(*plan.records[i]) for i in todo]
+    dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+    on_cuda = device.startswith("cuda")
+    sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=opts.decode_workers,
+        collate_fn=collate_clips,
+        pin_memory=on_cuda,
+    )
+    batches = iter(loader)  # decoding workers start now
+    model = _cached_model(json.dumps(plan.model_config, sort_keys=True), plan.checkpoint, device)
+    mean, std = pixel_stats(model.vit, device)
+    writer: ShardWriter | None = None
+    try:
+        for indices, batch in zip(sampler.batches, batches):  # in order: batch k is sampler.batches[k]
+            shard = store.shard_of(todo[indices[0]])
+            if writer is None or writer.shard != shard:
+                if writer is not None:
+                    writer.close()
+                writer = store.shard_writer(shard, commit_every=opts.commit_every)
+            for item in batch["failed"]:
+                writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
+                counts["failed"] += 1
+            if batch["video"] is not None:
+                features = _forward(model, batch["video"], mean, std, device, on_cuda)
+                for j, idx in enumerate(batch["index"].tolist()):
+                    try:
+                        writer.put(
+                            todo[idx],
+                            embeddings=features["embeddings"][j],
+                            cls=features["cls"][j],
+                            flow=features["flow"][j] if opts.store_flow else None,
+                        )
+                        counts["done"] += 1
+                    except ValueError as e:  # non-finite features (e.g. a float16 overflow)
+                        writer.fail(todo[idx], "NonFiniteFeatures", str(e))
+                        counts["failed"] += 1
+            if progress is not None:
+                progress(len(batch["index"]) + len(batch["failed"]))
+    finally:
+        if writer is not None:
+            writer.close()
     return counts
 
 
@@ -243,8 +287,7 @@ def _forward(
 ) -> dict[str, np.ndarray]:
     """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays."""
     B, V = video.shape[:2]
-    x = video.to(device, non_blocking=on_cuda).flatten(0, 1).float().div_(255.0)
-    x = (x - mean) / std
+    x = normalise_video(video.to(device, non_blocking=on_cuda).flatten(0, 1), mean, std)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
         f = model.extract(x)
     emb = f.embeddings.float().reshape(B, V, *f.embeddings.shape[1:]).transpose(1, 2)  # (B, A, V, T, r)
@@ -311,7 +354,10 @@ def plan_extraction(
         "root": str(Path(root).resolve()),
         "protocol": data_cfg.protocol,
         "split": split,
-        "sampling": {k: getattr(data_cfg, k) for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops")},
+        "sampling": {
+            k: getattr(data_cfg, k)
+            for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops")
+        },
         "classes": index.classes,
         "num_classes": index.num_classes,
         "skipped": index.skipped,
@@ -330,7 +376,9 @@ def plan_extraction(
         cls_dim=meta.embed_dim,
         provenance=provenance,
         fingerprint_fields=fingerprint,
-        flow_shape=(len(meta.flow_block_names), meta.map_channels, meta.num_tokens) if options.store_flow else None,
+        flow_shape=(len(meta.flow_block_names), meta.map_channels, meta.num_tokens)
+        if options.store_flow
+        else None,
         dtype=options.dtype,
         shard_clips=options.shard_clips,
         compression=options.compression,
@@ -375,14 +423,21 @@ def run_extraction(
 
 
 def _run_distributed(
-    plan: ExtractionPlan, store: FeatureStore, shards: list[int], workers: int, scheduler: str | None, bar: tqdm
+    plan: ExtractionPlan,
+    store: FeatureStore,
+    shards: list[int],
+    workers: int,
+    scheduler: str | None,
+    bar: tqdm,
 ) -> None:
     """One dask task per shard; each worker process keeps its model between tasks."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
     try:
         with Client(scheduler or cluster) as client:
             plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, decode_workers=0))

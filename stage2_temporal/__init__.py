@@ -1,1 +1,1 @@
-"""Stage 2: temporal heads and the averaging classifier trained from the cache; sweeps; end-to-end finetuning."""
+"""Stage 2: temporal heads trained from the cache, sweeps, evaluation, end-to-end finetuning, demo."""

@@ -28,6 +28,7 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides(tmp_path):
     p = write(tmp_path, "name: a\ninner:\n  size: 8\noffsets: {+1: 1, -1: 1, 0: 10}\n")
+    assert load_config(Outer, p, ["inner.rate=3e-4"]).inner.rate == 3e-4  # YAML 1.1 reads it as a string
     cfg = load_config(Outer, p, ["inner.rate=2", "blocks=[1, 12]", "inner.names=[a, b]"])
     assert cfg.inner.size == 8 and cfg.inner.rate == 2.0 and isinstance(cfg.inner.rate, float)
     assert cfg.blocks == [1, 12] and cfg.inner.names == ["a", "b"]

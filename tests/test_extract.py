@@ -42,9 +42,16 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
 
     # Independent check: decode one clip and run the model by hand.
     i = int(store.index_of("train/right/right_0001.mp4"))
-    plan, _ = plan_extraction("folder", videos, "train", TINY, tmp_path / "other.zarr", dataset_overrides=SMALL[2:],
-                              model_overrides=[o[6:] for o in SMALL[:2]])
-    from stage1_extract.datasets import DatasetConfig, ClipRecord
+    plan, _ = plan_extraction(
+        "folder",
+        videos,
+        "train",
+        TINY,
+        tmp_path / "other.zarr",
+        dataset_overrides=SMALL[2:],
+        model_overrides=[o[6:] for o in SMALL[:2]],
+    )
+    from stage1_extract.datasets import ClipRecord, DatasetConfig
 
     data_cfg = DatasetConfig(**plan.dataset_config)
     item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, data_cfg, 32)[0]
@@ -68,8 +75,14 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
 def test_resume_processes_only_missing_clips(videos, tmp_path, capsys):
     out = tmp_path / "r.zarr"
     plan, store = plan_extraction(
-        "folder", videos, "train", TINY, out, dataset_overrides=["num_frames=4"],
-        model_overrides=[o[6:] for o in SMALL[:2]], options=ExtractOptions(shard_clips=4, decode_workers=0),
+        "folder",
+        videos,
+        "train",
+        TINY,
+        out,
+        dataset_overrides=["num_frames=4"],
+        model_overrides=[o[6:] for o in SMALL[:2]],
+        options=ExtractOptions(shard_clips=4, decode_workers=0),
     )
     extract_shards(plan, [1])  # an interrupted run that finished one shard
     counts = FeatureStore.open(out).counts()  # clips 4-7: right_0000..0002 and up/empty.mp4

@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "      --config configs/models/amflow_tiny.yaml --out train.zarr --flow --workers 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48 or folder")
+    p.add_argument(
+        "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48 or folder"
+    )
     p.add_argument("--root", required=True, help="the dataset's root folder")
     p.add_argument("--split", required=True, help="train, val/validation or test")
     p.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: 1, 2, 3")

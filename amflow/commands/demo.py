@@ -1,0 +1,40 @@
+"""``amflow demo``: generated motion-only videos through the whole pipeline, with a comparison table."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on generated motion-only videos and print what each branch achieves",
+        description="Generates small mp4 datasets (folder layout; static and panning camera) whose classes "
+        "differ only in motion, extracts stores with a randomly initialised tiny ViT (stage 1), trains "
+        "heads from the cache (stage 2), evaluates on the test split and prints mean per-class accuracy of: "
+        "the last-frame appearance baseline, temporal heads on adapter embeddings, AM-flow map heads, all "
+        "branches averaged, and a control (the same heads on token-feature differences). Deterministic for "
+        "a seed; about 5-10 minutes on 2 CPU cores (--quick: about a minute). Re-running reuses what exists.",
+        epilog="example:\n  amflow demo --out demo_out\n  amflow demo --quick --out /tmp/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="demo_out", help="working folder (videos, stores, runs, results)")
+    p.add_argument("--quick", action="store_true", help="a reduced run with fewer clips and epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the videos, adapters and heads")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import warnings
+
+    from stage2_temporal.demo import DemoConfig, format_table, run_demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = dataclasses.replace(cfg, seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        result = run_demo(args.out, cfg)
+    print(format_table(result))
+    print(f"\nresults: {args.out}/results.json; runs (metrics, curves, confusion matrices): {args.out}/runs")
+    return 0

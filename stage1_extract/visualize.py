@@ -1,0 +1,278 @@
+"""AM-flow pictures: where a model's attention maps change from frame to frame, drawn over the frames.
+
+``flow_heatmaps`` runs the model on one decoded clip and turns each chosen AM-flow block's flow
+(METHOD.md section 1, eq. 4: ``N * |s_t - s_{t+1}|`` per head and token) into a map per pixel: summed
+over heads, prefix tokens (CLS, registers) dropped, the patch grid upsampled to the frame with nearest
+neighbours (one value per patch, nothing invented between patches). ``plot_flow`` draws a still figure
+(the frames, then one row per block with its own colour bar), ``save_gif`` an animation (the frame and
+each block's heatmap side by side, each block on its own scale, written in the panel's label). Both write
+a temporary file and rename it, so a half-written picture is never left under the requested name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel
+from stage1_extract.config import ConfigError
+from stage1_extract.datasets import DatasetConfig
+from stage1_extract.video import decode_views
+
+COLORMAP = "inferno"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_visualization_model(
+    config: str | Path,
+    checkpoint: str | None = None,
+    *,
+    num_frames: int | None = None,
+    overrides: Sequence[str] = (),
+    device: str | torch.device = "cpu",
+) -> AMFlowModel:
+    """The AM-flow model of ``config`` in inference mode, as ``amflow extract`` loads it.
+
+    ``num_frames`` (default: the config's) sets the clip length the model is built for; a trainable
+    checkpoint's own ``num_classes`` is used so that its classifier weights load.
+    """
+    from stage1_extract.checkpoint import TRAINABLE_FORMAT, read_config, read_metadata
+    from stage1_extract.extract import load_extraction_model
+    from stage1_extract.models import load_model_config
+
+    cfg = load_model_config(config, overrides)
+    if not isinstance(cfg, AMFlowConfig):
+        raise ConfigError(
+            f"{config}: AM-flow pictures need an AM-flow model (kind: amflow), got kind {cfg.kind!r}"
+        )
+    if num_frames is not None:
+        if num_frames < 2:
+            raise ValueError(
+                f"num_frames: AM flow compares consecutive frames, so it needs >= 2, got {num_frames}"
+            )
+        cfg = dataclasses.replace(cfg, num_frames=num_frames)
+    if checkpoint:
+        meta = read_metadata(checkpoint)
+        if meta.get("format") == TRAINABLE_FORMAT:
+            classes = read_config(checkpoint, meta).get("num_classes")
+            if isinstance(classes, int):
+                cfg = dataclasses.replace(cfg, num_classes=classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random-init warning of a backbone without weights
+        return load_extraction_model(cfg, checkpoint, torch.device(device))
+
+
+def frame_size(model: AMFlowModel) -> int:
+    """The square input size the model's patch embedding expects (the crop size for decoding)."""
+    height, width = (int(s) for s in model.vit.patch_embed.img_size)
+    if height != width:
+        raise ValueError(f"the model's input is {height}x{width}; visualisation decodes square centre crops")
+    return height
+
+
+def decode_clip(path: str | Path, num_frames: int, crop_size: int) -> torch.Tensor:
+    """``num_frames`` uniformly sampled frames of a video (middle of each segment), centre-cropped, uint8
+    ``(T, 3, crop, crop)``. Raises FileNotFoundError naming ``path`` when there is no such file."""
+    cfg = DatasetConfig(num_frames=num_frames, sampling="uniform", num_clips=1, num_crops=1)
+    return decode_views(path, cfg, crop_size, train=False)[0]
+
+
+def select_blocks(model: AMFlowModel, blocks: Sequence[int] | None) -> list[int]:
+    """Positions in ``model.flow_block_names`` of the 1-based block numbers ``blocks`` (None = all)."""
+    available = [i + 1 for i in model.flow_block_indices]
+    if blocks is None:
+        return list(range(len(available)))
+    unknown = [b for b in blocks if b not in available]
+    if unknown or not blocks:
+        raise ValueError(f"blocks: {list(blocks)} are not all AM-flow blocks of this model; expected numbers "
+                         f"from {available} (1-based, as the config's 'blocks' key)")  # fmt: skip
+    return [available.index(b) for b in blocks]
+
+
+def _check_video(video_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
+    video = torch.as_tensor(video_uint8)
+    if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"video: expected uint8 frames (T, 3, H, W), got {video.dtype} {tuple(video.shape)}")
+    return video
+
+
+@torch.inference_mode()
+def flow_heatmaps(
+    model: AMFlowModel, video_uint8: torch.Tensor | np.ndarray, blocks: Sequence[int] | None = None
+) -> np.ndarray:
+    """AM flow per pixel, float32 ``(blocks, T, H, W)``: summed over heads, patch grid upsampled (nearest).
+
+    ``video_uint8`` is one clip ``(T, 3, H, W)`` at the model's input size, normalised here with the
+    backbone's mean and std as extraction does; ``blocks`` are 1-based block numbers (None = every
+    AM-flow block of the model).
+    """
+    video = _check_video(video_uint8)
+    positions = select_blocks(model, blocks)
+    num_frames, _, height, width = video.shape
+    size = frame_size(model)
+    if (height, width) != (size, size):
+        raise ValueError(f"video: frames are {height}x{width}, the model expects {size}x{size}")
+    device = next(model.parameters()).device
+    mean = torch.tensor(model.vit.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), device=device)
+    std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device)
+    x = video.to(device).float().div(255.0)
+    x = (x - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    flow = model.extract(x[None]).flow[0].float()  # (F, T, h, N)
+    per_patch = flow[positions].sum(dim=2)[..., model.num_prefix_tokens :]  # (blocks, T, P)
+    grid_h, grid_w = model.patch_grid
+    maps = per_patch.reshape(len(positions), num_frames, grid_h, grid_w)
+    return torch.nn.functional.interpolate(maps, size=(height, width), mode="nearest").cpu().numpy()
+
+
+def _frames_hwc(video_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
+    return _check_video(video_uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _scales(heatmaps: np.ndarray) -> np.ndarray:
+    """Each block's colour-scale maximum: its largest value over the clip (a tiny floor for static clips)."""
+    return np.maximum(heatmaps.reshape(len(heatmaps), -1).max(axis=1), 1e-6)
+
+
+def overlay(frame: np.ndarray, heat01: np.ndarray, alpha: float = 0.65) -> np.ndarray:
+    """A heatmap in [0, 1] ``(H, W)`` coloured with ``COLORMAP`` over the grey frame ``(H, W, 3)``, uint8."""
+    import matplotlib
+
+    grey = frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    colour = matplotlib.colormaps[COLORMAP](np.clip(heat01, 0.0, 1.0))[..., :3] * 255.0
+    mixed = (1.0 - alpha) * grey[..., None] + alpha * colour
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _check_shapes(frames: np.ndarray, heatmaps: np.ndarray, block_names: Sequence[str]) -> None:
+    if heatmaps.ndim != 4 or heatmaps.shape[1:] != frames.shape[:3] or len(block_names) != len(heatmaps):
+        raise ValueError(f"heatmaps {heatmaps.shape} and {len(block_names)} block names do not fit frames "
+                         f"{frames.shape}: expected (blocks, T, H, W) with one name per block")  # fmt: skip
+
+
+def _partial(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.partial")
+
+
+def plot_flow(
+    video_uint8: torch.Tensor | np.ndarray,
+    heatmaps: np.ndarray,
+    block_names: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    quantity: str = "AM flow",
+) -> Path:
+    """Still figure: the frames in a row, then per block its heatmap over each frame, a colour bar per row."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    frames = _frames_hwc(video_uint8)
+    heatmaps = np.asarray(heatmaps, dtype=np.float32)
+    _check_shapes(frames, heatmaps, block_names)
+    path = Path(path)
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix not in ("png", "pdf", "svg", "jpg", "jpeg"):
+        raise ValueError(f"{path}: the figure's file type comes from its suffix: .png, .pdf, .svg or .jpg")
+    num_blocks, T = heatmaps.shape[:2]
+    vmax = _scales(heatmaps)
+    fig, axes = plt.subplots(
+        1 + num_blocks,
+        T,
+        figsize=(1.5 * T + 1.4, 1.5 * (1 + num_blocks) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    for t in range(T):
+        axes[0, t].imshow(frames[t])
+        axes[0, t].set_title(f"frame {t + 1}", fontsize=8)
+        for b in range(num_blocks):
+            axes[b + 1, t].imshow(overlay(frames[t], heatmaps[b, t] / vmax[b]))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    for b in range(num_blocks):
+        axes[b + 1, 0].set_ylabel(block_names[b], fontsize=8)
+        bar = fig.colorbar(
+            ScalarMappable(Normalize(0.0, float(vmax[b])), COLORMAP),
+            ax=list(axes[b + 1]),
+            shrink=0.9,
+            pad=0.01,
+        )
+        bar.ax.tick_params(labelsize=6)
+    heading = f"{quantity} per patch (sum over heads); colour scale per row, 0 to the block's maximum"
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=9)
+    tmp = _partial(path)
+    try:
+        fig.savefig(tmp, format="jpeg" if suffix == "jpg" else suffix, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_gif(
+    video_uint8: torch.Tensor | np.ndarray,
+    heatmaps: np.ndarray,
+    block_names: Sequence[str],
+    path: str | Path,
+    *,
+    fps: float = 4.0,
+    min_panel: int = 128,
+) -> Path:
+    """Animated GIF, one image per frame: the frame, then each block's heatmap over it, side by side.
+
+    Each block keeps one colour scale over the whole clip (0 to its maximum, printed in its label);
+    panels are enlarged with nearest neighbours to at least ``min_panel`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    frames = _frames_hwc(video_uint8)
+    heatmaps = np.asarray(heatmaps, dtype=np.float32)
+    _check_shapes(frames, heatmaps, block_names)
+    if fps <= 0:
+        raise ValueError(f"fps: expected a positive number, got {fps}")
+    T, H, W = frames.shape[:3]
+    vmax = _scales(heatmaps)
+    zoom = max(1, math.ceil(min_panel / max(H, W)))
+    header = 14
+    labels = [f"{name} (max {v:.3g})" for name, v in zip(block_names, vmax)]
+    images = []
+    for t in range(T):
+        panels = [frames[t]] + [overlay(frames[t], heatmaps[b, t] / vmax[b]) for b in range(len(heatmaps))]
+        strip = Image.fromarray(np.concatenate(panels, axis=1))
+        strip = strip.resize((strip.width * zoom, strip.height * zoom), Image.NEAREST)
+        canvas = Image.new("RGB", (strip.width, strip.height + header), "white")
+        canvas.paste(strip, (0, header))
+        draw = ImageDraw.Draw(canvas)
+        for k, label in enumerate([f"frame {t + 1}/{T}", *labels]):
+            draw.text((k * W * zoom + 3, 1), label, fill="black")
+        images.append(canvas.quantize(colors=256, dither=Image.Dither.NONE))  # one palette per frame
+    path = Path(path)
+    tmp = _partial(path)
+    try:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,139 @@
+"""A run directory of stage 2: heads' weights with what rebuilds them, curves, and the completion marker.
+
+A run is finished when ``metrics.json`` exists: it is written last, atomically (temp file + rename), so a
+killed run never looks complete and a restarted sweep can trust it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stage1_extract.config import build_config, config_to_dict
+from stage1_extract.heads import AveragingClassifier, HeadsConfig
+
+METRICS_FILE = "metrics.json"
+HEADS_FILE = "heads.safetensors"
+CONFIG_FILE = "config.yaml"
+FINGERPRINT_FILE = "fingerprint.json"
+CURVE_FILE = "curve.csv"
+METADATA_KEY = "amflow_heads"
+
+
+@dataclass
+class HeadsInfo:
+    """Everything that rebuilds an ``AveragingClassifier`` besides its weights (stored with them)."""
+
+    heads: HeadsConfig
+    num_classes: int
+    adapter_names: list[str]
+    embed_dim: int
+    cls_dim: int
+    flow_block_names: list[str] = dataclasses.field(default_factory=list)
+    flow_heads: int = 0
+    patch_grid: list[int] | None = None
+    num_prefix_tokens: int = 1
+    seed: int = 0
+    class_names: list[str] | None = None
+
+    def build(self) -> AveragingClassifier:
+        """A freshly initialised classifier of this shape (the voting layer is seeded by ``seed``)."""
+        return AveragingClassifier(
+            self.heads,
+            num_classes=self.num_classes,
+            num_adapters=len(self.adapter_names),
+            embed_dim=self.embed_dim,
+            cls_dim=self.cls_dim,
+            flow_blocks=len(self.flow_block_names) if self.heads.flow_maps else 0,
+            flow_heads=self.flow_heads,
+            patch_grid=tuple(self.patch_grid) if self.patch_grid else None,
+            num_prefix_tokens=self.num_prefix_tokens,
+            seed=self.seed,
+        )
+
+
+def write_json_atomic(data: Any, path: str | Path) -> Path:
+    """Writes JSON to a temp file beside ``path``, then renames it into place (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_heads(classifier: AveragingClassifier, info: HeadsInfo, path: str | Path) -> Path:
+    """Saves the classifier's state dict as safetensors, with ``info`` as JSON in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(config_to_dict(info))})
+    return Path(path)
+
+
+def read_heads_info(path: str | Path) -> HeadsInfo:
+    """The ``HeadsInfo`` stored in a ``heads.safetensors`` file's metadata."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no trained heads (expected {HEADS_FILE} from amflow train-heads)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path}: no '{METADATA_KEY}' metadata; not heads saved by amflow train-heads")
+    return build_config(HeadsInfo, json.loads(meta[METADATA_KEY]), f"{path} (metadata)")
+
+
+def load_heads(path: str | Path) -> tuple[AveragingClassifier, HeadsInfo]:
+    """Rebuilds the trained classifier from ``heads.safetensors`` (a file or the run directory)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained heads (expected {HEADS_FILE} from amflow train-heads)")
+    info = read_heads_info(path)
+    classifier = info.build()
+    classifier.load_state_dict(load_file(str(path)))
+    return classifier.eval(), info
+
+
+def load_heads_into(classifier: torch.nn.Module, path: str | Path) -> None:
+    """Loads trained heads into a classifier of the same shape, e.g. ``AMFlowModel.classifier``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    classifier.load_state_dict(load_file(str(path / HEADS_FILE if path.is_dir() else path)))
+
+
+def write_curve(rows: Sequence[Mapping[str, Any]], run_dir: str | Path) -> None:
+    """The training curve as ``curve.csv`` (one row per epoch) and ``curve.png``."""
+    from stage2_temporal.plots import plot_curve
+
+    run_dir = Path(run_dir)
+    with (run_dir / CURVE_FILE).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_curve(rows, run_dir / "curve.png")
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether a run directory holds a finished run (its ``metrics.json``)."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's ``metrics.json``."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; {run_dir} holds no finished run")
+    return json.loads(path.read_text())

@@ -1,0 +1,362 @@
+"""Sweeps: every combination of a grid of training configs, trained in parallel from one in-memory cache.
+
+A grid file (``configs/sweeps/*.yaml``) names a base training config, overrides fixed for every run and a
+``grid`` of dotted keys -> lists of values. Each combination's resolved config gets a directory named by a
+stable hash of it (``runs/<hash>``); a run is finished when its ``metrics.json`` exists, so a restarted
+sweep skips finished runs and redoes the others. Runs go to dask.distributed workers (a local cluster of
+processes by default, or an existing scheduler); the caches are read once and sent once to each worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from stage1_extract.config import (
+    ConfigError,
+    build_config,
+    config_to_dict,
+    deep_merge,
+    read_yaml,
+    resolve_config_path,
+)
+from stage2_temporal.config import TrainConfig
+from stage2_temporal.data import CachedFeatures
+from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"
+COMBO_FILE = "combination.json"
+ERROR_FILE = "error.txt"
+SWEEP_FILE = "sweep.yaml"
+METRIC_COLUMNS = (
+    "val_mean_class_acc",
+    "val_top1",
+    "val_top5",
+    "best_epoch",
+    "epochs_run",
+    "seconds",
+    "parameters",
+)
+
+
+@dataclass
+class SweepGrid:
+    """A sweep: base training config (a YAML path or None for defaults), fixed overrides, the grid."""
+
+    base: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key}: expected a non-empty list of values")
+
+
+@dataclass
+class SweepRun:
+    """One combination of the grid: its values, resolved config, stable id and directory."""
+
+    combination: dict[str, Any]
+    config: TrainConfig
+    run_id: str
+    run_dir: Path
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did, and where its leaderboard is."""
+
+    runs: int
+    trained: int
+    skipped: int
+    failed: list[str]
+    leaderboard: list[dict[str, Any]]
+    leaderboard_csv: Path
+    leaderboard_md: Path
+    plot: Path
+    seconds: float
+
+
+def load_grid(path: str | Path) -> SweepGrid:
+    """Reads a sweep grid YAML (keys: base, fixed, grid)."""
+    return build_config(SweepGrid, read_yaml(path), str(resolve_config_path(path)))
+
+
+def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"heads.type": "tcn"}`` -> ``{"heads": {"type": "tcn"}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """A stable hash of the resolved config (the device excluded): equal configs share a directory."""
+    data = config_to_dict(cfg)
+    data.pop("device")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expand_grid(grid: SweepGrid, sweep_dir: str | Path, source: str = "<grid>") -> list[SweepRun]:
+    """Every combination of the grid as a resolved, validated config with its run directory."""
+    base = read_yaml(grid.base) if grid.base else {}
+    base = deep_merge(base, nest(grid.fixed))
+    keys = list(grid.grid)
+    runs: dict[str, SweepRun] = {}
+    for values in itertools.product(*(grid.grid[k] for k in keys)):
+        combination = dict(zip(keys, values))
+        label = ", ".join(f"{k}={v}" for k, v in combination.items())
+        cfg = build_config(TrainConfig, deep_merge(base, nest(combination)), f"{source} ({label})")
+        rid = run_id(cfg)
+        runs.setdefault(rid, SweepRun(combination, cfg, rid, Path(sweep_dir) / RUNS_DIR / rid))
+    return list(runs.values())
+
+
+def train_one(
+    train: CachedFeatures,
+    val: CachedFeatures,
+    config: dict[str, Any],
+    combination: dict[str, Any],
+    run_dir: str,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Trains one run of a sweep (in a worker); a failure is recorded in ``error.txt``, not raised."""
+    import torch
+
+    from stage2_temporal.train import train_heads
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    write_json_atomic(combination, out / COMBO_FILE)
+    try:
+        cfg = build_config(TrainConfig, config, str(out / "config.yaml"))
+        metrics = train_heads(train, val, cfg, out, progress=False)
+    except Exception as e:  # one bad combination must not stop the sweep
+        (out / ERROR_FILE).write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        return {"run_dir": run_dir, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return {"run_dir": run_dir, "status": "done", "mean_class_acc": metrics["val"]["mean_class_acc"]}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)} items]" if len(value) > 3 else "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def leaderboard_rows(runs: Sequence[SweepRun]) -> list[dict[str, Any]]:
+    """One row per run (finished ones by decreasing validation mean class accuracy, then the others)."""
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.run_id}
+        row.update({k: _short(v) for k, v in run.combination.items()})
+        if is_finished(run.run_dir):
+            m = read_metrics(run.run_dir)
+            row.update(
+                status="done",
+                val_mean_class_acc=m["val"]["mean_class_acc"],
+                val_top1=m["val"]["top1"],
+                val_top5=m["val"]["top5"],
+                best_epoch=m["best_epoch"],
+                epochs_run=m["epochs_run"],
+                seconds=round(m["seconds"], 2),
+                parameters=m["trainable_parameters"],
+            )
+        else:
+            status = "failed" if (run.run_dir / ERROR_FILE).is_file() else "not run"
+            row["status"] = status
+            row.update(dict.fromkeys(METRIC_COLUMNS))
+        rows.append(row)
+    rows.sort(key=lambda r: (r["val_mean_class_acc"] is None, -(r["val_mean_class_acc"] or 0.0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank if row["status"] == "done" else None
+    return [{"rank": r.pop("rank"), **r} for r in rows]
+
+
+def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> tuple[Path, Path, Path]:
+    """``leaderboard.csv``, ``leaderboard.md`` (accuracies in %) and ``leaderboard.png``."""
+    from stage2_temporal.plots import plot_leaderboard
+
+    sweep_dir = Path(sweep_dir)
+    csv_path, md_path, png_path = (sweep_dir / f"leaderboard.{ext}" for ext in ("csv", "md", "png"))
+    columns = list(rows[0])
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key.startswith("val_"):
+            return f"{100 * value:.2f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in columns) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    done = [r for r in rows if r["status"] == "done"]
+    grid_keys = [c for c in columns if c not in ("rank", "run", "status", *METRIC_COLUMNS)]
+    labels = [" ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid_keys) or r["run"] for r in done]
+    plot_leaderboard(labels, [r["val_mean_class_acc"] for r in done], png_path)
+    return csv_path, md_path, png_path
+
+
+def _record_sweep(
+    sweep_dir: Path, grid: SweepGrid, train: CachedFeatures, val: CachedFeatures, force: bool
+) -> None:
+    """Writes (or, on a restart, checks) the sweep's record: same training features as before."""
+    from store.feature_store import fingerprint_differences
+
+    record = sweep_dir / FINGERPRINT_FILE
+    if record.is_file():
+        before = json.loads(record.read_text())["fingerprint_fields"]
+        diffs = fingerprint_differences(before, train.fingerprint_fields)
+        if diffs and not force:
+            raise ValueError(
+                f"{sweep_dir}: its finished runs were trained on other features than "
+                f"{train.source} ({len(diffs)} field(s) differ):\n  "
+                + "\n  ".join(diffs)
+                + "\n(use another --out, or --force to mix them)"
+            )
+    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(config_to_dict(grid), sort_keys=False))
+    write_json_atomic(
+        {"train": train.source, "val": val.source, "fingerprint_fields": train.fingerprint_fields}, record
+    )
+
+
+def run_sweep(
+    train: CachedFeatures,
+    val: CachedFeatures,
+    grid: SweepGrid,
+    sweep_dir: str | Path,
+    workers: int = 2,
+    scheduler: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    source: str = "<grid>",
+) -> SweepResult:
+    """Trains every unfinished combination of ``grid`` and writes the leaderboard.
+
+    ``workers=0`` trains in this process (no dask); otherwise a ``LocalCluster`` of ``workers`` processes
+    (one thread each), or the dask scheduler at ``scheduler``.
+    """
+    start = time.perf_counter()
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    runs = expand_grid(grid, sweep_dir, source)
+    _record_sweep(sweep_dir, grid, train, val, force)
+    todo = [r for r in runs if not is_finished(r.run_dir)]
+    log.info("%d runs, %d finished before, %d to train", len(runs), len(runs) - len(todo), len(todo))
+    results = []
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
+
+    def jobs():
+        for run in todo:
+            yield config_to_dict(run.config), run.combination, str(run.run_dir)
+
+    if todo and workers == 0 and scheduler is None:
+        for args in jobs():
+            results.append(train_one(train, val, *args))
+            bar.update()
+    elif todo:
+        from distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        threads = None
+        if scheduler is None:
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=0,
+                silence_logs=logging.ERROR,
+            )
+            threads = max(1, (os.cpu_count() or 1) // workers)
+        client = Client(scheduler if scheduler else cluster)
+        try:
+            train_f = client.scatter(train, broadcast=True, hash=False)
+            val_f = client.scatter(val, broadcast=True, hash=False)
+            futures = [
+                client.submit(
+                    train_one, train_f, val_f, *args, threads, key=f"heads-{Path(args[2]).name}", pure=False
+                )
+                for args in jobs()
+            ]
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    bar.close()
+    failed = [r["run_dir"] for r in results if r["status"] == "failed"]
+    for r in results:
+        if r["status"] == "failed":
+            log.error("run %s failed: %s", r["run_dir"], r["error"])
+    rows = leaderboard_rows(runs)
+    csv_path, md_path, png_path = write_leaderboard(rows, sweep_dir)
+    return SweepResult(
+        runs=len(runs),
+        trained=len(results) - len(failed),
+        skipped=len(runs) - len(todo),
+        failed=failed,
+        leaderboard=rows,
+        leaderboard_csv=csv_path,
+        leaderboard_md=md_path,
+        plot=png_path,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def sweep_needs_flow(grid: SweepGrid, sweep_dir: str | Path, source: str = "<grid>") -> bool:
+    """Whether any run of the grid reads AM-flow maps (so the caches must be loaded with them)."""
+    return any(r.config.heads.flow_maps for r in expand_grid(grid, sweep_dir, source))
+
+
+def run_sweep_from_stores(
+    train_store: str | Path,
+    val_store: str | Path,
+    grid_path: str | Path,
+    sweep_dir: str | Path,
+    workers: int = 2,
+    scheduler: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SweepResult:
+    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps."""
+    from stage2_temporal.data import check_same_features, load_store, store_fingerprint_fields
+
+    grid = load_grid(grid_path)
+    source = str(resolve_config_path(grid_path))
+    check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
+    flow = sweep_needs_flow(grid, sweep_dir, source)
+    train = load_store(train_store, with_flow=flow, progress=progress)
+    val = load_store(val_store, with_flow=flow, progress=progress)
+    if not grid.grid:
+        raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
+    return run_sweep(train, val, grid, sweep_dir, workers, scheduler, force, progress, source)

@@ -1,0 +1,345 @@
+"""Training the averaging classifier's heads from cached features (paper 000, sec. 3.2; METHOD.md s3).
+
+All heads of a run are one ``AveragingClassifier``: one batched forward and backward per step. The cache
+is in memory; a batch is a fancy index into it. Views: each epoch every training clip contributes one
+view drawn at random (so an epoch costs the same for 1 or 3 views and views act as augmentation);
+evaluation averages the softmax probabilities over all views (METHOD.md section 6).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stage1_extract.config import dump_config
+from stage1_extract.heads import AveragingClassifier
+from stage2_temporal.config import TrainConfig
+from stage2_temporal.data import CachedFeatures, check_same_features, load_store, resolve_selection
+from stage2_temporal.metrics import classification_metrics, write_confusion
+from stage2_temporal.run_dir import (
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    HEADS_FILE,
+    METRICS_FILE,
+    HeadsInfo,
+    save_heads,
+    write_curve,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}") from e
+
+
+def heads_info(data: CachedFeatures, cfg: TrainConfig) -> HeadsInfo:
+    """The classifier's shape for these (already selected) features and this config."""
+    return HeadsInfo(
+        heads=cfg.heads,
+        num_classes=data.num_classes,
+        adapter_names=list(data.adapter_names),
+        embed_dim=data.embed_dim,
+        cls_dim=data.cls_dim,
+        flow_block_names=list(data.flow_block_names) if cfg.heads.flow_maps else [],
+        flow_heads=data.flow_heads if cfg.heads.flow_maps else 0,
+        patch_grid=list(data.patch_grid) if data.patch_grid else None,
+        num_prefix_tokens=data.num_prefix_tokens,
+        seed=cfg.seed,
+        class_names=data.class_names,
+    )
+
+
+def select_for_heads(data: CachedFeatures, info_or_cfg: HeadsInfo | TrainConfig) -> CachedFeatures:
+    """The adapters and flow blocks a config (by selection) or trained heads (by name) read."""
+    if isinstance(info_or_cfg, HeadsInfo):
+        flow_maps = info_or_cfg.heads.flow_maps
+        return data.select(info_or_cfg.adapter_names, info_or_cfg.flow_block_names, with_flow=flow_maps)
+    cfg = info_or_cfg
+    return data.select(cfg.adapters, cfg.flow_blocks, with_flow=cfg.heads.flow_maps)
+
+
+def check_compatible(train: CachedFeatures, other: CachedFeatures, what: str) -> None:
+    """The two caches must hold the same branches, sizes and classes (else heads cannot read both)."""
+    pairs = {
+        "adapter_names": (train.adapter_names, other.adapter_names),
+        "flow_block_names": (train.flow_block_names, other.flow_block_names),
+        "embed_dim": (train.embed_dim, other.embed_dim),
+        "cls_dim": (train.cls_dim, other.cls_dim),
+        "frames": (train.embeddings.shape[3], other.embeddings.shape[3]),
+        "num_classes": (train.num_classes, other.num_classes),
+        "flow shape": (
+            None if train.flow is None else train.flow.shape[3:],
+            None if other.flow is None else other.flow.shape[3:],
+        ),
+    }
+    bad = [f"{k}: {a} in {train.source}, {b} in {other.source}" for k, (a, b) in pairs.items() if a != b]
+    if bad:
+        raise ValueError(f"{what} {other.source} does not match the training cache:\n  " + "\n  ".join(bad))
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LR factor per step: linear warmup to 1 over ``warmup_steps``, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.inference_mode()
+def predict_proba(
+    classifier: AveragingClassifier,
+    data: CachedFeatures,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Class probabilities per clip (clips, C): the softmax of the clip logits, averaged over views."""
+    was_training = classifier.training
+    classifier.eval()
+    probs = torch.zeros(data.num_clips, data.num_classes, dtype=torch.float64)
+    for view in range(data.num_views):
+        for start in range(0, data.num_clips, batch_size):
+            clips = torch.arange(start, min(start + batch_size, data.num_clips))
+            logits = classifier(data.batch(clips, torch.full_like(clips, view), device))
+            probs[clips] += logits.float().softmax(dim=-1).double().cpu()
+    classifier.train(was_training)
+    return (probs / data.num_views).numpy()
+
+
+@torch.inference_mode()
+def predict_logits(
+    classifier: AveragingClassifier,
+    data: CachedFeatures,
+    view: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Clip logits (clips, C) of one view, as the end-to-end model's ``forward`` returns them."""
+    classifier.eval()
+    out = []
+    for start in range(0, data.num_clips, batch_size):
+        clips = torch.arange(start, min(start + batch_size, data.num_clips))
+        out.append(classifier(data.batch(clips, torch.full_like(clips, view), device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def score(probs: np.ndarray, data: CachedFeatures) -> dict[str, Any]:
+    """Metrics of view-averaged probabilities, plus the loss (NLL of the averaged probabilities)."""
+    metrics = classification_metrics(probs, data.labels, data.num_classes)
+    picked = probs[np.arange(data.num_clips), data.labels]
+    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    return metrics
+
+
+def make_optimiser(
+    classifier: AveragingClassifier, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters, with a per-step cosine schedule after a linear warmup."""
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, cosine_with_warmup(cfg.epochs * steps_per_epoch, warmup)
+    )
+    return optimiser, schedule
+
+
+def train_epoch(
+    classifier: AveragingClassifier,
+    data: CachedFeatures,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    max_steps: int | None = None,
+) -> tuple[float, float]:
+    """One pass over the clips in random order, one random view each: (mean loss, top-1 accuracy).
+
+    Every step is one batched forward/backward of all heads; ``max_steps`` stops early (benchmarks).
+    """
+    classifier.train()
+    order = torch.randperm(data.num_clips, generator=generator)
+    views = torch.randint(data.num_views, (data.num_clips,), generator=generator)
+    labels = torch.from_numpy(data.labels)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step, start in enumerate(range(0, data.num_clips, cfg.batch_size)):
+        if max_steps is not None and step >= max_steps:
+            break
+        clips = order[start : start + cfg.batch_size]
+        target = labels[clips].to(device)
+        logits = classifier(data.batch(clips, views[clips], device))
+        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        loss_sum += loss.item() * len(clips)
+        correct += int((logits.argmax(dim=-1) == target).sum())
+        seen += len(clips)
+    return loss_sum / seen, correct / seen
+
+
+def train_heads(
+    train_data: CachedFeatures,
+    val_data: CachedFeatures,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Trains the averaging classifier's heads on ``train_data``, early-stopped on validation mean class
+    accuracy, and writes the run directory (``metrics.json`` last). Returns the metrics.
+
+    ``provenance`` (e.g. the stores' paths and fingerprint fields) is written to ``fingerprint.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).unlink(missing_ok=True)  # this directory is not a finished run until the end
+    cfg.validate()
+    train = select_for_heads(train_data, cfg)
+    val = select_for_heads(val_data, cfg)
+    check_compatible(train, val, "validation cache")
+    device = resolve_device(cfg.device)
+    dump_config(cfg, out / CONFIG_FILE)
+    write_json_atomic(
+        provenance
+        or {
+            "train": train_data.source,
+            "val": val_data.source,
+            "fingerprint_fields": train_data.fingerprint_fields,
+        },
+        out / FINGERPRINT_FILE,
+    )
+
+    torch.manual_seed(cfg.seed)
+    info = heads_info(train, cfg)
+    classifier = info.build().to(device)
+    optimiser, schedule = make_optimiser(classifier, cfg, math.ceil(train.num_clips / cfg.batch_size))
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    curve: list[dict[str, Any]] = []
+    best_score, best_epoch, best_state, waited = -1.0, 0, None, 0
+    start_time = time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train heads", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        lr = optimiser.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
+        train_loss, train_top1 = train_epoch(classifier, train, optimiser, schedule, cfg, generator, device)
+        train_seconds = time.perf_counter() - epoch_start
+        val_metrics = score(predict_proba(classifier, val, cfg.eval_batch_size, device), val)
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_top1": train_top1,
+            "val_loss": val_metrics["loss"],
+            "val_top1": val_metrics["top1"],
+            "val_top5": val_metrics["top5"],
+            "val_mean_class_acc": val_metrics["mean_class_acc"],
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        curve.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_mca=f"{row['val_mean_class_acc']:.3f}")
+        if row["val_mean_class_acc"] > best_score:
+            best_score, best_epoch, waited = row["val_mean_class_acc"], epoch, 0
+            best_state = copy.deepcopy(classifier.state_dict())
+        else:
+            waited += 1
+            if cfg.patience is not None and waited >= cfg.patience:
+                log.info(
+                    "early stop at epoch %d: no better validation score since epoch %d", epoch, best_epoch
+                )
+                break
+    bar.close()
+    seconds = time.perf_counter() - start_time
+
+    classifier.load_state_dict(best_state)
+    val_metrics = score(predict_proba(classifier, val, cfg.eval_batch_size, device), val)
+    save_heads(classifier, info, out / HEADS_FILE)
+    write_curve(curve, out)
+    write_confusion(val_metrics.pop("confusion"), out / "confusion_val", val.class_names)
+    metrics = {
+        "val": val_metrics,
+        "best_epoch": best_epoch,
+        "epochs_run": len(curve),
+        "stopped_early": len(curve) < cfg.epochs,
+        "final_train_loss": curve[-1]["train_loss"],
+        "seconds": seconds,
+        "seconds_per_epoch": sum(r["seconds"] for r in curve) / len(curve),
+        "train_seconds_per_epoch": sum(r["train_seconds"] for r in curve) / len(curve),
+        "trainable_parameters": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
+        "num_branches": classifier.num_branches,
+        "num_train_clips": train.num_clips,
+        "num_val_clips": val.num_clips,
+        "class_names": val.class_names,
+        "seed": cfg.seed,
+        "device": str(device),
+    }
+    write_json_atomic(metrics, out / METRICS_FILE)
+    return metrics
+
+
+def resolved_selection(
+    cfg: TrainConfig, adapter_names: list[str], flow_block_names: list[str]
+) -> TrainConfig:
+    """The config with its adapter / flow-block positions turned into names ("all" stays "all")."""
+
+    def names(what: str, selection: list[int | str] | str, available: list[str]) -> list[str] | str:
+        if selection == "all":
+            return "all"
+        return [available[i] for i in resolve_selection(what, selection, available)]
+
+    flow_blocks = (
+        names("flow_blocks", cfg.flow_blocks, flow_block_names) if cfg.heads.flow_maps else cfg.flow_blocks
+    )
+    return replace(cfg, adapters=names("adapters", cfg.adapters, adapter_names), flow_blocks=flow_blocks)
+
+
+def train_heads_from_stores(
+    train_store: str | Path,
+    val_store: str | Path,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Checks that the validation store holds the same features, loads both once, trains (train_heads)."""
+    from store import FeatureStore
+
+    st = FeatureStore.open(train_store, mode="r")
+    fields = st.fingerprint_fields
+    differences = check_same_features(val_store, fields, force=force)
+    cfg = resolved_selection(cfg, st.adapter_names, st.flow_block_names)
+    flow = cfg.heads.flow_maps
+    train = load_store(train_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
+    val = load_store(val_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
+    provenance = {
+        "train_store": str(Path(train_store).resolve()),
+        "val_store": str(Path(val_store).resolve()),
+        "fingerprint_fields": fields,
+        "forced_differences": differences,
+    }
+    return train_heads(train, val, cfg, out_dir, progress=progress, provenance=provenance)
