@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (before timm)
+from stage1_extract.backbone import resolve_device
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.extract import (
     ExtractionPlan,
@@ -36,7 +37,6 @@ from stage1_extract.extract import (
     _forward,
     load_extraction_model,
     plan_extraction,
-    resolve_device,
     run_extraction,
 )
 from stage1_extract.models import model_config_from_dict

@@ -137,3 +137,13 @@ def pixel_stats(
 def normalise_video(video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 frames (..., 3, H, W) -> float in [0, 1], minus mean, over std: the backbone's input."""
     return (video.float().div_(255.0) - mean) / std
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> the first CUDA device if there is one, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}") from e

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
-from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats
+from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
 from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
@@ -98,13 +98,6 @@ class ExtractSummary:
             ("throughput", f"{self.clips_per_second:.2f} clips/s"),
         ]
         return "\n".join(f"  {k:<24}{v}" for k, v in rows)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowModel:

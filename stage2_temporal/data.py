@@ -18,29 +18,9 @@ import numpy as np
 import torch
 
 from stage1_extract.heads import ClipFeatures
+from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
-
-
-def resolve_selection(what: str, selection: Sequence[int | str] | str, names: Sequence[str]) -> list[int]:
-    """Positions of the selected names: ``"all"``, or a list of names and/or 0-based positions."""
-    if selection == "all":
-        return list(range(len(names)))
-    if isinstance(selection, str):
-        raise ValueError(f"{what}: expected 'all' or a list of names/positions, got {selection!r}")
-    out = []
-    for item in selection:
-        if isinstance(item, str):
-            if item not in names:
-                raise ValueError(f"{what}: no {item!r} in the cache; available: {list(names)}")
-            out.append(list(names).index(item))
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(names):
-            out.append(int(item))
-        else:
-            raise ValueError(f"{what}: {item!r} is neither a name nor a position in [0, {len(names)})")
-    if len(set(out)) != len(out):
-        raise ValueError(f"{what}: {list(selection)} selects an entry twice")
-    return out
 
 
 @dataclass
@@ -146,7 +126,7 @@ class CachedFeatures:
         with_flow: bool = True,
     ) -> CachedFeatures:
         """The same clips with a subset of adapters / flow blocks (no copy when everything is kept)."""
-        a = resolve_selection("adapters", adapters, self.adapter_names)
+        a = resolve_selection("adapters", self.adapter_names, adapters)
         emb = self.embeddings if a == list(range(len(self.adapter_names))) else self.embeddings[:, :, a]
         flow, names = None, []
         if with_flow:
@@ -155,7 +135,7 @@ class CachedFeatures:
                     f"{self.source}: AM-flow maps are asked for but this cache holds none "
                     "(extract with flow maps stored, or set heads.flow_maps=false)"
                 )
-            f = resolve_selection("flow_blocks", flow_blocks, self.flow_block_names)
+            f = resolve_selection("flow_blocks", self.flow_block_names, flow_blocks)
             flow = self.flow if f == list(range(len(self.flow_block_names))) else self.flow[:, :, f]
             names = [self.flow_block_names[i] for i in f]
         return replace(
@@ -203,8 +183,8 @@ def load_store(
             f"{path}: AM-flow maps are asked for but the store holds none "
             "(extract with flow maps stored, or set heads.flow_maps=false)"
         )
-    a = resolve_selection("adapters", adapters, st.adapter_names)
-    f = resolve_selection("flow_blocks", flow_blocks, st.flow_block_names) if with_flow else None
+    a = resolve_selection("adapters", st.adapter_names, adapters)
+    f = resolve_selection("flow_blocks", st.flow_block_names, flow_blocks) if with_flow else None
     # the store reads at least one adapter; a run without adapter heads keeps none of them
     arrays = load_arrays(st, adapters=a or [0], flow_blocks=f, with_flow=with_flow, progress=progress)
     labelled = arrays.labels >= 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stage1_extract.backbone import resolve_device
 from stage2_temporal.data import CachedFeatures, check_same_features, load_store, store_name
 from stage2_temporal.metrics import write_confusion
 from stage2_temporal.run_dir import (
@@ -16,7 +17,7 @@ from stage2_temporal.run_dir import (
     read_heads_info,
     write_json_atomic,
 )
-from stage2_temporal.train import predict_proba, resolve_device, score, select_for_heads
+from stage2_temporal.train import predict_proba, score, select_for_heads
 
 
 def check_matches_heads(data: CachedFeatures, info: HeadsInfo) -> None:

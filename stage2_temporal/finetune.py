@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowModel
-from stage1_extract.backbone import normalise_video, pixel_stats
+from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
 from stage1_extract.checkpoint import (
     CheckpointError,
     load_into,
@@ -66,7 +66,7 @@ from stage1_extract.zeroi2v import ZeroI2VModel
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
-from stage2_temporal.train import cosine_with_warmup, resolve_device
+from stage2_temporal.train import cosine_with_warmup
 
 log = logging.getLogger(__name__)
 

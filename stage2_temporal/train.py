@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stage1_extract.backbone import resolve_device
 from stage1_extract.config import dump_config
 from stage1_extract.heads import AveragingClassifier
 from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures, check_same_features, load_store, resolve_selection
+from stage2_temporal.data import CachedFeatures, check_same_features, load_store
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import (
     CONFIG_FILE,
@@ -36,18 +37,9 @@ from stage2_temporal.run_dir import (
     write_curve,
     write_json_atomic,
 )
+from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}") from e
 
 
 def heads_info(data: CachedFeatures, cfg: TrainConfig) -> HeadsInfo:
@@ -310,7 +302,7 @@ def resolved_selection(
     def names(what: str, selection: list[int | str] | str, available: list[str]) -> list[str] | str:
         if selection == "all":
             return "all"
-        return [available[i] for i in resolve_selection(what, selection, available)]
+        return [available[i] for i in resolve_selection(what, available, selection)]
 
     flow_blocks = (
         names("flow_blocks", cfg.flow_blocks, flow_block_names) if cfg.heads.flow_maps else cfg.flow_blocks

@@ -15,25 +15,30 @@ from store.feature_store import STATUS_DONE, FeatureStore, StoreError
 
 
 def resolve_selection(
-    what: str, available: Sequence[str], selection: Sequence[str | int] | None
+    what: str, available: Sequence[str], selection: Sequence[str | int] | str | None
 ) -> list[int]:
-    """Indices of the selected names (or integer positions); all of them when ``selection`` is None."""
-    if selection is None:
+    """Positions of the selected names: all for None or ``"all"``, else a list of names and/or positions.
+
+    An empty list selects nothing (e.g. no adapter heads); unknown or repeated entries are errors.
+    """
+    if selection is None or selection == "all":
         return list(range(len(available)))
+    if isinstance(selection, str):
+        raise ValueError(f"{what}: expected 'all' or a list of names/positions, got {selection!r}")
     out = []
     for item in selection:
         if isinstance(item, str):
             if item not in available:
-                raise KeyError(f"{what}: no {item!r}; available: {list(available)}")
+                raise ValueError(f"{what}: no {item!r} in the cache; available: {list(available)}")
             out.append(list(available).index(item))
         elif (
             isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < len(available)
         ):
             out.append(int(item))
         else:
-            raise KeyError(f"{what}: {item!r} is neither a name nor an index in [0, {len(available)})")
-    if not out:
-        raise KeyError(f"{what}: empty selection")
+            raise ValueError(f"{what}: {item!r} is neither a name nor a position in [0, {len(available)})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}: {list(selection)} selects an entry twice")
     return out
 
 
