@@ -227,7 +227,6 @@ class AMFlowModel(nn.Module):
             embed_dim=self.bottleneck,
             cls_dim=self.embed_dim,
             flow_blocks=len(self.flow_block_indices),
-            flow_heads=self.num_heads if cfg.maps == "am_flow" else 1,  # = map_channels
             patch_grid=self.patch_grid,
             num_prefix_tokens=self.num_prefix_tokens,
             seed=cfg.seed,

@@ -53,7 +53,6 @@ class HeadsInfo:
             embed_dim=self.embed_dim,
             cls_dim=self.cls_dim,
             flow_blocks=len(self.flow_block_names) if self.heads.flow_maps else 0,
-            flow_heads=self.flow_heads,
             patch_grid=tuple(self.patch_grid) if self.patch_grid else None,
             num_prefix_tokens=self.num_prefix_tokens,
             seed=self.seed,
