@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ CAMERAS = {"static": 0.0, "panning": 1.0}
 class DemoConfig:
     """Sizes of the generated data and of the heads' training; ``quick`` is for tests."""
 
-    clips_per_class: dict[str, int] = field(default_factory=lambda: {"train": 100, "val": 25, "test": 50})
+    clips_per_class: dict[str, int] = field(default_factory=lambda: {"train": 100, "val": 10, "test": 50})
     size: int = 64
     num_frames: int = 8
     epochs: int = 40
@@ -107,7 +108,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
                     path,
                     dataset_overrides=[f"num_frames={cfg.num_frames}"],
                     model_overrides=[f"maps={maps}", f"backbone.img_size={cfg.size}", *cfg.model_overrides],
-                    options=ExtractOptions(store_flow=True, decode_workers=cfg.decode_workers, batch_size=32),
+                    options=ExtractOptions(
+                        store_flow=True,
+                        decode_workers=cfg.decode_workers,
+                        batch_size=32,
+                        threads=os.cpu_count(),  # small clips decode fast: the model gets every core
+                    ),
                 )
                 run_extraction(plan, store)
                 stores[maps, split] = path
