@@ -14,10 +14,12 @@ import statistics
 import time
 import warnings
 
+import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import on this machine)
+
+# isort: split
 import timm
 import torch
 
-import stage1_extract  # noqa: F401  (before timm)
 from stage1_extract.amflow_model import build_amflow
 from stage1_extract.models import load_model_config
 
