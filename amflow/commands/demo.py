@@ -14,7 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "heads from the cache (stage 2), evaluates on the test split and prints mean per-class accuracy of: "
         "the last-frame appearance baseline, temporal heads on adapter embeddings, AM-flow map heads, all "
         "branches averaged, and a control (the same heads on token-feature differences). Deterministic for "
-        "a seed; about 5-10 minutes on 2 CPU cores (--quick: about a minute). Re-running reuses what exists.",
+        "a seed; about 8 minutes on 2 CPU cores (--quick: about 4). Re-running reuses what exists.",
         epilog="example:\n  amflow demo --out demo_out\n  amflow demo --quick --out /tmp/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
