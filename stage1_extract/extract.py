@@ -127,6 +127,9 @@ def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: tor
     else:
         model = build_amflow(cfg)
         state, _ = load_trainable_checkpoint(checkpoint)
+        # Only the adapters and aligning encoders shape the features; the heads (sized for the dataset
+        # they were trained on) are not needed to extract.
+        state = {k: v for k, v in state.items() if k.startswith("vit.")}
         source = "trained adapters"
         wanted = {k for k in model.state_dict() if k.startswith("vit.") and is_added_key(k)}
     missing = sorted(wanted - set(state))

@@ -48,10 +48,8 @@ def load_visualization_model(
 ) -> AMFlowModel:
     """The AM-flow model of ``config`` in inference mode, as ``amflow extract`` loads it.
 
-    ``num_frames`` (default: the config's) sets the clip length the model is built for; a trainable
-    checkpoint's own ``num_classes`` is used so that its classifier weights load.
+    ``num_frames`` (default: the config's) sets the clip length the model is built for.
     """
-    from stage1_extract.checkpoint import TRAINABLE_FORMAT, read_config, read_metadata
     from stage1_extract.extract import load_extraction_model
     from stage1_extract.models import load_model_config
 
@@ -66,12 +64,6 @@ def load_visualization_model(
                 f"num_frames: AM flow compares consecutive frames, so it needs >= 2, got {num_frames}"
             )
         cfg = dataclasses.replace(cfg, num_frames=num_frames)
-    if checkpoint:
-        meta = read_metadata(checkpoint)
-        if meta.get("format") == TRAINABLE_FORMAT:
-            classes = read_config(checkpoint, meta).get("num_classes")
-            if isinstance(classes, int):
-                cfg = dataclasses.replace(cfg, num_classes=classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random-init warning of a backbone without weights
         return load_extraction_model(cfg, checkpoint, torch.device(device))
