@@ -20,8 +20,7 @@ import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import 
 import timm
 import torch
 
-from stage1_extract.amflow_model import build_amflow
-from stage1_extract.models import load_model_config
+from stage2_temporal.models import build_amflow, load_model_config
 
 
 def timed(fn, sync) -> float:

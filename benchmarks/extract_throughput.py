@@ -39,7 +39,7 @@ from stage1_extract.extract import (
     plan_extraction,
     run_extraction,
 )
-from stage1_extract.models import model_config_from_dict
+from stage1_extract.models import feature_config_from_dict
 from stage1_extract.synthetic import make_folder_dataset
 from stage1_extract.video import VideoClipDataset, collate_clips
 from store.feature_store import FeatureStore
@@ -140,7 +140,7 @@ def main() -> None:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model_cfg = model_config_from_dict(plan.model_config)
+            model_cfg = feature_config_from_dict(plan.model_config)
             model = load_extraction_model(model_cfg, plan.checkpoint, device)
         load_seconds = time.perf_counter() - t
         mean = torch.tensor(model.vit.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), device=device)

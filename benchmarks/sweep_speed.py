@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.amflow_model import build_amflow
-from stage1_extract.heads import HeadsConfig
-from stage1_extract.models import load_model_config
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
+from stage2_temporal.heads import LSTMHeadsConfig
+from stage2_temporal.models import build_amflow, load_model_config
 from stage2_temporal.sweep import SweepGrid, run_sweep
 from stage2_temporal.train import heads_info, make_optimiser, train_epoch
 
@@ -187,8 +186,8 @@ def main() -> None:
         f"{data.embeddings.nbytes / 2**30:.2f} GiB), batch 64; x{16115 / n:.2f} for the 16,115 clips"
     )
     for name, heads_cfg, steps in (
-        ("small: LSTM 128, 1 layer", HeadsConfig(type="lstm", hidden=128, layers=1), None),
-        ("paper: LSTM 768, 3 layers", HeadsConfig(type="lstm", hidden=768, layers=3), args.smarthome_steps),
+        ("small: LSTM 128, 1 layer", LSTMHeadsConfig(hidden=128, layers=1), None),
+        ("paper: LSTM 768, 3 layers", LSTMHeadsConfig(hidden=768, layers=3), args.smarthome_steps),
     ):
         cfg = TrainConfig(heads=heads_cfg, batch_size=64, epochs=1, warmup_epochs=0)
         seconds, ran, classifier = cache_epoch_seconds(data, cfg, epochs=1, max_steps=steps)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
-from stage1_extract.zeroi2v import ZeroI2VConfig, build_zeroi2v
+from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

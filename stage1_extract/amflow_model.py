@@ -1,9 +1,9 @@
-"""The AM-flow model: scaled parallel adapters fed with AM flow on a frozen timm ViT (paper 000).
+"""The AM-flow feature model: scaled parallel adapters fed with AM flow on a frozen timm ViT (paper 000).
 
-``build_amflow(cfg)`` assembles it in one visible function: timm's ViT, its chosen blocks swapped for
-``AMFlowBlock`` (which keeps the block's own submodules, so timm's state-dict keys are unchanged), and
-an ``AveragingClassifier``. ``extract`` gives the features stage 1 caches; ``classifier`` maps them to
-logits, so stage 2 trains the very same modules from the cache.
+``build_amflow_extractor(cfg)`` assembles it in one visible function: timm's ViT, its chosen blocks
+swapped for ``AMFlowBlock`` (which keeps the block's own submodules, so timm's state-dict keys are
+unchanged). ``extract`` gives the features stage 1 caches (``ClipFeatures``); stage 2 owns what maps them
+to logits (``stage2_temporal.heads``) and the end-to-end model that adds its classifier to this one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stage1_extract.am_flow import (
     am_flow,
@@ -23,19 +24,40 @@ from stage1_extract.am_flow import (
 )
 from stage1_extract.attention import attend, attention_probs, project_qkv
 from stage1_extract.backbone import create_vit, freeze
-from stage1_extract.heads import AveragingClassifier, ClipFeatures, HeadsConfig
+from stage1_extract.backbones import family_of
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
 
 
 @dataclass
+class ClipFeatures:
+    """What stage 1 computes per clip and stage 2 reads back from the cache.
+
+    ``embeddings``: (B, A, T, r) pooled adapter embeddings E; ``flow``: (B, F, T, h, N) AM-flow maps of
+    the flow blocks (all N tokens, prefix tokens first) or None; ``cls``: (B, D) final normed CLS of
+    the last frame.
+    """
+
+    embeddings: torch.Tensor
+    cls: torch.Tensor
+    flow: torch.Tensor | None = None
+
+
+# Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
+CLASSIFIER_KEYS = ("num_classes", "heads")
+
+
+@dataclass
 class AMFlowConfig:
-    """An AM-flow model: backbone, which blocks get AM flow + adapters, and the classifier's heads."""
+    """AM-flow features: backbone, which blocks get AM flow + adapters, aggregation, pooling, seed.
+
+    A model YAML also holds the classifier's keys (``CLASSIFIER_KEYS``): stage 2's end-to-end config
+    extends this one with them; extraction reads the rest.
+    """
 
     kind: Literal["amflow"] = "amflow"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_frames: int = 8
-    num_classes: int = 31
     # 1-based block numbers with AM flow and adapters, as the paper writes AM/2(1,12); "all" = AM/L.
     blocks: list[int] | Literal["all"] = "all"
     aggregation: Literal["sum_softmax", "softmax_sum"] = "sum_softmax"
@@ -48,12 +70,11 @@ class AMFlowConfig:
     # What the per-token maps of the features hold: AM flow (h per token), or METHOD.md s7's control,
     # the frame-to-frame difference of the block's normed token features (1 per token).
     maps: Literal["am_flow", "feature_diff"] = "am_flow"
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        if self.num_frames < 1 or self.num_classes < 1:
-            raise ValueError("num_frames and num_classes must be >= 1")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.blocks != "all" and (not self.blocks or min(self.blocks) < 1):
             raise ValueError(f"blocks: expected 'all' or 1-based block numbers, got {self.blocks}")
         if self.bottleneck is not None and self.bottleneck < 1:
@@ -65,6 +86,12 @@ class ParallelAdapter(nn.Module):
 
     ``W_up`` is zero-initialised, so at initialisation the adapted block returns exactly the frozen
     block's output; ``W_down`` is random, so ``E`` is informative from the start.
+
+    Args:
+        in_dim: input features (D, or D + h for the attention adapter that also reads the AM flow).
+        bottleneck: the embedding width r.
+        out_dim: the block width D.
+        scale: initial value of the learned scale s.
     """
 
     def __init__(self, in_dim: int, bottleneck: int, out_dim: int, scale: float = 1.0) -> None:
@@ -82,7 +109,13 @@ class ParallelAdapter(nn.Module):
 
 
 class AligningEncoder(nn.Module):
-    """Aligns frame t+1 to frame t before its attention map is taken (moving cameras; METHOD.md s1)."""
+    """Aligns frame t+1 to frame t before its attention map is taken (moving cameras; METHOD.md s1).
+
+    Args:
+        dim: token width D.
+        num_heads: attention heads of its one encoder layer.
+        mlp_ratio: feed-forward width over D.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -134,25 +167,47 @@ class AMFlowBlock(nn.Module):
     Holds the original block's modules under their own names (``norm1``, ``attn``, ``ls1``, ...), so a
     plain timm checkpoint loads into it unchanged. The attention is computed once: its q and k also
     give the block's AM flow.
+
+    Args:
+        block: the timm ``Block`` to wrap (its modules are taken over, not copied).
+        num_prefix_tokens: tokens before the patches (CLS, registers).
+        bottleneck: adapter width r (None: the block width D).
+        aggregation: how attention maps become per-token scores (eq. 2-3): sum_softmax or softmax_sum.
+        temperature: sum_softmax's divisor of the summed logits (None: the token count N).
+        pooling: how E is pooled over tokens: mean, cls, or flow (AM-flow weights).
+        maps: what the per-token maps hold: am_flow (h per token) or feature_diff (METHOD.md s7 control).
+        aligner_heads: heads of the aligning encoder for moving cameras (None: no aligner).
+        aligner_mlp_ratio: the aligning encoder's feed-forward width over D.
+        head_offsets: STDHA per-head frame offsets of this block's attention, or None.
     """
 
-    def __init__(self, block: Block, cfg: AMFlowConfig, num_prefix_tokens: int) -> None:
+    def __init__(
+        self,
+        block: Block,
+        num_prefix_tokens: int,
+        bottleneck: int | None = None,
+        aggregation: str = "sum_softmax",
+        temperature: float | None = None,
+        pooling: str = "mean",
+        maps: str = "am_flow",
+        aligner_heads: int | None = None,
+        aligner_mlp_ratio: float = 4 / 3,
+        head_offsets: list[int] | None = None,
+    ) -> None:
         super().__init__()
         for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
             setattr(self, name, getattr(block, name))
         dim, heads = block.norm1.normalized_shape[0], block.attn.num_heads
-        r = cfg.bottleneck or dim
-        self.aggregation = cfg.aggregation
-        self.temperature = cfg.temperature
-        self.pooling = cfg.pooling
-        self.maps = cfg.maps
+        r = bottleneck or dim
+        self.aggregation = aggregation
+        self.temperature = temperature
+        self.pooling = pooling
+        self.maps = maps
         self.num_prefix_tokens = num_prefix_tokens
-        self.head_offsets: list[int] | None = None  # STDHA, set by build_amflow when configured
+        self.head_offsets = head_offsets
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
-        self.aligner = (
-            AligningEncoder(dim, cfg.aligner_heads, cfg.aligner_mlp_ratio) if cfg.aligning_encoder else None
-        )
+        self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         if self.aggregation == "softmax_sum":
@@ -202,35 +257,31 @@ def block_indices(blocks: list[int] | str, depth: int) -> list[int]:
     return sorted({b - 1 for b in blocks})
 
 
-class AMFlowModel(nn.Module):
-    """Frozen timm ViT + AM-flow adapters (``extract``) + averaging classifier (``classifier``)."""
+class AMFlowExtractor(nn.Module):
+    """Frozen timm ViT with AM-flow blocks: video -> the features stage 1 caches (``extract``).
+
+    Args:
+        vit: the timm ViT whose AM-flow blocks are already in place (``build_amflow_extractor``).
+        cfg: the resolved feature config (recorded with the features).
+    """
 
     def __init__(self, vit: VisionTransformer, cfg: AMFlowConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.vit = vit
-        self.flow_block_indices = [i for i, b in enumerate(vit.blocks) if isinstance(b, AMFlowBlock)]
-        first = vit.blocks[self.flow_block_indices[0]]
+        self.family = family_of(vit)
+        blocks = self.family.blocks(vit)
+        self.flow_block_indices = [i for i, b in enumerate(blocks) if isinstance(b, AMFlowBlock)]
+        first = blocks[self.flow_block_indices[0]]
         self.num_heads = first.attn.num_heads
-        self.embed_dim = vit.embed_dim
+        self.embed_dim = self.family.embed_dim(vit)
         self.bottleneck = first.adapter_mlp.down.out_features
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.patch_grid = tuple(vit.patch_embed.grid_size)
+        self.num_prefix_tokens = self.family.num_prefix_tokens(vit)
+        self.patch_grid = self.family.patch_grid(vit)
         self.adapter_names = [
             f"block{i + 1}.{place}" for i in self.flow_block_indices for place in ("attn", "mlp")
         ]
         self.flow_block_names = [f"block{i + 1}" for i in self.flow_block_indices]
-        self.classifier = AveragingClassifier(
-            cfg.heads,
-            num_classes=cfg.num_classes,
-            num_adapters=len(self.adapter_names),
-            embed_dim=self.bottleneck,
-            cls_dim=self.embed_dim,
-            flow_blocks=len(self.flow_block_indices),
-            patch_grid=self.patch_grid,
-            num_prefix_tokens=self.num_prefix_tokens,
-            seed=cfg.seed,
-        )
 
     @property
     def map_channels(self) -> int:
@@ -246,19 +297,27 @@ class AMFlowModel(nn.Module):
         return self.encode(video)[1]
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, ClipFeatures]:
-        """The final normed tokens (B*T, N, D), as timm's ``forward_features``, and the clip features."""
+        """The final normed tokens (B*T, N, D), as timm's ``forward_features``, and the clip features.
+
+        With ``vit.set_grad_checkpointing()`` every block's activations are recomputed in the backward
+        pass (timm's own switch; used by end-to-end finetuning to save memory).
+        """
         B, T = video.shape[:2]
-        vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(video.flatten(0, 1)))))
+        vit, family = self.vit, self.family
+        checkpointing = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
+        x = family.embed(vit, video.flatten(0, 1))
         embeddings, flows = [], []
-        for blk in vit.blocks:
+        for blk in family.blocks(vit):
             if isinstance(blk, AMFlowBlock):
-                x, out = blk(x, T)
+                if checkpointing:
+                    x, out = checkpoint(blk, x, T, use_reentrant=False)
+                else:
+                    x, out = blk(x, T)
                 embeddings.extend(out.embeddings)
                 flows.append(out.maps)
             else:
-                x = blk(x)
-        x = vit.norm(x)
+                x = checkpoint(blk, x, use_reentrant=False) if checkpointing else blk(x)
+        x = family.final_norm(vit, x)
         r = embeddings[0].shape[-1]
         return x, ClipFeatures(
             embeddings=torch.stack(embeddings, dim=1).reshape(B, T, -1, r).transpose(1, 2),
@@ -266,19 +325,9 @@ class AMFlowModel(nn.Module):
             flow=torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2),
         )
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, T, 3, H, W) -> clip logits (B, C)."""
-        return self.classifier(self.extract(video))
-
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component, for the parameter report (``amflow model-info``)."""
-        groups: dict[str, list[nn.Parameter]] = {
-            "backbone": [],
-            "amflow_linear": [],
-            "aligning_encoder": [],
-            "temporal_heads": [],
-            "last_frame_head": [],
-        }
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "amflow_linear": [], "aligning_encoder": []}
         for name, p in self.vit.named_parameters():
             if ".aligner." in name:
                 groups["aligning_encoder"].append(p)
@@ -286,34 +335,45 @@ class AMFlowModel(nn.Module):
                 groups["amflow_linear"].append(p)
             else:
                 groups["backbone"].append(p)
-        for name, p in self.classifier.named_parameters():
-            key = "last_frame_head" if name.startswith("last_frame_head.") else "temporal_heads"
-            groups[key].append(p)
         return groups
 
 
-def build_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowModel:
-    """Builds the AM-flow model from its config: frozen timm ViT, adapted blocks, classifier.
-
-    Adapters and heads are initialised from ``cfg.seed``; ``weights`` (or ``cfg.backbone.weights``) is a
-    local plain-timm checkpoint loaded with its keys unchanged.
-    """
-    torch.manual_seed(cfg.seed)
+def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtractor:
+    """The AM-flow feature model of ``cfg``, initialised from the current RNG state (see the seeded
+    ``build_amflow_extractor``); ``weights`` (or ``cfg.backbone.weights``) is a local timm checkpoint."""
     bcfg = cfg.backbone
     vit = create_vit(bcfg.name, bcfg.img_size, weights or bcfg.weights, **bcfg.timm_kwargs)
     freeze(vit)
-    indices = block_indices(cfg.blocks, len(vit.blocks))
+    family = family_of(vit)
+    blocks = family.blocks(vit)
+    indices = block_indices(cfg.blocks, len(blocks))
     offsets = None
     if bcfg.head_offsets is not None:
-        offsets = expand_head_offsets(bcfg.head_offsets, vit.blocks[0].attn.num_heads)
-        plain = [i for i in range(len(vit.blocks)) if i not in indices]
+        offsets = expand_head_offsets(bcfg.head_offsets, blocks[0].attn.num_heads)
+        plain = [i for i in range(len(blocks)) if i not in indices]
         if plain:
             use_stdha(vit, offsets, cfg.num_frames, blocks=plain)
     for i in indices:
-        block = vit.blocks[i]
-        if type(block) is not Block:
+        block = blocks[i]
+        if not family.wrappable(block):
             raise ValueError(f"block {i + 1} of {bcfg.name} is a {type(block).__name__}, not timm's Block")
-        adapted = AMFlowBlock(block, cfg, vit.num_prefix_tokens)
-        adapted.head_offsets = offsets
-        vit.blocks[i] = adapted
-    return AMFlowModel(vit, cfg)
+        blocks[i] = AMFlowBlock(
+            block,
+            family.num_prefix_tokens(vit),
+            bottleneck=cfg.bottleneck,
+            aggregation=cfg.aggregation,
+            temperature=cfg.temperature,
+            pooling=cfg.pooling,
+            maps=cfg.maps,
+            aligner_heads=cfg.aligner_heads if cfg.aligning_encoder else None,
+            aligner_mlp_ratio=cfg.aligner_mlp_ratio,
+            head_offsets=offsets,
+        )
+    return AMFlowExtractor(vit, cfg)
+
+
+def build_amflow_extractor(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtractor:
+    """The AM-flow feature model, its adapters initialised from ``cfg.seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return assemble_amflow(cfg, weights)

@@ -13,6 +13,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from stage1_extract.backbones import family_of
+
 log = logging.getLogger(__name__)
 
 
@@ -128,10 +130,8 @@ def pixel_stats(
     vit: VisionTransformer, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's input normalisation (timm ``pretrained_cfg`` mean and std), each shaped (3, 1, 1)."""
-    cfg = vit.pretrained_cfg
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(3, 1, 1)
-    return mean, std
+    mean, std = family_of(vit).pixel_stats(vit)
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
 def normalise_video(video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

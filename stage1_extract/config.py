@@ -103,6 +103,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_choice(value, args, key, source)
+        if tagged is not None:
+            return _build(tagged, value, source, prefix=f"{key}.")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -158,6 +161,29 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     else:
         raise ConfigError(f"{source}: key '{key}': unsupported annotation {tp!r}")
     raise ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _tag_of(cls: Any) -> Any:
+    """The ``type`` literal of a tagged config dataclass (its default), or None for other types."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    field = next((f for f in dataclasses.fields(cls) if f.name == "type"), None)
+    return None if field is None else field.default
+
+
+def _tagged_choice(value: Any, args: tuple[Any, ...], key: str, source: str) -> type | None:
+    """For a union of dataclasses told apart by their ``type`` field: the class ``value['type']`` names.
+
+    The first class is the default when ``type`` is absent; None when the union is not of that kind.
+    """
+    classes = [a for a in args if a is not type(None)]
+    tags = [_tag_of(c) for c in classes]
+    if not classes or None in tags or not isinstance(value, Mapping):
+        return None
+    tag = value.get("type", tags[0])
+    if tag not in tags:
+        raise ConfigError(f"{source}: key '{key}.type': expected one of {tags}, got {tag!r}")
+    return classes[tags.index(tag)]
 
 
 def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:

@@ -26,14 +26,14 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
+from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, build_amflow_extractor
 from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
-from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
+from stage1_extract.checkpoint import FORMAT_KEY, load_trainable_checkpoint, read_metadata
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
-from stage1_extract.models import load_model_config
+from stage1_extract.models import feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
-from stage1_extract.zeroi2v import FORMAT_KEY, MERGED_FORMAT, split_merged_state
+from stage1_extract.zeroi2v import MERGED_FORMAT, split_merged_state
 from store.feature_store import STATUS_MISSING, FeatureStore
 from store.writer import ShardWriter
 
@@ -100,7 +100,9 @@ class ExtractSummary:
         return "\n".join(f"  {k:<24}{v}" for k, v in rows)
 
 
-def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowModel:
+def load_extraction_model(
+    cfg: AMFlowConfig, checkpoint: str | None, device: torch.device
+) -> AMFlowExtractor:
     """The AM-flow model in inference mode, with trained adapters or a merged ZeroI2V backbone if given.
 
     A merged ZeroI2V file (``amflow merge``) supplies the backbone weights and its STDHA head offsets; a
@@ -108,7 +110,7 @@ def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: tor
     freshly initialised from ``cfg.seed`` (recorded in the store).
     """
     if not checkpoint:
-        return build_amflow(cfg).eval().to(device)
+        return build_amflow_extractor(cfg).eval().to(device)
     meta = read_metadata(checkpoint)
     if meta.get(FORMAT_KEY) == MERGED_FORMAT:
         if meta.get("backbone") != cfg.backbone.name:
@@ -117,7 +119,7 @@ def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: tor
                 f"{cfg.backbone.name!r}"
             )
         offsets = json.loads(meta.get("head_offsets", "null"))
-        model = build_amflow(
+        model = build_amflow_extractor(
             dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
         )
         vit_state, _ = split_merged_state(load_file(checkpoint))
@@ -125,7 +127,7 @@ def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: tor
         state = {f"vit.{k}": v for k, v in vit_state.items()}
         wanted = {k for k in model.state_dict() if k.startswith("vit.") and not is_added_key(k)}
     else:
-        model = build_amflow(cfg)
+        model = build_amflow_extractor(cfg)
         state, _ = load_trainable_checkpoint(checkpoint)
         # Only the adapters and aligning encoders shape the features; the heads (sized for the dataset
         # they were trained on) are not needed to extract.
@@ -148,8 +150,8 @@ def feature_fingerprint(
 ) -> dict[str, Any]:
     """Everything that changes the cached features (not the split: train/val/test stores must agree)."""
     model = config_to_dict(model_cfg)
-    for key in ("heads", "num_classes"):
-        model.pop(key)
+    for key in ("heads", "num_classes"):  # stage 2's keys, recorded in stores made before they moved
+        model.pop(key, None)
     weights = model["backbone"].pop("weights")
     data = config_to_dict(data_cfg)
     for key in ("video_dir", "annotation_dir", "train_crop"):
@@ -165,11 +167,9 @@ def feature_fingerprint(
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlowModel:
+def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlowExtractor:
     """One model per worker process and plan (dask runs many shard tasks in one process)."""
-    from stage1_extract.models import model_config_from_dict
-
-    cfg = model_config_from_dict(json.loads(model_json), "<extraction plan>")
+    cfg = feature_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return load_extraction_model(cfg, checkpoint, torch.device(device))
@@ -279,7 +279,12 @@ def extract_shards(
 
 @torch.inference_mode()
 def _forward(
-    model: AMFlowModel, video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: str, on_cuda: bool
+    model: AMFlowExtractor,
+    video: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: str,
+    on_cuda: bool,
 ) -> dict[str, np.ndarray]:
     """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays."""
     B, V = video.shape[:2]
@@ -309,12 +314,7 @@ def plan_extraction(
     options = options or ExtractOptions()
     overrides = list(dataset_overrides) + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, overrides)
-    model_cfg = load_model_config(model_config, model_overrides)
-    if not isinstance(model_cfg, AMFlowConfig):
-        raise ConfigError(
-            f"{model_config}: extraction runs an AM-flow model (kind: amflow); for ZeroI2V, merge the "
-            "checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow config"
-        )
+    model_cfg = load_feature_config(model_config, model_overrides)
     img_size = model_cfg.backbone.img_size
     if data_cfg.crop_size is None:
         if img_size is None:
@@ -329,13 +329,9 @@ def plan_extraction(
     records = sorted(index.records + index.missing, key=lambda r: r.path)
     if not records:
         raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
-    model_cfg = dataclasses.replace(model_cfg, num_classes=index.num_classes)
-
-    from stage1_extract.models import build_model_on_meta
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        meta = build_model_on_meta(model_cfg)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        meta = build_amflow_extractor(model_cfg)
     views = data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {

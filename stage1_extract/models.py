@@ -1,62 +1,32 @@
-"""One entry point for every model config: ``kind: amflow`` or ``kind: zeroi2v``."""
+"""Reading a model YAML for stage 1: the AM-flow feature config, without stage 2's classifier keys."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
+from stage1_extract.amflow_model import CLASSIFIER_KEYS, AMFlowConfig
 from stage1_extract.config import ConfigError, build_config, deep_merge, parse_overrides, read_yaml
-from stage1_extract.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
-
-ModelConfig = AMFlowConfig | ZeroI2VConfig
-MODEL_KINDS: dict[str, type] = {"amflow": AMFlowConfig, "zeroi2v": ZeroI2VConfig}
 
 
-def model_config_from_dict(data: dict[str, Any], source: str = "<config>") -> ModelConfig:
-    """Builds the config class named by ``kind`` (default ``amflow``) from a mapping."""
+def feature_config_from_dict(data: dict[str, Any], source: str = "<config>") -> AMFlowConfig:
+    """The feature part of an AM-flow model config (``kind: amflow``); the classifier's keys are skipped.
+
+    A ZeroI2V config is refused: its features come from a merged checkpoint (``amflow merge``) passed
+    with an AM-flow config of the same backbone.
+    """
     kind = data.get("kind", "amflow")
-    if kind not in MODEL_KINDS:
-        raise ConfigError(f"{source}: key 'kind': expected one of {sorted(MODEL_KINDS)}, got {kind!r}")
-    return build_config(MODEL_KINDS[kind], data, source)
+    if kind != "amflow":
+        raise ConfigError(
+            f"{source}: extraction runs an AM-flow model (kind: amflow), got kind {kind!r}; for ZeroI2V, "
+            "merge the checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow config"
+        )
+    return build_config(AMFlowConfig, {k: v for k, v in data.items() if k not in CLASSIFIER_KEYS}, source)
 
 
-def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
-    """Reads a model YAML (any kind) and applies ``key.sub=value`` overrides."""
+def load_feature_config(path: str | Path, overrides: Sequence[str] = ()) -> AMFlowConfig:
+    """Reads an AM-flow model YAML's feature settings and applies ``key.sub=value`` overrides."""
     data = deep_merge(read_yaml(path), parse_overrides(overrides))
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
-    return model_config_from_dict(data, source)
-
-
-def build_model(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:
-    """Builds the model a config describes."""
-    if isinstance(cfg, ZeroI2VConfig):
-        return build_zeroi2v(cfg)
-    return build_amflow(cfg)
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> tuple[int, int]:
-    """(total, trainable) element counts, each parameter tensor counted once."""
-    seen: dict[int, nn.Parameter] = {id(p): p for p in params}
-    total = sum(p.numel() for p in seen.values())
-    return total, sum(p.numel() for p in seen.values() if p.requires_grad)
-
-
-def parameter_report(model: AMFlowModel | ZeroI2VModel) -> dict[str, Any]:
-    """``{"components": {name: {"total", "trainable"}}, "total", "trainable"}`` per ``model.components()``."""
-    components = {}
-    for name, params in model.components().items():
-        total, trainable = count_parameters(params)
-        components[name] = {"total": total, "trainable": trainable}
-    total, trainable = count_parameters(model.parameters())
-    return {"components": components, "total": total, "trainable": trainable}
-
-
-def build_model_on_meta(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:
-    """Builds the model without allocating its weights (for counting parameters of paper-size configs)."""
-    with torch.device("meta"):
-        return build_model(cfg)
+    return feature_config_from_dict(data, source)

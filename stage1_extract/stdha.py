@@ -8,7 +8,6 @@ included. At the clip's edges, where t+Δt_j falls outside the clip, the head ke
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping, Sequence
 
@@ -119,19 +118,27 @@ class STDHAttention(Attention):
 
     @classmethod
     def from_attention(cls, attn: Attention, num_frames: int, head_offsets: Sequence[int]) -> STDHAttention:
-        """An STDHAttention that shares ``attn``'s submodules and parameter tensors (nothing copied)."""
+        """An STDHAttention built around ``attn``'s own submodules and parameter tensors (nothing copied).
+
+        The new module is constructed on the meta device (no allocation, no random draws), then takes
+        over ``attn``'s layers, so its state-dict keys and values are ``attn``'s.
+        """
         if not isinstance(attn, Attention):
             raise TypeError(f"STDHA needs timm.layers.Attention, got {type(attn).__name__}")
-        new = cls.__new__(cls)
-        # Shallow copy of the module's state; its registries are copied so the two modules stay separate.
-        for key, value in vars(attn).items():
-            new.__dict__[key] = (
-                copy.copy(value) if key.startswith("_") and isinstance(value, (dict, set)) else value
-            )
-        new.num_frames = num_frames
-        new.head_offsets = list(head_offsets)
-        _check_offsets(new.head_offsets, attn.num_heads, num_frames)
-        return new
+        new = cls(
+            attn.qkv.in_features,
+            attn.num_heads,
+            attn_head_dim=attn.head_dim,
+            dim_out=attn.proj.out_features,
+            gated=getattr(attn, "gate", None) is not None,
+            num_frames=num_frames,
+            head_offsets=head_offsets,
+            device="meta",
+        )
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
+            setattr(new, name, getattr(attn, name, None))
+        new.fused_attn, new.scale = attn.fused_attn, attn.scale
+        return new.train(attn.training)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel
-from stage1_extract.config import ConfigError
+from stage1_extract.amflow_model import AMFlowExtractor
 from stage1_extract.datasets import DatasetConfig
 from stage1_extract.video import decode_views
 
@@ -45,19 +44,15 @@ def load_visualization_model(
     num_frames: int | None = None,
     overrides: Sequence[str] = (),
     device: str | torch.device = "cpu",
-) -> AMFlowModel:
+) -> AMFlowExtractor:
     """The AM-flow model of ``config`` in inference mode, as ``amflow extract`` loads it.
 
     ``num_frames`` (default: the config's) sets the clip length the model is built for.
     """
     from stage1_extract.extract import load_extraction_model
-    from stage1_extract.models import load_model_config
+    from stage1_extract.models import load_feature_config
 
-    cfg = load_model_config(config, overrides)
-    if not isinstance(cfg, AMFlowConfig):
-        raise ConfigError(
-            f"{config}: AM-flow pictures need an AM-flow model (kind: amflow), got kind {cfg.kind!r}"
-        )
+    cfg = load_feature_config(config, overrides)
     if num_frames is not None:
         if num_frames < 2:
             raise ValueError(
@@ -69,7 +64,7 @@ def load_visualization_model(
         return load_extraction_model(cfg, checkpoint, torch.device(device))
 
 
-def frame_size(model: AMFlowModel) -> int:
+def frame_size(model: AMFlowExtractor) -> int:
     """The square input size the model's patch embedding expects (the crop size for decoding)."""
     height, width = (int(s) for s in model.vit.patch_embed.img_size)
     if height != width:
@@ -84,7 +79,7 @@ def decode_clip(path: str | Path, num_frames: int, crop_size: int) -> torch.Tens
     return decode_views(path, cfg, crop_size, train=False)[0]
 
 
-def select_blocks(model: AMFlowModel, blocks: Sequence[int] | None) -> list[int]:
+def select_blocks(model: AMFlowExtractor, blocks: Sequence[int] | None) -> list[int]:
     """Positions in ``model.flow_block_names`` of the 1-based block numbers ``blocks`` (None = all)."""
     available = [i + 1 for i in model.flow_block_indices]
     if blocks is None:
@@ -105,7 +100,7 @@ def _check_video(video_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def flow_heatmaps(
-    model: AMFlowModel, video_uint8: torch.Tensor | np.ndarray, blocks: Sequence[int] | None = None
+    model: AMFlowExtractor, video_uint8: torch.Tensor | np.ndarray, blocks: Sequence[int] | None = None
 ) -> np.ndarray:
     """AM flow per pixel, float32 ``(blocks, T, H, W)``: summed over heads, patch grid upsampled (nearest).
 

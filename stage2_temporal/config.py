@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stage1_extract.heads import HeadsConfig
+from stage2_temporal.heads import HeadsConfig, LSTMHeadsConfig
 
 # A selection of cached adapters or AM-flow blocks: "all", or a list of names (``block3.attn``,
 # ``block12``) and/or 0-based positions in the store's ``adapter_names`` / ``flow_block_names``.
@@ -16,7 +16,7 @@ Selection = list[int | str] | Literal["all"]
 class TrainConfig:
     """Temporal heads trained from cached features: heads, branch selection, AdamW + cosine schedule."""
 
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    heads: HeadsConfig = field(default_factory=LSTMHeadsConfig)
     adapters: Selection = "all"  # [] = no adapter heads (e.g. flow-map heads or the last frame alone)
     flow_blocks: Selection = "all"  # blocks whose AM-flow maps feed the flow-map heads (heads.flow_maps)
     lr: float = 1e-3

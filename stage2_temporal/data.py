@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stage1_extract.heads import ClipFeatures
+from stage1_extract.amflow_model import ClipFeatures
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)

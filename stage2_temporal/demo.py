@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
-from stage1_extract.heads import HeadsConfig
 from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.evaluate import evaluate_store
+from stage2_temporal.heads import LSTMHeadsConfig
 from stage2_temporal.train import train_heads_from_stores
 
 MODEL_CONFIG = "configs/models/amflow_tiny.yaml"
@@ -60,8 +60,8 @@ class Row:
 
 def demo_rows(epochs: int, seed: int) -> list[Row]:
     """(a) appearance baseline, (b) adapter-embedding heads, (c) AM-flow map heads, (d) all, (e) control."""
-    heads = HeadsConfig(
-        type="lstm", hidden=64, layers=1, flow_maps=False, flow_embed=64, flow_hidden=64, last_frame=False
+    heads = LSTMHeadsConfig(
+        hidden=64, layers=1, flow_maps=False, flow_embed=64, flow_hidden=64, last_frame=False
     )
     base = TrainConfig(
         heads=heads, epochs=epochs, lr=3e-3, batch_size=32, warmup_epochs=2, patience=None, seed=seed

@@ -43,7 +43,6 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from stage1_extract.amflow_model import AMFlowModel
 from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
 from stage1_extract.checkpoint import (
     CheckpointError,
@@ -60,13 +59,19 @@ from stage1_extract.config import (
     load_config,
 )
 from stage1_extract.datasets import DatasetIndex, build_index, canonical_split, load_dataset_config
-from stage1_extract.models import ModelConfig, build_model, load_model_config, model_config_from_dict
 from stage1_extract.video import VideoClipDataset, collate_clips
-from stage1_extract.zeroi2v import ZeroI2VModel
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
+from stage2_temporal.models import (
+    AMFlowModel,
+    ModelConfig,
+    build_model,
+    load_model_config,
+    model_config_from_dict,
+)
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.train import cosine_with_warmup
+from stage2_temporal.zeroi2v import ZeroI2VModel
 
 log = logging.getLogger(__name__)
 

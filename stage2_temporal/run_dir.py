@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from stage1_extract.config import build_config, config_to_dict
-from stage1_extract.heads import AveragingClassifier, HeadsConfig
+from stage2_temporal.heads import AveragingClassifier, HeadsConfig, build_classifier, drop_ignored_head_keys
 
 METRICS_FILE = "metrics.json"
 HEADS_FILE = "heads.safetensors"
@@ -46,7 +46,7 @@ class HeadsInfo:
 
     def build(self) -> AveragingClassifier:
         """A freshly initialised classifier of this shape (the voting layer is seeded by ``seed``)."""
-        return AveragingClassifier(
+        return build_classifier(
             self.heads,
             num_classes=self.num_classes,
             num_adapters=len(self.adapter_names),
@@ -87,7 +87,9 @@ def read_heads_info(path: str | Path) -> HeadsInfo:
         meta = f.metadata() or {}
     if METADATA_KEY not in meta:
         raise ValueError(f"{path}: no '{METADATA_KEY}' metadata; not heads saved by amflow train-heads")
-    return build_config(HeadsInfo, json.loads(meta[METADATA_KEY]), f"{path} (metadata)")
+    # Heads saved before each head type had its own config list every type's keys: keep the type's own.
+    info = drop_ignored_head_keys(json.loads(meta[METADATA_KEY]))
+    return build_config(HeadsInfo, info, f"{path} (metadata)")
 
 
 def load_heads(path: str | Path) -> tuple[AveragingClassifier, HeadsInfo]:

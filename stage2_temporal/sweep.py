@@ -35,6 +35,7 @@ from stage1_extract.config import (
 )
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
+from stage2_temporal.heads import drop_ignored_head_keys, ignored_head_keys
 from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,39 @@ def run_id(cfg: TrainConfig) -> str:
 
 
 def expand_grid(grid: SweepGrid, sweep_dir: str | Path, source: str = "<grid>") -> list[SweepRun]:
-    """Every combination of the grid as a resolved, validated config with its run directory."""
+    """Every distinct combination of the grid as a resolved, validated config with its run directory.
+
+    A head type reads only its own keys (transformer heads have no ``hidden``): keys the chosen type
+    ignores are dropped (shown as ``n/a``), and combinations that then repeat another are skipped, once,
+    with a log line that says how many and why.
+    """
     base = read_yaml(grid.base) if grid.base else {}
     base = deep_merge(base, nest(grid.fixed))
     keys = list(grid.grid)
     runs: dict[str, SweepRun] = {}
+    skipped: dict[str, int] = {}  # head type -> combinations skipped as repeats
+    ignored_by: dict[str, set[str]] = {}
     for values in itertools.product(*(grid.grid[k] for k in keys)):
         combination = dict(zip(keys, values))
         label = ", ".join(f"{k}={v}" for k, v in combination.items())
-        cfg = build_config(TrainConfig, deep_merge(base, nest(combination)), f"{source} ({label})")
+        merged = deep_merge(base, nest(combination))
+        ignored = ignored_head_keys(merged.get("heads", {}))
+        shown = {k: ("n/a" if k.removeprefix("heads.") in ignored else v) for k, v in combination.items()}
+        cfg = build_config(TrainConfig, drop_ignored_head_keys(merged), f"{source} ({label})")
         rid = run_id(cfg)
-        runs.setdefault(rid, SweepRun(combination, cfg, rid, Path(sweep_dir) / RUNS_DIR / rid))
+        if rid in runs:
+            if ignored:
+                skipped[cfg.heads.type] = skipped.get(cfg.heads.type, 0) + 1
+                ignored_by.setdefault(cfg.heads.type, set()).update(f"heads.{k}" for k in ignored)
+            continue
+        runs[rid] = SweepRun(shown, cfg, rid, Path(sweep_dir) / RUNS_DIR / rid)
+    for head_type, count in skipped.items():
+        log.info(
+            "skipped %d combinations of %s heads that differ only in keys these heads ignore (%s)",
+            count,
+            head_type,
+            ", ".join(sorted(ignored_by[head_type])),
+        )
     return list(runs.values())
 
 

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from stage1_extract.backbone import resolve_device
 from stage1_extract.config import dump_config
-from stage1_extract.heads import AveragingClassifier
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, check_same_features, load_store
+from stage2_temporal.heads import AveragingClassifier
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import (
     CONFIG_FILE,

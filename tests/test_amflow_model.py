@@ -8,12 +8,13 @@ import torch
 
 from amflow.cli import main
 from stage1_extract.am_flow import am_flow, attention_scores_softmax_sum, attention_scores_sum_softmax
-from stage1_extract.amflow_model import AMFlowConfig, build_amflow
 from stage1_extract.backbone import WeightsError
-from stage1_extract.heads import HeadsConfig
 from stage1_extract.model_config import BackboneConfig
+from stage2_temporal.heads import LSTMHeadsConfig
+from stage2_temporal.models import AMFlowModelConfig as AMFlowConfig
+from stage2_temporal.models import build_amflow
 
-TINY_HEADS = HeadsConfig(type="lstm", hidden=16, layers=1, flow_maps=True, flow_embed=16, flow_hidden=16)
+TINY_HEADS = LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_embed=16, flow_hidden=16)
 
 
 def tiny_cfg(name="vit_tiny_patch16_224", img=32, depth=2, **kw) -> AMFlowConfig:

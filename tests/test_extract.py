@@ -6,7 +6,7 @@ import torch
 
 from amflow.cli import main
 from stage1_extract.extract import ExtractOptions, extract_shards, load_extraction_model, plan_extraction
-from stage1_extract.models import load_model_config
+from stage1_extract.models import load_feature_config
 from stage1_extract.synthetic import make_folder_dataset, write_corrupt_video, write_empty_video
 from stage1_extract.video import VideoClipDataset
 from store.feature_store import FeatureStore
@@ -55,7 +55,7 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
 
     data_cfg = DatasetConfig(**plan.dataset_config)
     item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, data_cfg, 32)[0]
-    cfg = load_model_config(TINY, [o[6:] for o in SMALL[:2]] + ["num_frames=4", "num_classes=3"])
+    cfg = load_feature_config(TINY, [o[6:] for o in SMALL[:2]] + ["num_frames=4", "num_classes=3"])
     model = load_extraction_model(cfg, None, torch.device("cpu"))
     mean = torch.tensor(model.vit.pretrained_cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(model.vit.pretrained_cfg["std"]).view(3, 1, 1)

@@ -22,9 +22,7 @@ from amflow.commands import finetune as finetune_command
 from stage1_extract.checkpoint import load_into, load_trainable_checkpoint, read_config
 from stage1_extract.config import ConfigError
 from stage1_extract.extract import load_extraction_model
-from stage1_extract.models import build_model, load_model_config, model_config_from_dict
 from stage1_extract.synthetic import make_folder_dataset
-from stage1_extract.zeroi2v import ZeroI2VModel, load_merged, merge_checkpoint
 from stage2_temporal import augment
 from stage2_temporal.finetune import (
     Distributed,
@@ -35,6 +33,8 @@ from stage2_temporal.finetune import (
     split_overrides,
     use_gradient_checkpointing,
 )
+from stage2_temporal.models import build_model, load_model_config, model_config_from_dict
+from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged, merge_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -26,7 +26,7 @@ def mtimes(sweep_dir):
 
 def test_grid_expansion_is_stable_and_validated(tmp_path):
     runs = expand_grid(load_grid("configs/sweeps/smarthome.yaml"), tmp_path)
-    assert len(runs) == 96 and len({r.run_id for r in runs}) == 96
+    assert len(runs) == 80 and len({r.run_id for r in runs}) == 80  # 96 less 16 transformer repeats
     again = expand_grid(load_grid("configs/sweeps/smarthome.yaml"), tmp_path / "elsewhere")
     assert [r.run_id for r in runs] == [r.run_id for r in again]
     assert {r.config.heads.type for r in runs} == {"lstm", "tcn", "transformer"}
@@ -112,3 +112,13 @@ def test_sweep_command_on_stores(tmp_path, capsys):
     )
     assert args.func(args) == 0
     assert "2 runs: 0 trained, 2 already finished" in capsys.readouterr().out
+
+
+def test_sweep_skips_combinations_a_head_type_ignores(tmp_path, caplog):
+    caplog.set_level("INFO", logger="stage2_temporal.sweep")
+    runs = expand_grid(load_grid("configs/sweeps/smarthome.yaml"), tmp_path)
+    assert len(runs) == 96 - 16  # transformer heads have no heads.hidden: their two sizes are one run
+    assert len({r.run_id for r in runs}) == len(runs)
+    transformer = [r for r in runs if r.config.heads.type == "transformer"]
+    assert len(transformer) == 16 and all(r.combination["heads.hidden"] == "n/a" for r in transformer)
+    assert "skipped 16 combinations of transformer heads" in caplog.text and "heads.hidden" in caplog.text

@@ -14,20 +14,21 @@ import yaml
 
 from amflow.commands import evaluate as evaluate_command
 from amflow.commands import train_heads as train_heads_command
-from stage1_extract.amflow_model import AMFlowConfig, build_amflow
 from stage1_extract.config import ConfigError, load_config
-from stage1_extract.heads import HeadsConfig
 from stage1_extract.model_config import BackboneConfig
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, load_store
 from stage2_temporal.evaluate import evaluate_heads
+from stage2_temporal.heads import LSTMHeadsConfig, TCNHeadsConfig
+from stage2_temporal.models import AMFlowModelConfig as AMFlowConfig
+from stage2_temporal.models import build_amflow
 from stage2_temporal.run_dir import load_heads, load_heads_into, read_metrics
 from stage2_temporal.synthetic import synthetic_cache, write_store
 from stage2_temporal.train import cosine_with_warmup, predict_logits, predict_proba, train_heads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
-SMALL = HeadsConfig(type="lstm", hidden=16, layers=1, flow_embed=8, flow_hidden=8)
+SMALL = LSTMHeadsConfig(hidden=16, layers=1, flow_embed=8, flow_hidden=8)
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -61,7 +62,7 @@ def test_heads_learn_temporal_order(caches, tmp_path):
 def test_mean_over_time_alone_stays_at_chance(caches, tmp_path):
     """Control: TCN heads with kernel 1 only see frames one at a time, then average: order is lost."""
     train, val = caches
-    heads = HeadsConfig(type="tcn", hidden=16, layers=1, kernel=1)
+    heads = TCNHeadsConfig(hidden=16, layers=1, kernel=1)
     metrics = train_heads(train, val, small_cfg(heads=heads), tmp_path, progress=False)
     assert metrics["val"]["mean_class_acc"] < 0.45
 
@@ -94,8 +95,7 @@ def test_early_stopping_keeps_the_best_epoch(caches, tmp_path):
 
 def test_flow_map_heads_alone_learn_with_block_selection(caches, tmp_path):
     train, val = caches
-    heads = HeadsConfig(
-        type="lstm", hidden=16, layers=1, flow_maps=True, flow_embed=8, flow_hidden=8, last_frame=False
+    heads = LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_embed=8, flow_hidden=8, last_frame=False
     )
     cfg = small_cfg(heads=heads, adapters=[], flow_blocks=["block2"])
     metrics = train_heads(train, val, cfg, tmp_path, progress=False)
@@ -107,7 +107,7 @@ def test_flow_map_heads_alone_learn_with_block_selection(caches, tmp_path):
 
 def test_voting_and_selection_by_position(caches, tmp_path):
     train, val = caches
-    heads = HeadsConfig(type="tcn", hidden=16, layers=2, combine="voting")
+    heads = TCNHeadsConfig(hidden=16, layers=2, combine="voting")
     metrics = train_heads(train, val, small_cfg(heads=heads, adapters=[0, 2]), tmp_path, progress=False)
     classifier, info = load_heads(tmp_path)
     assert info.adapter_names == ["block1.attn", "block2.attn"] and classifier.voting is not None
@@ -137,7 +137,7 @@ def test_shipped_configs_load():
 
 
 def tiny_model(seed=0):
-    heads = HeadsConfig(type="lstm", hidden=16, layers=1, flow_maps=True, flow_embed=16, flow_hidden=16)
+    heads = LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_embed=16, flow_hidden=16)
     cfg = AMFlowConfig(
         backbone=BackboneConfig(name="vit_tiny_patch16_224", img_size=32, timm_kwargs={"depth": 2}),
         num_frames=4,

@@ -22,14 +22,14 @@ from stage1_extract.checkpoint import (
 from stage1_extract.config import ConfigError, build_config, config_to_dict, load_config
 from stage1_extract.linear_adapters import LinearAdapter, linear_adapter_modules, merge_linear_adapters
 from stage1_extract.stdha import STDHAttention, use_stdha
-from stage1_extract.zeroi2v import (
+from stage1_extract.zeroi2v import split_merged_state
+from stage2_temporal.zeroi2v import (
     ZeroI2VConfig,
     ZeroI2VHead,
     ZeroI2VModel,
     build_zeroi2v,
     load_merged,
     merge_checkpoint,
-    split_merged_state,
 )
 
 torch.set_num_threads(1)

@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stage1_extract.zeroi2v import merge_checkpoint
+    from stage2_temporal.zeroi2v import merge_checkpoint
 
     try:
         summary = merge_checkpoint(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)

@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from stage1_extract.models import build_model_on_meta, load_model_config, parameter_report
+    from stage2_temporal.models import build_model_on_meta, load_model_config, parameter_report
 
     cfg = load_model_config(args.config, args.overrides)
     with warnings.catch_warnings():

@@ -1,0 +1,153 @@
+"""The averaging classifier (paper 000, sec. 3.2): every branch's logits averaged, or a frozen vote.
+
+Branches: one temporal head per adapter sequence, optional AM-flow map heads (one per flow block), and a
+linear classifier on the last frame's CLS. ``build_classifier`` reads a heads config and assembles them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage1_extract.amflow_model import ClipFeatures
+from stage2_temporal.heads.base import BranchesConfig
+from stage2_temporal.heads.grouped import GroupedLayerNorm, GroupedLinear
+from stage2_temporal.heads.head_types import build_temporal_heads
+
+
+class FlowMapEncoder(nn.Module):
+    """Per flow block: each token's flow summed over heads (as the ``flow`` pooling weighs tokens), the map
+    pooled to a small grid and layer-normalised, then a 2-layer MLP.
+
+    Summing over heads mattered: on the demo's motion-only clips (random-init ViT-Tiny, static camera) LSTM
+    heads reading the h per-head maps stayed near chance (31%) while the head-summed maps reached 81%. The
+    layer norm makes the heads see where things move whatever the flow's overall scale (tiny for a
+    random-init backbone, whose attention is nearly uniform).
+
+    Args:
+        groups: flow blocks G.
+        grid: the backbone's patch grid (rows, columns).
+        out_grid: side of the pooled grid (at most the patch grid's).
+        embed: output features per frame.
+    """
+
+    def __init__(self, groups: int, grid: tuple[int, int], out_grid: int, embed: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.out_grid = (min(out_grid, grid[0]), min(out_grid, grid[1]))
+        in_dim = self.out_grid[0] * self.out_grid[1]
+        self.norm = GroupedLayerNorm(groups, in_dim)
+        self.fc1 = GroupedLinear(groups, in_dim, embed)
+        self.fc2 = GroupedLinear(groups, embed, embed)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps: (B, G, T, h, P) over the P = gh*gw patch tokens -> (B, G, T, embed)."""
+        B, G, T, h, P = maps.shape
+        x = maps.sum(dim=3).reshape(B * G * T, 1, *self.grid)
+        x = F.adaptive_avg_pool2d(x, self.out_grid).reshape(B, G, T, -1)
+        return self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+class AveragingClassifier(nn.Module):
+    """All branches -> logits averaged (or a frozen random voting layer): paper 000, sec. 3.2.
+
+    Args:
+        num_classes: logits per branch and of the clip.
+        temporal_heads: grouped heads over the adapter embeddings (B, A, T, r) -> (B, A, C), or None.
+        flow_encoder: ``FlowMapEncoder`` of the AM-flow maps, with ``flow_heads`` after it, or None.
+        flow_heads: grouped heads over the encoded maps (B, F, T, e) -> (B, F, C), or None.
+        last_frame_head: linear classifier of the last frame's CLS, or None.
+        num_branches: total branch count K (A + F + 1 when all are on).
+        combine: ``mean`` of the branch logits, or ``voting`` (a frozen random linear layer over them).
+        num_prefix_tokens: tokens before the patches in the flow maps (CLS, registers), dropped.
+        seed: seeds the voting layer.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        temporal_heads: nn.Module | None,
+        flow_encoder: FlowMapEncoder | None,
+        flow_heads: nn.Module | None,
+        last_frame_head: nn.Linear | None,
+        num_branches: int,
+        combine: str = "mean",
+        num_prefix_tokens: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_branches == 0:
+            raise ValueError("the classifier has no branch: no adapters, no flow maps and no last-frame head")
+        if (flow_encoder is None) != (flow_heads is None):
+            raise ValueError("flow_encoder and flow_heads go together")
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_branches = num_branches
+        self.temporal_heads = temporal_heads
+        self.flow_encoder = flow_encoder
+        self.flow_heads = flow_heads
+        self.last_frame_head = last_frame_head
+        self.voting = None
+        if combine == "voting":
+            generator = torch.Generator().manual_seed(seed)
+            self.voting = nn.Linear(num_branches * num_classes, num_classes)
+            bound = 1.0 / math.sqrt(num_branches * num_classes)
+            with torch.no_grad():
+                self.voting.weight.uniform_(-bound, bound, generator=generator)
+                self.voting.bias.uniform_(-bound, bound, generator=generator)
+            self.voting.requires_grad_(False)
+
+    def branch_logits(self, features: ClipFeatures) -> torch.Tensor:
+        """Every branch's logits, stacked: (B, K, C) in the order adapters, flow blocks, last frame."""
+        parts = []
+        if self.temporal_heads is not None:
+            parts.append(self.temporal_heads(features.embeddings))
+        if self.flow_heads is not None:
+            if features.flow is None:
+                raise ValueError("heads.flow_maps is on but these features carry no AM-flow maps")
+            maps = features.flow[..., self.num_prefix_tokens :]
+            parts.append(self.flow_heads(self.flow_encoder(maps)))
+        if self.last_frame_head is not None:
+            parts.append(self.last_frame_head(features.cls).unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, features: ClipFeatures) -> torch.Tensor:
+        """Clip logits (B, C): the mean of the branch logits, or the voting layer over them."""
+        logits = self.branch_logits(features)
+        if self.voting is not None:
+            return self.voting(logits.flatten(1))
+        return logits.mean(dim=1)
+
+
+def build_classifier(
+    cfg: BranchesConfig,
+    num_classes: int,
+    num_adapters: int,
+    embed_dim: int,
+    cls_dim: int,
+    flow_blocks: int = 0,
+    patch_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    seed: int = 0,
+) -> AveragingClassifier:
+    """The averaging classifier a heads config describes, for features of the given shapes.
+
+    Layers are created in a fixed order (temporal heads, flow encoder, flow heads, last frame) from the
+    current RNG state, so a seeded caller gets the same weights every time.
+    """
+    temporal = build_temporal_heads(cfg, num_adapters, embed_dim, num_classes) if num_adapters else None
+    encoder = flow_heads = None
+    if cfg.flow_maps:
+        if not flow_blocks or patch_grid is None:
+            raise ValueError("heads.flow_maps is on but the features hold no AM-flow maps")
+        encoder = FlowMapEncoder(flow_blocks, patch_grid, cfg.flow_grid, cfg.flow_embed)
+        flow_heads = build_temporal_heads(
+            cfg, flow_blocks, cfg.flow_embed, num_classes, cfg.flow_hidden, cfg.flow_layers
+        )
+    last = nn.Linear(cls_dim, num_classes) if cfg.last_frame else None
+    branches = num_adapters * (temporal is not None) + flow_blocks * cfg.flow_maps + int(cfg.last_frame)
+    return AveragingClassifier(
+        num_classes, temporal, encoder, flow_heads, last, branches, cfg.combine, num_prefix_tokens, seed
+    )

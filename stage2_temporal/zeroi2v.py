@@ -1,0 +1,275 @@
+"""ZeroI2V (paper 002) end to end: the STDHA + linear-adapter backbone of stage 1 and the ZeroI2V
+classifier, and the zero-cost merge.
+
+Training model: frozen ViT, STDHA attention, four linear adapters per block, and a classifier made of a
+learned temporal position embedding (1×T×D, added to every token after the ViT's position embedding),
+the mean over frames of the ViT's pooled feature (the final normed CLS for CLIP/DINOv2 ViTs) and a
+linear layer. After training, ``merge_checkpoint`` folds the adapters into the frozen linear layers
+(eq. 11) and writes a plain timm ViT state dict (layout: ``stage1_extract.zeroi2v``); ``load_merged``
+turns it back into a runnable model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from stage1_extract.backbone import file_sha256
+from stage1_extract.checkpoint import (
+    CONFIG_KEY,
+    FORMAT_KEY,
+    CheckpointError,
+    check_backbone_weights,
+    load_into,
+    load_trainable_checkpoint,
+    read_config,
+    read_metadata,
+    write_safetensors,
+)
+from stage1_extract.config import build_config, config_to_dict, load_config
+from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
+from stage1_extract.model_config import BackboneConfig
+from stage1_extract.stdha import stdha_modules, use_stdha
+from stage1_extract.zeroi2v import (
+    HEAD_PREFIX,
+    MERGED_FORMAT,
+    LinearAdapterConfig,
+    build_zeroi2v_backbone,
+    plain_vit,
+    split_merged_state,
+)
+
+
+def _default_backbone() -> BackboneConfig:
+    # ViT-Tiny has 3 heads: one looks a frame back, one a frame ahead, one stays spatial.
+    return BackboneConfig(head_offsets={-1: 1, 1: 1, 0: 1})
+
+
+@dataclass
+class ZeroI2VConfig:
+    """A ZeroI2V model: backbone (its ``head_offsets`` set STDHA), frames, classes, adapters, seed."""
+
+    kind: Literal["zeroi2v"] = "zeroi2v"
+    backbone: BackboneConfig = field(default_factory=_default_backbone)
+    num_frames: int = 8
+    num_classes: int = 400
+    adapter: LinearAdapterConfig = field(default_factory=LinearAdapterConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"key 'num_frames': expected >= 1, got {self.num_frames}")
+        if self.num_classes < 1:
+            raise ValueError(f"key 'num_classes': expected >= 1, got {self.num_classes}")
+        spec = self.backbone.head_offsets
+        if spec is None:
+            return
+        offsets = list(spec) if isinstance(spec, list) else [o for o, n in spec.items() if n]
+        far = [o for o in offsets if abs(o) >= self.num_frames]
+        if far:
+            raise ValueError(
+                f"key 'backbone.head_offsets': offsets {far} reach outside every {self.num_frames}-frame "
+                "clip (such a head would never see another frame)"
+            )
+        if isinstance(spec, dict) and any(n < 0 for n in spec.values()):
+            raise ValueError(f"key 'backbone.head_offsets': head counts must be >= 0, got {spec}")
+
+
+class ZeroI2VHead(nn.Module):
+    """Temporal position embedding (added before the blocks), mean over frames, linear classifier."""
+
+    def __init__(self, num_frames: int, dim: int, num_classes: int):
+        super().__init__()
+        self.num_frames = num_frames
+        # Zero-initialised: at initialisation the backbone sees exactly what the image model sees.
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
+        self.fc = nn.Linear(dim, num_classes)
+
+    def add_time_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Adds frame t's embedding to every token (CLS included) of tokens (B·T, N, D)."""
+        clips = tokens.unflatten(0, (-1, self.num_frames))
+        return (clips + self.time_embed.unsqueeze(2)).flatten(0, 1)
+
+    def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from per-frame pooled features (B, T, D)."""
+        return self.fc(frame_features.mean(dim=1))
+
+
+class ZeroI2VModel(nn.Module):
+    """Video classifier: ``vit`` (STDHA, with or without linear adapters) and a ZeroI2V ``head``."""
+
+    def __init__(self, vit: VisionTransformer, head: ZeroI2VHead):
+        super().__init__()
+        for attn in stdha_modules(vit):
+            if attn.num_frames != head.num_frames:
+                raise ValueError(
+                    f"ZeroI2VModel: STDHA expects {attn.num_frames} frames, the head {head.num_frames}"
+                )
+        self.vit = vit
+        self.head = head
+        self.config: ZeroI2VConfig | None = None  # the resolved config, set by build_zeroi2v
+
+    @property
+    def num_frames(self) -> int:
+        return self.head.num_frames
+
+    def frame_features(self, video: torch.Tensor) -> torch.Tensor:
+        """Per-frame pooled features (B, T, D) of ``video`` (B, T, 3, H, W), already normalised."""
+        if video.dim() != 5 or video.shape[1] != self.num_frames:
+            raise ValueError(
+                f"ZeroI2VModel: expected video (B, {self.num_frames}, 3, H, W), got {tuple(video.shape)}"
+            )
+        B, T = video.shape[:2]
+        vit = self.vit
+        x = vit._pos_embed(vit.patch_embed(video.flatten(0, 1)))
+        x = vit.norm_pre(vit.patch_drop(self.head.add_time_embed(x)))
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
+        x = vit.forward_head(vit.norm(x), pre_logits=True)
+        return x.unflatten(0, (B, T))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of ``video`` (B, T, 3, H, W), already normalised."""
+        return self.head(self.frame_features(video))
+
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per component, for the parameter report: backbone, linear adapters, classifier."""
+        adapters = [p for m in linear_adapter_modules(self.vit) for p in m.adapter.parameters()]
+        ids = {id(p) for p in adapters}
+        return {
+            "backbone": [p for p in self.vit.parameters() if id(p) not in ids],
+            "linear_adapters": adapters,
+            "classifier": list(self.head.parameters()),
+        }
+
+
+def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
+    """Frozen ViT + STDHA + linear adapters + head, seeded by ``cfg.seed`` (works on the meta device).
+
+    ``model.config`` is the resolved config: ``backbone.head_offsets`` as the explicit per-head list.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vit, offsets = build_zeroi2v_backbone(cfg.backbone, cfg.num_frames, cfg.adapter)
+        head = ZeroI2VHead(cfg.num_frames, vit.embed_dim, cfg.num_classes)
+    model = ZeroI2VModel(vit, head)
+    model.config = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
+    return model
+
+
+@dataclass
+class MergeSummary:
+    """What ``merge_checkpoint`` wrote."""
+
+    out_path: Path
+    adapters_merged: int
+    vit_parameters: int
+    head_parameters: int
+    num_frames: int
+    head_offsets: list[int] | None
+
+
+def merge_checkpoint(
+    checkpoint_path: str | Path,
+    out_path: str | Path,
+    config: ZeroI2VConfig | str | Path | None = None,
+    overwrite: bool = False,
+) -> MergeSummary:
+    """Folds a trained ZeroI2V checkpoint's adapters into its backbone and writes the merged file.
+
+    ``config`` (a config or YAML path) replaces the config stored in the checkpoint, e.g. when the
+    backbone weights file has moved.
+    """
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    state, stored = load_trainable_checkpoint(checkpoint_path)
+    if config is None:
+        if stored.get("kind", "zeroi2v") != "zeroi2v":
+            raise CheckpointError(
+                f"{checkpoint_path}: holds a {stored.get('kind')!r} model; only ZeroI2V adapters merge"
+            )
+        cfg = build_config(ZeroI2VConfig, stored, source=f"{checkpoint_path} (metadata '{CONFIG_KEY}')")
+    elif isinstance(config, ZeroI2VConfig):
+        cfg = config
+    else:
+        cfg = load_config(ZeroI2VConfig, config)
+    check_backbone_weights(checkpoint_path, config_to_dict(cfg))
+    model = build_zeroi2v(cfg)
+    load_into(model, state, checkpoint_path)
+    adapters = len(linear_adapter_modules(model.vit))
+    merge_linear_adapters(model.vit)
+    meta = {
+        "merged_from": str(checkpoint_path),
+        "merged_from_sha256": file_sha256(checkpoint_path) or "",
+    }
+    save_merged(model, out, meta)
+    return MergeSummary(
+        out_path=out,
+        adapters_merged=adapters,
+        vit_parameters=sum(p.numel() for p in model.vit.parameters()),
+        head_parameters=sum(p.numel() for p in model.head.parameters()),
+        num_frames=model.num_frames,
+        head_offsets=model.config.backbone.head_offsets,
+    )
+
+
+def save_merged(model: ZeroI2VModel, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Writes a merged ZeroI2V model: plain ViT keys + ``zeroi2v_head.*``, resolved config in the metadata."""
+    if linear_adapter_modules(model.vit):
+        raise ValueError(
+            "save_merged: the model still has linear adapters (call merge_linear_adapters first)"
+        )
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError("save_merged: the model has no resolved config (build it with build_zeroi2v)")
+    tensors = dict(model.vit.state_dict())
+    tensors.update({HEAD_PREFIX + k: v for k, v in model.head.state_dict().items()})
+    meta = {
+        FORMAT_KEY: MERGED_FORMAT,
+        CONFIG_KEY: yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+        "backbone": cfg.backbone.name,
+        "num_frames": str(model.num_frames),
+        "head_offsets": json.dumps(cfg.backbone.head_offsets),
+        **(metadata or {}),
+    }
+    write_safetensors(tensors, path, meta)
+
+
+def load_merged(path: str | Path) -> tuple[VisionTransformer, ZeroI2VHead]:
+    """The merged model of ``path``: a plain timm ViT (STDHA attention, no adapters) and the ZeroI2V head.
+
+    ``ZeroI2VModel(vit, head)`` runs it on videos; both are returned in eval mode.
+    """
+    meta = read_metadata(path)
+    if meta.get(FORMAT_KEY) != MERGED_FORMAT:
+        raise CheckpointError(f"{path}: not a merged ZeroI2V file (metadata format {meta.get(FORMAT_KEY)!r})")
+    cfg = build_config(ZeroI2VConfig, read_config(path, meta), source=f"{path} (metadata '{CONFIG_KEY}')")
+    vit_state, head_state = split_merged_state(load_file(str(path)))
+    vit = plain_vit(cfg.backbone)
+    try:
+        vit.load_state_dict(vit_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not load into timm {cfg.backbone.name!r}: {e}") from e
+    if cfg.backbone.head_offsets is not None:
+        use_stdha(vit, cfg.backbone.head_offsets, cfg.num_frames)
+    head = ZeroI2VHead(cfg.num_frames, vit.embed_dim, cfg.num_classes)
+    try:
+        head.load_state_dict(head_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the '{HEAD_PREFIX}' tensors do not fit the ZeroI2V head: {e}") from e
+    return vit.eval(), head.eval()
+
+
