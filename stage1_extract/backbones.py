@@ -6,19 +6,20 @@ module with a class that provides every method of ``BackboneFamily``, registered
 AM-flow block, STDHA, extraction and the pictures then run on it unchanged:
 
 - ``embed``: frames (B·T, 3, H, W) -> tokens (B·T, N, D) before the first block (patches, prefix tokens,
-  position embeddings);
+  position embeddings, then ``extra``, e.g. ZeroI2V's temporal embedding, then any pre-norm);
 - ``blocks``: the ``nn.ModuleList`` of transformer blocks, each replaceable in place by index;
 - ``wrappable``: whether a block has the pre-norm layout an ``AMFlowBlock`` takes over (``norm1``,
   ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``);
 - ``attention``: the attention class whose q, k, v ``stage1_extract.attention`` splits out
   (``project_qkv`` / ``attend``) and STDHA subclasses;
 - ``final_norm``: tokens after the last block -> the normed tokens whose CLS is cached;
-- ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``: token layout and width;
+- ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
 - ``pixel_stats``: the input normalisation (mean, std) the weights were trained with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -37,7 +38,9 @@ class BackboneFamily(Protocol):
     def matches(cls, model: nn.Module) -> bool: ...
 
     @staticmethod
-    def embed(model: nn.Module, frames: torch.Tensor) -> torch.Tensor: ...
+    def embed(
+        model: nn.Module, frames: torch.Tensor, extra: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor: ...
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList: ...
@@ -58,6 +61,9 @@ class BackboneFamily(Protocol):
     def embed_dim(model: nn.Module) -> int: ...
 
     @staticmethod
+    def input_size(model: nn.Module) -> tuple[int, int]: ...
+
+    @staticmethod
     def pixel_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]: ...
 
 
@@ -72,8 +78,15 @@ class TimmViT:
         return isinstance(model, cls.model_class)
 
     @staticmethod
-    def embed(model: VisionTransformer, frames: torch.Tensor) -> torch.Tensor:
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(frames))))
+    def embed(
+        model: VisionTransformer,
+        frames: torch.Tensor,
+        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = model._pos_embed(model.patch_embed(frames))
+        if extra is not None:
+            x = extra(x)
+        return model.norm_pre(model.patch_drop(x))
 
     @staticmethod
     def blocks(model: VisionTransformer) -> nn.ModuleList:
@@ -98,6 +111,10 @@ class TimmViT:
     @staticmethod
     def embed_dim(model: VisionTransformer) -> int:
         return model.embed_dim
+
+    @staticmethod
+    def input_size(model: VisionTransformer) -> tuple[int, int]:
+        return tuple(int(s) for s in model.patch_embed.img_size)
 
     @staticmethod
     def pixel_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:

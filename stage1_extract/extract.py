@@ -100,9 +100,7 @@ class ExtractSummary:
         return "\n".join(f"  {k:<24}{v}" for k, v in rows)
 
 
-def load_extraction_model(
-    cfg: AMFlowConfig, checkpoint: str | None, device: torch.device
-) -> AMFlowExtractor:
+def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowExtractor:
     """The AM-flow model in inference mode, with trained adapters or a merged ZeroI2V backbone if given.
 
     A merged ZeroI2V file (``amflow merge``) supplies the backbone weights and its STDHA head offsets; a

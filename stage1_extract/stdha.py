@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.attention import attend, project_qkv
+from stage1_extract.backbones import family_of
 
 HeadOffsets = Sequence[int] | Mapping[int, int]
 
@@ -172,19 +173,20 @@ def use_stdha(
 
     ``head_offsets`` is an explicit list or a multiset (see ``expand_head_offsets``). Returns ``vit``.
     """
-    indices = range(len(vit.blocks)) if blocks is None else list(blocks)
+    all_blocks = family_of(vit).blocks(vit)
+    indices = range(len(all_blocks)) if blocks is None else list(blocks)
     for i in indices:
-        if not 0 <= i < len(vit.blocks):
+        if not 0 <= i < len(all_blocks):
             raise ValueError(
-                f"use_stdha: block index {i} out of range (the ViT has {len(vit.blocks)} blocks)"
+                f"use_stdha: block index {i} out of range (the ViT has {len(all_blocks)} blocks)"
             )
-        attn = vit.blocks[i].attn
+        attn = all_blocks[i].attn
         offsets = expand_head_offsets(head_offsets, attn.num_heads)
         if isinstance(attn, STDHAttention):
             _check_offsets(offsets, attn.num_heads, num_frames)
             attn.num_frames, attn.head_offsets = num_frames, offsets
         else:
-            vit.blocks[i].attn = STDHAttention.from_attention(attn, num_frames, offsets)
+            all_blocks[i].attn = STDHAttention.from_attention(attn, num_frames, offsets)
     return vit
 
 

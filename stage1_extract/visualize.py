@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from stage1_extract.amflow_model import AMFlowExtractor
+from stage1_extract.backbone import normalise_video, pixel_stats
 from stage1_extract.datasets import DatasetConfig
 from stage1_extract.video import decode_views
 
@@ -66,7 +67,7 @@ def load_visualization_model(
 
 def frame_size(model: AMFlowExtractor) -> int:
     """The square input size the model's patch embedding expects (the crop size for decoding)."""
-    height, width = (int(s) for s in model.vit.patch_embed.img_size)
+    height, width = model.family.input_size(model.vit)
     if height != width:
         raise ValueError(f"the model's input is {height}x{width}; visualisation decodes square centre crops")
     return height
@@ -115,10 +116,8 @@ def flow_heatmaps(
     if (height, width) != (size, size):
         raise ValueError(f"video: frames are {height}x{width}, the model expects {size}x{size}")
     device = next(model.parameters()).device
-    mean = torch.tensor(model.vit.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), device=device)
-    std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device)
-    x = video.to(device).float().div(255.0)
-    x = (x - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    mean, std = pixel_stats(model.vit, device)
+    x = normalise_video(video.to(device), mean, std)
     flow = model.extract(x[None]).flow[0].float()  # (F, T, h, N)
     per_patch = flow[positions].sum(dim=2)[..., model.num_prefix_tokens :]  # (blocks, T, P)
     grid_h, grid_w = model.patch_grid

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbone import file_sha256
+from stage1_extract.backbones import family_of
 from stage1_extract.checkpoint import (
     CONFIG_KEY,
     FORMAT_KEY,
@@ -131,8 +132,7 @@ class ZeroI2VModel(nn.Module):
             )
         B, T = video.shape[:2]
         vit = self.vit
-        x = vit._pos_embed(vit.patch_embed(video.flatten(0, 1)))
-        x = vit.norm_pre(vit.patch_drop(self.head.add_time_embed(x)))
+        x = family_of(vit).embed(vit, video.flatten(0, 1), extra=self.head.add_time_embed)
         if vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(vit.blocks, x)
         else:
@@ -271,5 +271,3 @@ def load_merged(path: str | Path) -> tuple[VisionTransformer, ZeroI2VHead]:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the '{HEAD_PREFIX}' tensors do not fit the ZeroI2V head: {e}") from e
     return vit.eval(), head.eval()
-
-

@@ -85,7 +85,8 @@ def test_transformer_heads_equal_nn_transformer_encoder_layer():
                 norm.weight.copy_(mine.weight[g])
                 norm.bias.copy_(mine.bias[g])
         seq = torch.cat([heads.cls_token[g].expand(B, 1, dim), x[:, g]], dim=1) + heads.pos_embed[g, : T + 1]
-        cls = nn.functional.layer_norm(ref.eval()(seq)[:, 0], (dim,), heads.norm.weight[g], heads.norm.bias[g])
+        encoded = ref.eval()(seq)[:, 0]
+        cls = nn.functional.layer_norm(encoded, (dim,), heads.norm.weight[g], heads.norm.bias[g])
         logits = cls @ heads.classifier.weight[g] + heads.classifier.bias[g]
         torch.testing.assert_close(out[:, g], logits, rtol=1e-5, atol=1e-5)
 

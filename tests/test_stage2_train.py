@@ -95,7 +95,8 @@ def test_early_stopping_keeps_the_best_epoch(caches, tmp_path):
 
 def test_flow_map_heads_alone_learn_with_block_selection(caches, tmp_path):
     train, val = caches
-    heads = LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_embed=8, flow_hidden=8, last_frame=False
+    heads = LSTMHeadsConfig(
+        hidden=16, layers=1, flow_maps=True, flow_embed=8, flow_hidden=8, last_frame=False
     )
     cfg = small_cfg(heads=heads, adapters=[], flow_blocks=["block2"])
     metrics = train_heads(train, val, cfg, tmp_path, progress=False)
