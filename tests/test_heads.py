@@ -120,3 +120,23 @@ def test_configs_written_before_per_type_configs_still_read():
     }
     cfg = build_config(TrainConfig, drop_ignored_head_keys({"heads": old}))
     assert isinstance(cfg.heads, TransformerHeadsConfig) and cfg.heads.attn_heads == 2
+
+
+def test_heads_saved_with_the_flat_config_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from stage2_temporal.run_dir import METADATA_KEY, HeadsInfo, load_heads
+
+    info = HeadsInfo(TCNHeadsConfig(hidden=8, layers=1), 3, ["block1.attn"], embed_dim=4, cls_dim=6)
+    trained = info.build()
+    meta = json.loads(json.dumps({**info.__dict__, "heads": {**info.heads.__dict__}}))
+    # what the flat HeadsConfig wrote: every head type's keys, whatever the type
+    meta["heads"].update(attn_heads=8, ff_dim=1280, max_frames=64)
+    path = tmp_path / "heads.safetensors"
+    save_file(dict(trained.state_dict()), str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    loaded, read = load_heads(path)
+    assert read.heads == info.heads
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
