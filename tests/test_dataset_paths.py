@@ -39,13 +39,16 @@ def root(tmp_path, clip_bytes) -> Path:
     return tmp_path / "a" / "root"
 
 
+UCF_LIST = "YoYo/v_1.avi 1\n../../outside.mp4 1\n/etc/passwd 1\n"
+
+
 def _refused(index) -> list[str]:
     return [r.path for r in index.refused]
 
 
 def test_ucf101_list_lines_leaving_the_root(root, clip_bytes):
     _put(root / "ucfTrainTestlist" / "classInd.txt", "1 YoYo\n")
-    _put(root / "ucfTrainTestlist" / "trainlist01.txt", "YoYo/v_1.avi 1\n../../outside.mp4 1\n/etc/passwd 1\n")
+    _put(root / "ucfTrainTestlist" / "trainlist01.txt", UCF_LIST)
     _put(root / "YoYo" / "v_1.avi", clip_bytes)  # videos directly in ROOT: the prefix absorbs nothing
     index = build_index("ucf101", root, "train")
     assert [r.path for r in index.records] == ["YoYo/v_1.avi"] and index.missing == []
@@ -53,8 +56,8 @@ def test_ucf101_list_lines_leaving_the_root(root, clip_bytes):
 
 
 def test_k400_youtube_id_leaving_the_root(root, clip_bytes):
-    _put(root / "annotations" / "train.csv",
-         "label,youtube_id,time_start,time_end,split\nyoga,ok,0,10,train\nyoga,../../evil,0,10,train\n")  # fmt: skip
+    rows = "label,youtube_id,time_start,time_end,split\nyoga,ok,0,10,train\nyoga,../../evil,0,10,train\n"
+    _put(root / "annotations" / "train.csv", rows)
     _put(root / "train" / "ok_000000_000010.mp4", clip_bytes)
     _put(root / "train" / "evil_000000_000010.mp4", clip_bytes)  # same file name: not taken for it either
     _put(root / "evil_000000_000010.mp4", clip_bytes)  # where train/../../evil would point
@@ -76,7 +79,8 @@ def test_ssv2_and_diving48_ids_leaving_the_root(root, clip_bytes):
     _put(root / "labels" / "labels.json", json.dumps({"Waving": "0"}))
     _put(root / "labels" / "train.json", json.dumps([{"id": "../../../outside", "template": "Waving"}]))
     (root / "20bn-something-something-v2").mkdir()
-    assert _refused(build_index("ssv2", root, "train")) == ["20bn-something-something-v2/../../../outside.webm"]
+    expected = ["20bn-something-something-v2/../../../outside.webm"]
+    assert _refused(build_index("ssv2", root, "train")) == expected
     entries = [{"vid_name": "../../../outside", "label": 0}, {"vid_name": "/etc/passwd", "label": 1}]
     _put(root / "Diving48_V2_train.json", json.dumps(entries))
     (root / "rgb").mkdir()
@@ -86,7 +90,7 @@ def test_ssv2_and_diving48_ids_leaving_the_root(root, clip_bytes):
 
 def test_extract_records_refused_paths_as_failed_and_never_decodes_them(root, clip_bytes, tmp_path, capsys):
     _put(root / "ucfTrainTestlist" / "classInd.txt", "1 YoYo\n")
-    _put(root / "ucfTrainTestlist" / "trainlist01.txt", "YoYo/v_1.avi 1\n../../outside.mp4 1\n/etc/passwd 1\n")
+    _put(root / "ucfTrainTestlist" / "trainlist01.txt", UCF_LIST)
     _put(root / "YoYo" / "v_1.avi", clip_bytes)
     common = ["--dataset", "ucf101", "--root", str(root), "--split", "train"]
     assert main(["datasets", "list", *common]) == 0

@@ -132,7 +132,7 @@ def test_every_failure_names_the_file(tmp_path):
     (tmp_path / "outside.mp4").write_bytes(b"")
     specific = _bad_files(root)
     names = ["good.mp4", "corrupt.mp4", "empty.mp4", "truncated.mp4", *specific]
-    records = [ClipRecord(n, 0) for n in names] + [ClipRecord("../outside.mp4", 0), ClipRecord("/etc/passwd", 0)]
+    records = [ClipRecord(n, 0) for n in [*names, "../outside.mp4", "/etc/passwd"]]
     dataset = VideoClipDataset(records, root, DatasetConfig(num_frames=4), crop_size=32)
     items = {r.path: dataset[i] for i, r in enumerate(records)}
     assert items.pop("good.mp4")["error"] is None
