@@ -168,10 +168,10 @@ def diving48_test(root: Path, clip: bytes) -> Expected:
 def list_val(root: Path, clip: bytes) -> Expected:
     """mmaction2-style list: a class name, an index with a frame segment, a comment; one file absent."""
     _write(root, "classes.txt", "cat\ndog\n")
-    _write(root, "val.txt", "# path label [start end]\nclips/b.mp4 dog\nclips/a.mp4 0 2 7\nclips/gone.mp4 1\n")
+    _write(root, "val.txt", "# path label [start end]\nclips/b.mp4 dog\nclips/a.mp4 0 2 7\nclips/c.mp4 1\n")
     _put(root, "clips/a.mp4", clip)
     _put(root, "clips/b.mp4", clip)
-    return ["cat", "dog"], [("clips/a.mp4", 0), ("clips/b.mp4", 1)], ["clips/gone.mp4"]
+    return ["cat", "dog"], [("clips/a.mp4", 0), ("clips/b.mp4", 1)], ["clips/c.mp4"]
 
 
 CASES: dict[str, tuple[str, str, str | None, Callable[[Path, bytes], Expected]]] = {
