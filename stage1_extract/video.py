@@ -51,8 +51,8 @@ def probe_video(path: str | Path) -> tuple[int, int, int]:
 
     The size comes from the header; the rotation (counter-clockwise degrees, 0, 90, 180 or 270, as
     PyAV's ``VideoFrame.rotation``; other angles count as 0, as in decord) from the display matrix that
-    the decoder attaches to the first frame, the only frame decoded. Height and width are swapped for
-    90 and 270.
+    the decoder attaches to the first frame, decoded only for containers that can carry one (MP4/MOV
+    and Matroska; AVI, MPEG and FLV cannot). Height and width are swapped for 90 and 270.
     """
     with open_container(path) as container:
         if not container.streams.video:
@@ -62,10 +62,12 @@ def probe_video(path: str | Path) -> tuple[int, int, int]:
         height, width = int(stream.codec_context.height), int(stream.codec_context.width)
         if height <= 0 or width <= 0:
             raise ValueError(f"{path}: the header gives no frame size ({width}x{height})")
-        frame = next(container.decode(stream), None)
-        if frame is None:
-            raise ValueError(f"{path}: the video has no frames")
-        rotation = round(frame.rotation) % 360
+        rotation = 0
+        if any(name in ("mov", "matroska") for name in container.format.name.split(",")):
+            frame = next(container.decode(stream), None)
+            if frame is None:
+                raise ValueError(f"{path}: the video has no frames")
+            rotation = round(frame.rotation) % 360
     rotation = rotation if rotation in (90, 180, 270) else 0
     return (width, height, rotation) if rotation in (90, 270) else (height, width, rotation)
 
