@@ -7,6 +7,7 @@ import sys
 
 EPILOG = """example:
   amflow datasets list --dataset smarthome --root /data/smarthome --protocol cs --split train > train_cs.tsv
+  amflow datasets list --dataset list --root /data/mine --split val --annotations lists/val.csv
 
 stdout holds exactly one line per clip: its path relative to ROOT, a tab, its class index; the summary
 (clips, classes, missing files, skipped clips and why) goes to stderr. Compare with an official list:
