@@ -2,7 +2,8 @@
 
 Every reader turns a dataset's release layout (METHOD.md section 5) into a ``DatasetIndex``: clip paths
 relative to ROOT with integer labels, class names in label order, the listed files that are absent
-(``missing``, reported, never raised) and counts of clips left out and why (``skipped``).
+(``missing``, reported, never raised), the listed paths that are absolute or leave ROOT (``refused``,
+never opened; extraction records them as failed) and counts of clips left out and why (``skipped``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from stage1_extract.clip_paths import clip_path_error
 from stage1_extract.config import CONFIG_ROOT, ConfigError, load_config
 
-DATASETS = ("smarthome", "k400", "ssv2", "ucf101", "hmdb51", "diving48", "folder")
+DATASETS = ("smarthome", "k400", "ssv2", "ucf101", "hmdb51", "diving48", "folder", "list")
 SPLITS: dict[str, tuple[str, ...]] = {
     "smarthome": ("train", "validation", "test"),
     "k400": ("train", "val", "test"),
@@ -28,6 +30,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "hmdb51": ("train", "test"),
     "diving48": ("train", "test"),
     "folder": ("train", "val", "test"),
+    "list": ("train", "val", "test"),
 }
 # One key, ``protocol``, for every dataset that has several: Smarthome's protocol, UCF101's and HMDB51's
 # official split number (as a string; ``protocol=2`` on the command line is accepted too).
@@ -110,6 +113,8 @@ class DatasetConfig:
     # Folders relative to ROOT (or absolute); None = the release's usual places, tried in order.
     video_dir: str | None = None
     annotation_dir: str | None = None
+    # list dataset only: the split's annotation file (may contain "{split}"); None = ROOT/<split>.txt|.csv.
+    annotations: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.protocol, int) and not isinstance(self.protocol, bool):
@@ -132,6 +137,8 @@ class DatasetConfig:
                 raise ValueError(f"key '{key}': expected an integer >= 1, got {getattr(self, key)}")
         if self.num_crops not in (1, 3):
             raise ValueError(f"key 'num_crops': expected 1 or 3, got {self.num_crops}")
+        if self.annotations is not None and self.name != "list":
+            raise ValueError(f"key 'annotations': only the list dataset reads it, not {self.name!r}")
         if self.crop_size is not None and self.crop_size < 1:
             raise ValueError(f"key 'crop_size': expected an integer >= 1 or null, got {self.crop_size}")
 
@@ -169,6 +176,7 @@ class DatasetIndex:
     records: list[ClipRecord] = field(default_factory=list)
     missing: list[ClipRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    refused: list[ClipRecord] = field(default_factory=list)  # absolute or leaving ROOT: never opened
 
     @property
     def num_classes(self) -> int:
@@ -180,7 +188,8 @@ class DatasetIndex:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
             f"{self.name}{proto} split {self.split}: {len(self.records)} clips, {self.num_classes} classes, "
-            f"{len(self.missing)} missing, skipped: {skipped}"
+            f"{len(self.missing)} missing, {len(self.refused)} refused (path outside the root), "
+            f"skipped: {skipped}"
         )
 
 
@@ -215,6 +224,7 @@ def build_index(name: str, root: str | Path, split: str, cfg: DatasetConfig | No
     index = _READERS[name](root, split, cfg)
     index.records.sort(key=lambda r: r.path)
     index.missing.sort(key=lambda r: r.path)
+    index.refused.sort(key=lambda r: r.path)
     return index
 
 
@@ -278,7 +288,14 @@ class _VideoFiles:
 def _place(
     index: DatasetIndex, files: _VideoFiles, rel: str, label: int, by_stem: bool, **segment: int | None
 ) -> None:
-    """Adds the clip listed as ``rel`` to the records, or to ``missing`` when no file matches it."""
+    """Adds the clip listed as ``rel`` to the records, or to ``missing`` when no file matches it.
+
+    A listed path that is absolute or leaves ROOT goes to ``refused`` before any look-up.
+    """
+    listed = rel if os.path.isabs(rel) else files.expected(rel)
+    if clip_path_error(listed) is not None:
+        index.refused.append(ClipRecord(listed, label, **segment))
+        return
     stem_or_key = os.path.splitext(Path(rel).name if by_stem else rel)[0]
     found = (files.by_stem if by_stem else files.by_key).get(stem_or_key)
     if found is None:
@@ -299,7 +316,7 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     index = DatasetIndex("smarthome", split, protocol, root, classes)
     skipped: Counter[str] = Counter()
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file() or not _is_video(entry.name):
+        if entry.is_dir() or not _is_video(entry.name):
             continue
         match = _SMARTHOME_NAME.match(os.path.splitext(entry.name)[0])
         if match is None:
@@ -316,7 +333,8 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
             skipped[f"activity {activity} not in {protocol.upper()} classes"] += 1
             continue
         rel = Path(entry.path).relative_to(root).as_posix()
-        index.records.append(ClipRecord(rel, class_index[activity]))
+        # a dangling symbolic link is a listed-but-absent file: reported, and recorded as failed
+        (index.records if entry.is_file() else index.missing).append(ClipRecord(rel, class_index[activity]))
     index.skipped = dict(skipped)
     return index
 
@@ -442,7 +460,8 @@ def _read_hmdb51(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
             if parts[1] == "0":
                 skipped[f"unused in split {cfg.protocol}"] += 1
             elif parts[1] == wanted:
-                _place(index, files, f"{cls}/{parts[0]}", label, by_stem=False)
+                name = parts[0] if os.path.isabs(parts[0]) else f"{cls}/{parts[0]}"
+                _place(index, files, name, label, by_stem=False)
     index.skipped = dict(skipped)
     return index
 
@@ -498,12 +517,22 @@ def _read_folder(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
         if not class_dir.is_dir():
             continue
         for p in sorted(class_dir.iterdir()):
-            if p.is_file() and _is_video(p.name):
-                index.records.append(ClipRecord(p.relative_to(root).as_posix(), label))
-            elif p.is_file():
+            if p.is_dir():
+                continue
+            if not _is_video(p.name):
                 skipped["not a video file extension"] += 1
+            elif p.is_file():
+                index.records.append(ClipRecord(p.relative_to(root).as_posix(), label))
+            else:  # a dangling symbolic link: reported as missing, recorded as failed by extraction
+                index.missing.append(ClipRecord(p.relative_to(root).as_posix(), label))
     index.skipped = dict(skipped)
     return index
+
+
+def _read_list(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+    from stage1_extract.list_dataset import read_list
+
+    return read_list(root, split, cfg)
 
 
 _READERS = {
@@ -514,4 +543,5 @@ _READERS = {
     "hmdb51": _read_hmdb51,
     "diving48": _read_diving48,
     "folder": _read_folder,
+    "list": _read_list,
 }

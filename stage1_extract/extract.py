@@ -152,7 +152,7 @@ def feature_fingerprint(
         model.pop(key, None)
     weights = model["backbone"].pop("weights")
     data = config_to_dict(data_cfg)
-    for key in ("video_dir", "annotation_dir", "train_crop"):
+    for key in ("video_dir", "annotation_dir", "annotations", "train_crop"):
         data.pop(key, None)
     return {
         "model": model,
@@ -324,7 +324,9 @@ def plan_extraction(
     log.info(index.summary())
     if index.missing:
         log.warning("%d listed videos are missing; they are recorded as failures", len(index.missing))
-    records = sorted(index.records + index.missing, key=lambda r: r.path)
+    if index.refused:
+        log.warning("%d listed paths leave the dataset root: recorded as failures", len(index.refused))
+    records = sorted(index.records + index.missing + index.refused, key=lambda r: r.path)
     if not records:
         raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
     with warnings.catch_warnings(), torch.device("meta"):

@@ -4,8 +4,13 @@ Frames are fetched by index (``VideoReader.get_batch``) and resized during decod
 ``width``/``height``) so that the short side equals the crop size; the frame size is read first from the
 container header with PyAV, which decodes nothing. Then the centre crop or three crops along the long side
 are cut (views ordered as in ``stage1_extract.sampling``). A few tiny frame widths that decord copies
-wrongly are decoded with PyAV instead. A video that cannot be read becomes an error item, not an
-exception, so one bad file never stops an extraction.
+wrongly are decoded with PyAV instead. A video that cannot be read becomes an error item naming the
+file, not an exception, so one bad file never stops an extraction.
+
+Videos are decoded as displayed: a rotation in the container's display matrix (phone videos filmed
+upright) is read from the first frame's side data with PyAV; decord (CPU) applies it when given the
+displayed size, and the PyAV fallback rotates its frames with ``apply_rotation``. Container metadata in
+any encoding is read without failing (PyAV's ``metadata_errors="ignore"``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stage1_extract.clip_paths import resolve_clip_path
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.sampling import clip_indices
 
@@ -35,16 +41,45 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def probe_frame_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of the first video stream, from the container header (no frame is decoded)."""
-    with av.open(str(path)) as container:
+def open_container(path: str | Path) -> av.container.InputContainer:
+    """PyAV input container whose metadata may be in any encoding (undecodable bytes are dropped)."""
+    return av.open(str(path), metadata_errors="ignore")
+
+
+def probe_video(path: str | Path) -> tuple[int, int, int]:
+    """(height, width, rotation) of the first video stream as displayed.
+
+    The size comes from the header; the rotation (counter-clockwise degrees, 0, 90, 180 or 270, as
+    PyAV's ``VideoFrame.rotation``; other angles count as 0, as in decord) from the display matrix that
+    the decoder attaches to the first frame, decoded only for containers that can carry one (MP4/MOV
+    and Matroska; AVI, MPEG and FLV cannot). Height and width are swapped for 90 and 270.
+    """
+    with open_container(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
-        ctx = container.streams.video[0].codec_context
-        height, width = int(ctx.height), int(ctx.width)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"{path}: the header gives no frame size ({width}x{height})")
-    return height, width
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        height, width = int(stream.codec_context.height), int(stream.codec_context.width)
+        if height <= 0 or width <= 0:
+            raise ValueError(f"{path}: the header gives no frame size ({width}x{height})")
+        rotation = 0
+        if any(name in ("mov", "matroska") for name in container.format.name.split(",")):
+            frame = next(container.decode(stream), None)
+            if frame is None:
+                raise ValueError(f"{path}: the video has no frames")
+            rotation = round(frame.rotation) % 360
+    rotation = rotation if rotation in (90, 180, 270) else 0
+    return (width, height, rotation) if rotation in (90, 270) else (height, width, rotation)
+
+
+def probe_frame_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the first video stream as displayed (see ``probe_video``)."""
+    return probe_video(path)[:2]
+
+
+def apply_rotation(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Frames ``(..., H, W, C)`` as stored -> as displayed, for a counter-clockwise ``rotation``."""
+    return np.rot90(frames, k=(rotation // 90) % 4, axes=(-3, -2)) if rotation else frames
 
 
 def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -97,8 +132,11 @@ def read_frames(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarray:
     return frames[inverse.reshape(-1)].reshape(*np.shape(indices), *frames.shape[1:])
 
 
-def read_frames_pyav(path: str | Path, indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Like ``read_frames`` but decoding sequentially with PyAV and resizing to ``size`` (h, w).
+def read_frames_pyav(
+    path: str | Path, indices: np.ndarray, size: tuple[int, int], rotation: int = 0
+) -> np.ndarray:
+    """Like ``read_frames`` but decoding sequentially with PyAV, resizing to ``size`` (h, w, as displayed)
+    and applying the display ``rotation`` (counter-clockwise degrees, from ``probe_video``).
 
     The fallback for frame widths decord copies wrongly (e.g. 48 or 72 px: it mistakes the padded rows
     for a 4-channel image and fails); only tiny frames hit it, so decoding from the start is cheap.
@@ -106,17 +144,18 @@ def read_frames_pyav(path: str | Path, indices: np.ndarray, size: tuple[int, int
     unique, inverse = np.unique(np.asarray(indices), return_inverse=True)
     wanted, last = set(unique.tolist()), int(unique[-1])
     found: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
+    stored = (size[1], size[0]) if rotation in (90, 270) else size
+    with open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                found[i] = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
+                found[i] = frame.to_ndarray(format="rgb24", width=stored[1], height=stored[0])
             if i >= last:
                 break
     if len(found) != len(unique):
         raise ValueError(f"{path}: decoded {len(found)} of {len(unique)} requested frames (file truncated?)")
-    frames = np.stack([found[i] for i in unique.tolist()])
+    frames = apply_rotation(np.stack([found[i] for i in unique.tolist()]), rotation)
     return frames[inverse.reshape(-1)].reshape(*np.shape(indices), *frames.shape[1:])
 
 
@@ -136,9 +175,11 @@ def decode_views(
     Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    size = resized_shape(*probe_frame_size(path), crop_size)
-    reader = open_video(path, size)
+        what = "dangling symbolic link" if Path(path).is_symlink() else "no such file"
+        raise FileNotFoundError(f"{path}: {what}")
+    height, width, rotation = probe_video(path)
+    size = resized_shape(height, width, crop_size)
+    reader = open_video(path, size)  # decord (CPU) applies the rotation; sizes are as displayed
     n = len(reader)
     if n == 0:
         raise ValueError(f"{path}: the video has no frames")
@@ -148,9 +189,9 @@ def decode_views(
     except decord.DECORDError as e:
         if "must exactly match" not in str(e):
             raise
-        frames = read_frames_pyav(path, idx, size)
+        frames = read_frames_pyav(path, idx, size, rotation)
     if frames.shape[-1] != 3:
-        frames = read_frames_pyav(path, idx, size)
+        frames = read_frames_pyav(path, idx, size, rotation)
     h, w = frames.shape[2:4]
     crop_rng = rng if train and cfg.train_crop == "random" else None
     offsets = crop_offsets(h, w, crop_size, 1 if train else cfg.num_crops, crop_rng)
@@ -199,9 +240,11 @@ class VideoClipDataset(Dataset):
         record = self.records[index]
         item: dict[str, Any] = {"video": None, "label": record.label, "index": index, "path": record.path}
         rng = np.random.default_rng((self.seed, self.epoch, index)) if self.train else None
+        path = self.root / record.path
         try:
+            path = resolve_clip_path(self.root, record.path)  # refuses paths leaving the root
             item["video"] = decode_views(
-                self.root / record.path,
+                path,
                 self.cfg,
                 self.crop_size,
                 train=self.train,
@@ -211,7 +254,8 @@ class VideoClipDataset(Dataset):
             )
             item["error"] = None
         except DECODE_ERRORS as e:
-            item["error"] = (type(e).__name__, str(e) or repr(e))
+            message = str(e) or repr(e)  # every message names the file (decord's and PyAV's may not)
+            item["error"] = (type(e).__name__, message if str(path) in message else f"{path}: {message}")
         return item
 
 

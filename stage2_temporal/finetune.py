@@ -239,6 +239,8 @@ def plan_finetune(
             raise ConfigError(f"{name} split {index.split!r} under {root}: no clips found")
         if index.missing:
             log.warning("%s: %d listed videos are missing and left out", index.split, len(index.missing))
+        if index.refused:
+            log.warning("%s: %d listed paths leave the root: left out", index.split, len(index.refused))
     if train.classes != val.classes:
         raise ConfigError(f"{name}: train and {val.split} splits list different classes")
     changes = {"num_classes": train.num_classes, "num_frames": data_cfg.num_frames}

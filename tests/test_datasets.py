@@ -4,6 +4,7 @@ official split lists, the dataset configs, and the ``amflow datasets list`` outp
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import shutil
@@ -25,7 +26,8 @@ from stage1_extract.datasets import (
 )
 from stage1_extract.synthetic import write_video
 
-SPLITS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smarthome_splits"
+# The official Toyota Smarthome split lists (train/validation/test x CS/CV1/CV2), gzipped, in the repository.
+SPLITS_DIR = Path(__file__).resolve().parent / "data" / "smarthome_splits"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,8 @@ def _pairs(index) -> list[tuple[str, int]]:
 
 
 def _official(name: str) -> list[str]:
-    return [line.strip() for line in (SPLITS_DIR / name).read_text().splitlines() if line.strip()]
+    text = gzip.decompress((SPLITS_DIR / f"{name}.gz").read_bytes()).decode()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,8 @@ def smarthome_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smarthome")
     (root / "mp4").mkdir()
     names = set()
-    for f in SPLITS_DIR.glob("*.txt"):
-        names.update(_official(f.name))
+    for f in SPLITS_DIR.glob("*.txt.gz"):
+        names.update(_official(f.name.removesuffix(".gz")))
     for name in names:
         (root / "mp4" / name).touch()
     (root / "mp4" / "README.txt").touch()  # not a video: ignored

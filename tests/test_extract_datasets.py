@@ -165,6 +165,15 @@ def diving48_test(root: Path, clip: bytes) -> Expected:
     return ["class_00", "class_01"], [("rgb/-mmq0PT-u8k_00155.mp4", 3), ("rgb/x_00002.mp4", 47)], []
 
 
+def list_val(root: Path, clip: bytes) -> Expected:
+    """mmaction2-style list: a class name, an index with a frame segment, a comment; one file absent."""
+    _write(root, "classes.txt", "cat\ndog\n")
+    _write(root, "val.txt", "# path label [start end]\nclips/b.mp4 dog\nclips/a.mp4 0 2 7\nclips/c.mp4 1\n")
+    _put(root, "clips/a.mp4", clip)
+    _put(root, "clips/b.mp4", clip)
+    return ["cat", "dog"], [("clips/a.mp4", 0), ("clips/b.mp4", 1)], ["clips/c.mp4"]
+
+
 CASES: dict[str, tuple[str, str, str | None, Callable[[Path, bytes], Expected]]] = {
     "ucf101": ("ucf101", "test", "1", ucf101_test),
     "smarthome-cs": ("smarthome", "train", None, smarthome_cs_train),
@@ -173,6 +182,7 @@ CASES: dict[str, tuple[str, str, str | None, Callable[[Path, bytes], Expected]]]
     "k400": ("k400", "val", None, k400_val),
     "ssv2": ("ssv2", "validation", None, ssv2_validation),
     "diving48": ("diving48", "test", None, diving48_test),
+    "list": ("list", "val", None, list_val),
 }
 
 

@@ -7,6 +7,7 @@ import sys
 
 EPILOG = """example:
   amflow datasets list --dataset smarthome --root /data/smarthome --protocol cs --split train > train_cs.tsv
+  amflow datasets list --dataset list --root /data/mine --split val --annotations lists/val.csv
 
 stdout holds exactly one line per clip: its path relative to ROOT, a tab, its class index; the summary
 (clips, classes, missing files, skipped clips and why) goes to stderr. Compare with an official list:
@@ -32,11 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     lister.add_argument(
-        "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48, folder"
+        "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48, folder, list"
     )
     lister.add_argument("--root", required=True, help="the dataset's root folder")
     lister.add_argument("--split", required=True, help="train, val/validation or test (per dataset)")
     lister.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: split number 1, 2, 3")
+    lister.add_argument("--annotations", metavar="FILE", help="list dataset: the split's annotation file")
     lister.add_argument("--config", help="dataset YAML (default: configs/datasets/<dataset>.yaml)")
     lister.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dataset config overrides")
     lister.set_defaults(func=run)
@@ -50,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.protocol is not None:
         overrides.append(f"protocol={args.protocol}")
+    if args.annotations is not None:
+        overrides.append(f"annotations={args.annotations}")
     try:
         cfg = load_dataset_config(args.config or args.dataset, overrides)
         index = build_index(args.dataset, args.root, args.split, cfg)
@@ -63,4 +67,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"missing: {record.path}", file=sys.stderr)
     if len(index.missing) > 20:
         print(f"... and {len(index.missing) - 20} more missing", file=sys.stderr)
+    for record in index.refused:
+        print(f"refused (absolute or outside the root): {record.path}", file=sys.stderr)
     return 0

@@ -22,11 +22,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48 or folder"
+        "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48, folder or list"
     )
     p.add_argument("--root", required=True, help="the dataset's root folder")
     p.add_argument("--split", required=True, help="train, val/validation or test")
     p.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: 1, 2, 3")
+    p.add_argument("--annotations", metavar="FILE", help="list dataset: the split's annotation file")
     p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
     p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     model_overrides = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
     data_overrides = [o for o in args.overrides if not o.startswith("model.")]
+    if args.annotations:
+        data_overrides.append(f"annotations={args.annotations}")
     if args.weights:
         model_overrides.append(f"backbone.weights={args.weights}")
     options = ExtractOptions(
