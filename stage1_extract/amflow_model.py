@@ -300,7 +300,9 @@ def build_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowModel:
     """
     torch.manual_seed(cfg.seed)
     bcfg = cfg.backbone
-    vit = create_vit(bcfg.name, bcfg.img_size, weights or bcfg.weights, **bcfg.timm_kwargs)
+    vit = create_vit(
+        bcfg.name, bcfg.img_size, weights or bcfg.weights, bcfg.pretrained and not weights, **bcfg.timm_kwargs
+    )
     freeze(vit)
     indices = block_indices(cfg.blocks, len(vit.blocks))
     offsets = None

@@ -191,7 +191,7 @@ def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
     b, a = cfg.backbone, cfg.adapter
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vit = freeze(create_vit(b.name, b.img_size, b.weights, **b.timm_kwargs))
+        vit = freeze(create_vit(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
         offsets = None
         if b.head_offsets is not None:
             try:
