@@ -156,7 +156,7 @@ def test_configs_resolve_the_papers_head_assignments():
     expected = {
         "zeroi2v_vitb16_clip_k400_8f": [-1, 1] + [0] * 10,
         "zeroi2v_vitb16_clip_ssv2_16f": [-1, 1, -2, 2] + [0] * 8,
-        "zeroi2v_vitl14_clip_8f": [-1, 1, -1, 1] + [0] * 12,
+        "zeroi2v_vitl14_clip_8f": [-1, -1, 1, 1] + [0] * 12,  # the release (shift_div=8)
         "zeroi2v_tiny": [-1, 1, 0],
     }
     for name, offsets in expected.items():
