@@ -319,6 +319,30 @@ def load_merged(path: str | Path) -> tuple[VisionTransformer, ZeroI2VHead]:
     return vit.eval(), head.eval()
 
 
+def is_zeroi2v_file(path: str | Path, metadata: dict[str, str] | None = None) -> bool:
+    """True for a merged ZeroI2V file and for a trainable ZeroI2V checkpoint (finetuned or converted)."""
+    meta = read_metadata(path) if metadata is None else metadata
+    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
+        return True
+    return CONFIG_KEY in meta and (yaml.safe_load(meta[CONFIG_KEY]) or {}).get("kind") == "zeroi2v"
+
+
+def merged_backbone(path: str | Path) -> tuple[str, list[int] | None, dict[str, torch.Tensor]]:
+    """(backbone name, STDHA head offsets, plain timm ViT state) of a merged ZeroI2V file, or of a
+    trainable ZeroI2V checkpoint whose adapters are merged here, in memory."""
+    meta = read_metadata(path)
+    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
+        vit_state, _ = split_merged_state(load_file(str(path)))
+        return meta.get("backbone", ""), json.loads(meta.get("head_offsets", "null")), vit_state
+    state, stored = load_trainable_checkpoint(path)
+    cfg = build_config(ZeroI2VConfig, stored, source=f"{path} (metadata '{CONFIG_KEY}')")
+    check_backbone_weights(path, stored)
+    model = build_zeroi2v(cfg)
+    load_into(model, state, path)
+    merge_linear_adapters(model.vit)
+    return cfg.backbone.name, model.config.backbone.head_offsets, model.vit.state_dict()
+
+
 def _plain_vit(backbone: BackboneConfig) -> VisionTransformer:
     """timm's plain ViT class of ``backbone`` with no classifier, weights to be loaded by the caller."""
     kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, **backbone.timm_kwargs)
