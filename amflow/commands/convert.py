@@ -29,16 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--backbone-out", default=None, help="where to write the backbone (default: OUT.backbone.safetensors)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. adapter.scale=1.0"
-    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from stage1_extract.zeroi2v_release import convert_release_checkpoint, load_release_config
 
-    cfg = load_release_config(args.config, args.overrides)
+    cfg = load_release_config(args.config)
     try:
         summary = convert_release_checkpoint(
             args.checkpoint, cfg, args.out, backbone_path=args.backbone_out, overwrite=args.overwrite
