@@ -215,6 +215,19 @@ def parse_place(place: str) -> tuple[Position, str]:
     return position, ADAPTED_LAYERS[layer]  # type: ignore[return-value]
 
 
+def check_places(places: Sequence[str]) -> None:
+    """Fails on an unknown or repeated place, and on ``before_qkv`` together with ``before_q/k/v``."""
+    for place in places:
+        parse_place(place)
+    if len(set(places)) != len(places):
+        raise ValueError(f"adapter places repeat: {list(places)}")
+    if "before_qkv" in places and set(places) & set(QKV_PARTS):
+        raise ValueError(
+            "adapter places before_qkv (one adapter for Q, K and V) and before_q/k/v (one each) both adapt "
+            "attn.qkv's input; choose one"
+        )
+
+
 def add_linear_adapters(
     vit: VisionTransformer,
     ratio: float = 0.25,
@@ -228,14 +241,8 @@ def add_linear_adapters(
     """
     if ratio <= 0:
         raise ValueError(f"add_linear_adapters: ratio must be > 0, got {ratio}")
-    if len(set(places)) != len(places):
-        raise ValueError(f"add_linear_adapters: places repeat: {list(places)}")
+    check_places(places)
     parts = [QKV_PARTS[p] for p in places if p in QKV_PARTS]
-    if parts and "before_qkv" in places:
-        raise ValueError(
-            "add_linear_adapters: before_qkv (one adapter for Q, K and V) and before_q/k/v (one each) "
-            "both adapt attn.qkv's input; choose one"
-        )
     places = [p for p in places if p not in QKV_PARTS]
     bottleneck = max(1, round(ratio * vit.embed_dim))
     parsed = [parse_place(p) for p in places]

@@ -44,9 +44,9 @@ from stage1_extract.config import build_config, config_to_dict, load_config
 from stage1_extract.linear_adapters import (
     DEFAULT_PLACES,
     add_linear_adapters,
+    check_places,
     linear_adapter_modules,
     merge_linear_adapters,
-    parse_place,
 )
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, stdha_modules, use_stdha
@@ -57,7 +57,11 @@ MERGED_FORMAT = "amflow-zeroi2v-merged-1"
 
 @dataclass
 class LinearAdapterConfig:
-    """Linear adapters: bottleneck = round(ratio · D), scale s, dropout (training only), places per block."""
+    """Linear adapters: bottleneck = round(ratio · D), scale s, dropout (training only), places per block.
+
+    Places: ``before_qkv``, ``after_proj``, ``before_fc1``, ``after_fc2`` (the paper's four), or
+    ``before_q``/``before_k``/``before_v`` (separate Q, K, V input adapters, Table 11b's 6-adapter setting).
+    """
 
     ratio: float = 0.25
     scale: float = 0.5
@@ -69,13 +73,10 @@ class LinearAdapterConfig:
             raise ValueError(f"key 'adapter.ratio': expected > 0, got {self.ratio}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"key 'adapter.dropout': expected a probability in [0, 1), got {self.dropout}")
-        if len(set(self.places)) != len(self.places):
-            raise ValueError(f"key 'adapter.places': places repeat: {self.places}")
-        for place in self.places:
-            try:
-                parse_place(place)
-            except ValueError as e:
-                raise ValueError(f"key 'adapter.places': {e}") from e
+        try:
+            check_places(self.places)
+        except ValueError as e:
+            raise ValueError(f"key 'adapter.places': {e}") from e
 
 
 def _default_backbone() -> BackboneConfig:
