@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,20 @@ def create_vit(
     return model
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with a ``code/`` folder), as OpenAI's CLIP releases are."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file safely, without running pickled code."""
+    """Reads a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file safely, without running pickled code.
+
+    Pickles are read with ``weights_only=True``; TorchScript archives (OpenAI's ``ViT-B-16.pt``) with
+    ``torch.jit.load``, which runs TorchScript, not pickled Python.
+    """
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
@@ -85,6 +98,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{p}: not a readable safetensors file: {e}") from e
+    if _is_torchscript(p):  # OpenAI's own CLIP files: TorchScript archives, not pickles
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+: jit.load is deprecated
+                return dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+        except Exception as e:  # TorchScript raises many types; all mean the same to a user
+            raise WeightsError(f"{p}: a TorchScript archive that cannot be read: {e}") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user

@@ -128,12 +128,17 @@ CLIP_KW = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8)
 
 def test_openai_clip_and_open_clip_full_and_visual_tower(tmp_path):
     model = _open_clip_model()
-    torch.save(model.state_dict(), tmp_path / "clip_full.pt")  # OpenAI / open_clip full CLIP
+    torch.save(model.state_dict(), tmp_path / "clip_full.pt")  # open_clip's full CLIP state dict
     save_file(model.visual.state_dict(), tmp_path / "clip_visual.safetensors")  # the image tower alone
+    text = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's deprecation and constant-folding notes
+        traced = torch.jit.trace(model, (images(32), text), strict=False, check_trace=False)
+    traced.save(str(tmp_path / "ViT-B-16.pt"))  # OpenAI's own files are TorchScript archives
     x = images(32)
     with torch.no_grad():
         ref = model.encode_image(x)  # ln_post(CLS) @ proj
-    for name in ("clip_full.pt", "clip_visual.safetensors"):
+    for name in ("clip_full.pt", "clip_visual.safetensors", "ViT-B-16.pt"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a QuickGELU model takes OpenAI's weights without a warning
             vit = create_vit("vit_base_patch16_clip_quickgelu_224", 32, tmp_path / name, **CLIP_KW).eval()
