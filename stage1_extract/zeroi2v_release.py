@@ -72,6 +72,8 @@ def is_release_checkpoint(state: dict[str, torch.Tensor]) -> bool:
 
 def read_release_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a release checkpoint (an mmengine ``.pth`` with ``state_dict``), read safely."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ZeroI2V checkpoint not found: {path}")
     try:
         state = read_state_dict(path)
     except WeightsError as e:
