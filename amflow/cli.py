@@ -8,6 +8,7 @@ import sys
 
 from amflow import __version__
 from amflow.commands import (
+    convert,
     datasets,
     demo,
     evaluate,
@@ -33,6 +34,7 @@ COMMANDS = (
     evaluate,
     finetune,
     merge,
+    convert,
     visualize,
 )
 

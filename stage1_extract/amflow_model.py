@@ -342,7 +342,9 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
     """The AM-flow feature model of ``cfg``, initialised from the current RNG state (see the seeded
     ``build_amflow_extractor``); ``weights`` (or ``cfg.backbone.weights``) is a local timm checkpoint."""
     bcfg = cfg.backbone
-    vit = create_vit(bcfg.name, bcfg.img_size, weights or bcfg.weights, **bcfg.timm_kwargs)
+    vit = create_vit(
+        bcfg.name, bcfg.img_size, weights or bcfg.weights, bcfg.pretrained and not weights, **bcfg.timm_kwargs
+    )
     freeze(vit)
     family = family_of(vit)
     blocks = family.blocks(vit)

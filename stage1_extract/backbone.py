@@ -1,10 +1,16 @@
-"""The frozen image backbone: any timm ViT by name, weights from a local file (never downloaded)."""
+"""The frozen image backbone: any timm ViT by name, weights from a local file or timm's pretrained tag.
+
+Local files may be in any format ``weight_formats`` recognises (timm, DINOv2, OpenAI CLIP / open_clip,
+transformers DINOv2 / CLIP); ``pretrained=True`` uses timm's own download of the named tag through the
+Hugging Face hub (its local cache when ``HF_HUB_OFFLINE=1``). Nothing else is downloaded.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbones import family_of
+from stage1_extract.weight_formats import architecture_name, check_architecture, read_weights, to_timm
 
 log = logging.getLogger(__name__)
 
@@ -26,36 +33,62 @@ def create_vit(
     name: str,
     img_size: int | None = None,
     weights: str | Path | None = None,
+    pretrained: bool = False,
     **timm_kwargs: Any,
 ) -> VisionTransformer:
-    """Creates timm's ViT ``name`` with no classifier (``num_classes=0``) and loads local ``weights``.
+    """Creates timm's ViT ``name`` with no classifier (``num_classes=0``) and loads its weights.
 
-    Without ``weights`` the model is randomly initialised, with a warning: nothing is downloaded.
-    Extra keyword arguments go to ``timm.create_model`` (e.g. ``depth=2`` for a tiny test model).
+    ``weights``: a local file or transformers folder in any recognised format. ``pretrained``: timm's
+    pretrained weights of the tag in ``name`` (e.g. ``vit_base_patch14_dinov2.lvd142m``), downloaded
+    through the Hugging Face hub or read from its cache. With neither, the model is randomly initialised,
+    with a warning. Extra keyword arguments go to ``timm.create_model`` (e.g. ``depth=2``).
     """
-    kwargs = dict(pretrained=False, num_classes=0, **timm_kwargs)
+    if weights and pretrained:
+        raise ValueError(f"backbone {name!r}: give either weights ({weights}) or pretrained, not both")
+    kwargs = dict(pretrained=pretrained, num_classes=0, **timm_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as e:
         raise ValueError(f"backbone {name!r}: timm could not create it: {e}") from e
+    except (OSError, ValueError) as e:  # the hub's errors (offline, not cached) derive from these
+        if not pretrained:
+            raise
+        raise WeightsError(
+            f"backbone {name!r}: timm's pretrained weights could not be loaded from the Hugging Face hub "
+            f"or its cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, "
+            "download them once on a machine with internet, or pass a local file with --weights"
+        ) from e
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if weights:
         load_vit_weights(model, weights)
-    else:
+    elif not pretrained:
         warnings.warn(
             f"backbone {name!r} is randomly initialised (no weights file given): features are not "
-            "pretrained. Pass a local .safetensors/.pth with --weights / backbone.weights.",
+            "pretrained. Pass a local file with --weights / backbone.weights, or --pretrained / "
+            "backbone.pretrained: true for timm's weights of the named tag.",
             UserWarning,
             stacklevel=2,
         )
     return model
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with a ``code/`` folder), as OpenAI's CLIP releases are."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file safely, without running pickled code."""
+    """Reads a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file safely, without running pickled code.
+
+    Pickles are read with ``weights_only=True``; TorchScript archives (OpenAI's ``ViT-B-16.pt``) with
+    ``torch.jit.load``, which runs TorchScript, not pickled Python.
+    """
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
@@ -66,6 +99,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{p}: not a readable safetensors file: {e}") from e
+    if _is_torchscript(p):  # OpenAI's own CLIP files: TorchScript archives, not pickles
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+: jit.load is deprecated
+                return dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+        except Exception as e:  # TorchScript raises many types; all mean the same to a user
+            raise WeightsError(f"{p}: a TorchScript archive that cannot be read: {e}") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user
@@ -78,26 +118,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_vit_weights(model: VisionTransformer, path: str | Path) -> None:
-    """Loads a plain timm ViT checkpoint, keys unchanged; adapter keys the file lacks stay as they are.
+def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
+    """Loads a weights file (or transformers folder) of any recognised format; returns the format's name.
 
-    timm's ``checkpoint_filter_fn`` remaps original releases (DINOv2, OpenAI CLIP) and resamples
-    position embeddings, as ``timm.create_model(pretrained=True)`` would.
+    The format's filter (``weight_formats``) maps its keys to timm's, then timm's ``checkpoint_filter_fn``
+    resamples position embeddings, as ``timm.create_model(pretrained=True)`` would. Adapter keys the
+    file lacks stay as they are. What the keys cannot tell (QuickGELU, mean/std) is checked and warned.
     """
-    state = read_state_dict(path)
-    module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
+    try:
+        file = read_weights(path, read_state_dict)
+    except FileNotFoundError as e:
+        raise WeightsError(str(e)) from e
+    try:
+        state, fmt = to_timm(file.state, model)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise WeightsError(f"{path}: cannot be mapped to timm's ViT keys: {e}") from e
+    check_architecture(model, fmt, file)
     state = {k: v for k, v in state.items() if not k.startswith("head.") or hasattr(model.head, "weight")}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ: another width, depth or patch size
+        raise WeightsError(
+            f"{path}: {fmt.description} weights that do not fit {architecture_name(model)}: {e}"
+        ) from e
     backbone_missing = [k for k in result.missing_keys if not is_added_key(k)]
     if backbone_missing or result.unexpected_keys:
         raise WeightsError(
-            f"{path}: does not fit {type(model).__name__}: missing {backbone_missing[:5]}"
+            f"{path}: {fmt.description} weights that do not fit {architecture_name(model)}: missing "
+            f"{backbone_missing[:5]}"
             f"{'...' if len(backbone_missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
         )
-    log.info("loaded backbone weights from %s", path)
+    log.info("loaded backbone weights from %s (%s)", path, fmt.description)
+    return fmt.name
 
 
 ADDED_KEY_MARKERS = ("adapter", "aligner", "time_embed")

@@ -22,18 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, build_amflow_extractor
 from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
-from stage1_extract.checkpoint import FORMAT_KEY, load_trainable_checkpoint, read_metadata
+from stage1_extract.checkpoint import load_trainable_checkpoint
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
 from stage1_extract.models import feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
-from stage1_extract.zeroi2v import MERGED_FORMAT, split_merged_state
+from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.feature_store import STATUS_MISSING, FeatureStore
 from store.writer import ShardWriter
 
@@ -103,24 +102,21 @@ class ExtractSummary:
 def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowExtractor:
     """The AM-flow model in inference mode, with trained adapters or a merged ZeroI2V backbone if given.
 
-    A merged ZeroI2V file (``amflow merge``) supplies the backbone weights and its STDHA head offsets; a
-    finetuning checkpoint supplies adapters and aligning encoders. Without a checkpoint the adapters are
-    freshly initialised from ``cfg.seed`` (recorded in the store).
+    A merged ZeroI2V file (``amflow merge``), or a ZeroI2V checkpoint (merged here), supplies the backbone
+    weights and its STDHA head offsets; an AM-flow finetuning checkpoint supplies adapters and aligning
+    encoders. Without a checkpoint the adapters are freshly initialised from ``cfg.seed`` (in the store).
     """
     if not checkpoint:
         return build_amflow_extractor(cfg).eval().to(device)
-    meta = read_metadata(checkpoint)
-    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
-        if meta.get("backbone") != cfg.backbone.name:
+    if is_zeroi2v_file(checkpoint):
+        name, offsets, vit_state = merged_backbone(checkpoint)
+        if name != cfg.backbone.name:
             raise ConfigError(
-                f"{checkpoint}: a merged {meta.get('backbone')!r} model; the config's backbone is "
-                f"{cfg.backbone.name!r}"
+                f"{checkpoint}: a ZeroI2V {name!r} model; the config's backbone is {cfg.backbone.name!r}"
             )
-        offsets = json.loads(meta.get("head_offsets", "null"))
         model = build_amflow_extractor(
             dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
         )
-        vit_state, _ = split_merged_state(load_file(checkpoint))
         source = "a merged ZeroI2V backbone"
         state = {f"vit.{k}": v for k, v in vit_state.items()}
         wanted = {k for k in model.state_dict() if k.startswith("vit.") and not is_added_key(k)}

@@ -4,6 +4,10 @@
 layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). The adapted layer stays an ``nn.Linear``
 owning the same ``weight``/``bias`` (an ``AdaptedLinear``), so timm's state-dict keys are unchanged and
 the adapter's keys read ``...attn.qkv.adapter.down.weight``.
+
+The places ``before_q``, ``before_k``, ``before_v`` give the query, key and value rows of ``attn.qkv``
+separate input adapters (the release's ``attn_adapter_type='qkv'``, the 6-adapter setting of paper 002's
+Table 11b with ``after_proj``, ``before_fc1``, ``after_fc2``); keys ``...attn.qkv.adapter.q.down.weight``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ Position = Literal["before", "after"]
 # Where an adapter may sit: "<before|after>_<layer>", layer one of these (path inside a timm Block).
 ADAPTED_LAYERS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 DEFAULT_PLACES = ("before_qkv", "after_proj", "before_fc1", "after_fc2")
+# Separate input adapters of the query, key and value rows of attn.qkv (rows [0, D), [D, 2D), [2D, 3D)).
+QKV_PARTS = {"before_q": "q", "before_k": "k", "before_v": "v"}
 
 
 class LinearAdapter(nn.Module):
@@ -118,6 +124,10 @@ class AdaptedLinear(nn.Linear):
             return F.linear(self.adapter(x), self.weight, self.bias)
         return self.adapter(F.linear(x, self.weight, self.bias))
 
+    @property
+    def num_adapters(self) -> int:
+        return 1
+
     def merged(self) -> nn.Linear:
         """The plain Linear equal to this layer (adapter folded in, float64 arithmetic)."""
         if self.position == "before":
@@ -128,13 +138,94 @@ class AdaptedLinear(nn.Linear):
         return f"{super().extra_repr()}, adapter={self.position}"
 
 
+class QKVAdaptedLinear(AdaptedLinear):
+    """timm's ``attn.qkv`` whose query, key and value rows each may have their own input adapter.
+
+    ``Q = W_q A_q(x) + b_q`` (likewise K, V; a part without adapter reads ``x``): the release's
+    ``attn_adapter_type='qkv'``. Merged exactly, part by part: ``W_q' = W_q M_q``, ``b_q' = W_q c_q + b_q``.
+    """
+
+    def __init__(self, linear: nn.Linear, adapters: dict[str, LinearAdapter]):
+        nn.Module.__init__(self)
+        if linear.out_features % 3 or not adapters or set(adapters) - {"q", "k", "v"}:
+            raise ValueError(
+                f"QKVAdaptedLinear: needs a (3·D, D) qkv layer and adapters among q, k, v; got "
+                f"{linear.out_features} outputs and {sorted(adapters)}"
+            )
+        for part, adapter in adapters.items():
+            if adapter.down.in_features != linear.in_features:
+                raise ValueError(
+                    f"QKVAdaptedLinear: adapter {part} width {adapter.down.in_features} != "
+                    f"{linear.in_features}"
+                )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.position = "before"
+        self.adapter = nn.ModuleDict(adapters)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapter)
+
+    def _parts(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        weights = self.weight.chunk(3)
+        biases = self.bias.chunk(3) if self.bias is not None else (None, None, None)
+        return list(zip("qkv", weights, biases))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [
+            F.linear(self.adapter[part](x) if part in self.adapter else x, w, b)
+            for part, w, b in self._parts()
+        ]
+        return torch.cat(outs, dim=-1)
+
+    def merged(self) -> nn.Linear:
+        """The plain qkv Linear equal to this layer (each part's adapter folded in, float64)."""
+        weights, biases = [], []
+        for part, w, b in self._parts():
+            rows = nn.Linear(self.in_features, w.shape[0], bias=b is not None, device="meta")
+            rows.weight = nn.Parameter(w)
+            if b is not None:
+                rows.bias = nn.Parameter(b)
+            if part in self.adapter:
+                rows = self.adapter[part].merge_before(rows)
+            weights.append(rows.weight.data)
+            biases.append(rows.bias.data if b is not None else None)
+        bias = torch.cat(biases) if self.bias is not None else torch.zeros(self.out_features)
+        return _linear_like(self, torch.cat(weights), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.adapter)}"
+        )
+
+
 def parse_place(place: str) -> tuple[Position, str]:
-    """``"before_qkv"`` -> ``("before", "attn.qkv")``, with an error listing the valid places."""
+    """``"before_qkv"`` -> ``("before", "attn.qkv")``, with an error listing the valid places.
+
+    ``before_q``/``before_k``/``before_v`` (one part of ``attn.qkv``'s input) give ``("before", "attn.qkv")``.
+    """
+    if place in QKV_PARTS:
+        return "before", ADAPTED_LAYERS["qkv"]
     position, _, layer = place.partition("_")
     if position not in ("before", "after") or layer not in ADAPTED_LAYERS:
-        valid = [f"{p}_{n}" for p in ("before", "after") for n in ADAPTED_LAYERS]
+        valid = [f"{p}_{n}" for p in ("before", "after") for n in ADAPTED_LAYERS] + list(QKV_PARTS)
         raise ValueError(f"adapter place {place!r}: expected one of {valid}")
     return position, ADAPTED_LAYERS[layer]  # type: ignore[return-value]
+
+
+def check_places(places: Sequence[str]) -> None:
+    """Fails on an unknown or repeated place, and on ``before_qkv`` together with ``before_q/k/v``."""
+    for place in places:
+        parse_place(place)
+    if len(set(places)) != len(places):
+        raise ValueError(f"adapter places repeat: {list(places)}")
+    if "before_qkv" in places and set(places) & set(QKV_PARTS):
+        raise ValueError(
+            "adapter places before_qkv (one adapter for Q, K and V) and before_q/k/v (one each) both adapt "
+            "attn.qkv's input; choose one"
+        )
 
 
 def add_linear_adapters(
@@ -150,11 +241,23 @@ def add_linear_adapters(
     """
     if ratio <= 0:
         raise ValueError(f"add_linear_adapters: ratio must be > 0, got {ratio}")
-    if len(set(places)) != len(places):
-        raise ValueError(f"add_linear_adapters: places repeat: {list(places)}")
+    check_places(places)
+    parts = [QKV_PARTS[p] for p in places if p in QKV_PARTS]
+    places = [p for p in places if p not in QKV_PARTS]
     bottleneck = max(1, round(ratio * vit.embed_dim))
     parsed = [parse_place(p) for p in places]
     for i, block in enumerate(vit.blocks):
+        if parts:
+            qkv = block.attn.qkv
+            if type(qkv) is not nn.Linear:
+                raise TypeError(f"blocks.{i}.attn.qkv is a {type(qkv).__name__}, not an nn.Linear")
+            adapters = {
+                part: LinearAdapter(
+                    qkv.in_features, bottleneck, scale, dropout, bias=qkv.bias is not None
+                ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+                for part in parts
+            }
+            block.attn.qkv = QKVAdaptedLinear(qkv, adapters)
         for place, (position, path) in zip(places, parsed):
             parent_path, _, name = path.rpartition(".")
             parent = block.get_submodule(parent_path)

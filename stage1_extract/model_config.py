@@ -8,11 +8,23 @@ from typing import Any
 
 @dataclass
 class BackboneConfig:
-    """The frozen timm ViT: name, input size, local weights, extra ``timm.create_model`` arguments."""
+    """The frozen timm ViT: name, input size, its weights, extra ``timm.create_model`` arguments.
+
+    Weights come from ``weights`` (a local file or transformers folder, any format
+    ``stage1_extract.weight_formats`` reads) or, with ``pretrained: true``, from timm's pretrained tag in
+    ``name`` (the Hugging Face hub, or its local cache offline); with neither, a random backbone.
+    """
 
     name: str = "vit_tiny_patch16_224"
     img_size: int | None = None
     weights: str | None = None
+    pretrained: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # STDHA head -> frame offset (explicit list or multiset {offset: count}); None = plain attention.
     head_offsets: list[int] | dict[int, int] | None = None
+
+    def validate(self) -> None:
+        if self.weights and self.pretrained:
+            raise ValueError(
+                f"keys 'backbone.weights' ({self.weights}) and 'backbone.pretrained': give one, not both"
+            )

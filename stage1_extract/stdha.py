@@ -25,8 +25,10 @@ HeadOffsets = Sequence[int] | Mapping[int, int]
 def expand_head_offsets(spec: HeadOffsets, num_heads: int) -> list[int]:
     """The explicit per-head offset list of ``spec``: a list (one offset per head) or a multiset.
 
-    A multiset ``{offset: count}`` expands, for magnitude m = 1, 2, 3, ..., to -m then +m, round-robin
-    while counts remain, spatial heads (0) last: ``{-1: 2, +1: 2, 0: 12}`` -> ``[-1, +1, -1, +1, 0, ...]``.
+    A multiset ``{offset: count}`` expands in the released code's channel-block order: every -1 head,
+    then every +1 head, then -2, +2, ..., spatial heads (0) last (its ``TemporalShift`` moves channel
+    blocks ``[0, fold)`` by -1, ``[fold, 2·fold)`` by +1, then the long shifts):
+    ``{-1: 2, +1: 2, 0: 12}`` -> ``[-1, -1, +1, +1, 0, ...]`` (ViT-L/14 with ``shift_div=8``).
     """
     if isinstance(spec, Mapping):
         counts: dict[int, int] = {}
@@ -45,11 +47,7 @@ def expand_head_offsets(spec: HeadOffsets, num_heads: int) -> list[int]:
             )
         offsets: list[int] = []
         for m in range(1, max((abs(o) for o in counts), default=0) + 1):
-            while counts.get(-m, 0) or counts.get(m, 0):
-                for o in (-m, m):
-                    if counts.get(o, 0):
-                        offsets.append(o)
-                        counts[o] -= 1
+            offsets += [-m] * counts.get(-m, 0) + [m] * counts.get(m, 0)
         return offsets + [0] * counts.get(0, 0)
     offsets = list(spec)
     if any(isinstance(o, bool) or not isinstance(o, int) for o in offsets):

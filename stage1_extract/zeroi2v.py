@@ -12,15 +12,34 @@ Drop the ``zeroi2v_head.`` keys (``split_merged_state``) and the rest loads stri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import yaml
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from stage1_extract.backbone import create_vit, freeze
-from stage1_extract.linear_adapters import DEFAULT_PLACES, add_linear_adapters, parse_place
+from stage1_extract.checkpoint import (
+    CONFIG_KEY,
+    FORMAT_KEY,
+    check_backbone_weights,
+    load_into,
+    load_trainable_checkpoint,
+    read_metadata,
+)
+from stage1_extract.config import build_config
+from stage1_extract.linear_adapters import (
+    DEFAULT_PLACES,
+    add_linear_adapters,
+    check_places,
+    merge_linear_adapters,
+)
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, use_stdha
 
@@ -30,7 +49,11 @@ MERGED_FORMAT = "amflow-zeroi2v-merged-1"
 
 @dataclass
 class LinearAdapterConfig:
-    """Linear adapters: bottleneck = round(ratio · D), scale s, dropout (training only), places per block."""
+    """Linear adapters: bottleneck = round(ratio · D), scale s, dropout (training only), places per block.
+
+    Places: ``before_qkv``, ``after_proj``, ``before_fc1``, ``after_fc2`` (the paper's four), or
+    ``before_q``/``before_k``/``before_v`` (separate Q, K, V input adapters, Table 11b's 6-adapter setting).
+    """
 
     ratio: float = 0.25
     scale: float = 0.5
@@ -42,13 +65,10 @@ class LinearAdapterConfig:
             raise ValueError(f"key 'adapter.ratio': expected > 0, got {self.ratio}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"key 'adapter.dropout': expected a probability in [0, 1), got {self.dropout}")
-        if len(set(self.places)) != len(self.places):
-            raise ValueError(f"key 'adapter.places': places repeat: {self.places}")
-        for place in self.places:
-            try:
-                parse_place(place)
-            except ValueError as e:
-                raise ValueError(f"key 'adapter.places': {e}") from e
+        try:
+            check_places(self.places)
+        except ValueError as e:
+            raise ValueError(f"key 'adapter.places': {e}") from e
 
 
 def build_zeroi2v_backbone(
@@ -58,7 +78,8 @@ def build_zeroi2v_backbone(
 
     Returns the ViT and the explicit per-head offset list (None without STDHA).
     """
-    vit = freeze(create_vit(backbone.name, backbone.img_size, backbone.weights, **backbone.timm_kwargs))
+    b = backbone
+    vit = freeze(create_vit(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
     offsets = None
     if backbone.head_offsets is not None:
         try:
@@ -85,3 +106,32 @@ def plain_vit(backbone: BackboneConfig) -> VisionTransformer:
     if backbone.img_size is not None:
         kwargs["img_size"] = backbone.img_size
     return timm.create_model(backbone.name, **kwargs)
+
+
+def is_zeroi2v_file(path: str | Path, metadata: dict[str, str] | None = None) -> bool:
+    """True for a merged ZeroI2V file and for a trainable ZeroI2V checkpoint (finetuned or converted)."""
+    meta = read_metadata(path) if metadata is None else metadata
+    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
+        return True
+    return CONFIG_KEY in meta and (yaml.safe_load(meta[CONFIG_KEY]) or {}).get("kind") == "zeroi2v"
+
+
+def merged_backbone(path: str | Path) -> tuple[str, list[int] | None, dict[str, torch.Tensor]]:
+    """(backbone name, STDHA head offsets, plain timm ViT state) of a merged ZeroI2V file, or of a
+    trainable ZeroI2V checkpoint whose adapters are merged here, in memory (its classifier is not read)."""
+    meta = read_metadata(path)
+    if meta.get(FORMAT_KEY) == MERGED_FORMAT:
+        vit_state, _ = split_merged_state(load_file(str(path)))
+        return meta.get("backbone", ""), json.loads(meta.get("head_offsets", "null")), vit_state
+    state, stored = load_trainable_checkpoint(path)
+    source = f"{path} (metadata '{CONFIG_KEY}')"
+    backbone = build_config(BackboneConfig, stored.get("backbone") or {}, source)
+    adapter = build_config(LinearAdapterConfig, stored.get("adapter") or {}, source)
+    check_backbone_weights(path, stored)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(stored.get("seed", 0)))
+        vit, offsets = build_zeroi2v_backbone(backbone, int(stored.get("num_frames", 8)), adapter)
+    holder = nn.ModuleDict({"vit": vit})
+    load_into(holder, {k: v for k, v in state.items() if k.startswith("vit.")}, path)
+    merge_linear_adapters(vit)
+    return backbone.name, offsets, vit.state_dict()

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
 from stage1_extract.checkpoint import (
     CheckpointError,
+    check_backbone_weights,
     load_into,
     load_trainable_checkpoint,
     read_metadata,
@@ -120,6 +121,8 @@ class FinetuneConfig:
     save_every_steps: int | None = None  # also write the resume state every N steps (always every epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK when CUDA exists)
     seed: int = 0
+    # A checkpoint of this model config (amflow's own, or `amflow convert`ed) to start a new run from.
+    init_checkpoint: str | None = None
 
     def validate(self) -> None:
         self.augment.validate()
@@ -619,6 +622,11 @@ class FinetuneRun:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             (out / CONFIG_FILE).write_text(yaml.safe_dump(self.plan.resolved(), sort_keys=False))
+        if not resume and self.plan.recipe.init_checkpoint:
+            init = self.plan.recipe.init_checkpoint
+            weights, _ = load_trainable_checkpoint(init)
+            check_backbone_weights(init, config_to_dict(self.plan.model))
+            load_into(self.model, weights, init)
         if resume:
             loaded = load_resume_state(out / RESUME_FILE)
             saved_step = read_metadata(out / LAST_FILE).get("global_step")

@@ -209,7 +209,7 @@ def merge_checkpoint(
     check_backbone_weights(checkpoint_path, config_to_dict(cfg))
     model = build_zeroi2v(cfg)
     load_into(model, state, checkpoint_path)
-    adapters = len(linear_adapter_modules(model.vit))
+    adapters = sum(m.num_adapters for m in linear_adapter_modules(model.vit))
     merge_linear_adapters(model.vit)
     meta = {
         "merged_from": str(checkpoint_path),

@@ -19,9 +19,9 @@ torch.set_num_threads(1)
 
 def test_expand_head_offsets_documented_order():
     assert expand_head_offsets({1: 1, -1: 1, 0: 10}, 12) == [-1, 1] + [0] * 10
-    assert expand_head_offsets({-1: 2, 1: 2, 0: 12}, 16) == [-1, 1, -1, 1] + [0] * 12
+    assert expand_head_offsets({-1: 2, 1: 2, 0: 12}, 16) == [-1, -1, 1, 1] + [0] * 12  # release, shift_div=8
     assert expand_head_offsets({2: 1, -2: 1, 1: 1, -1: 1, 0: 8}, 12) == [-1, 1, -2, 2] + [0] * 8
-    # uneven counts: round-robin while counts remain, then the larger magnitude
+    # every -m head, then every +m head, magnitude by magnitude, spatial heads last
     assert expand_head_offsets({1: 2, -1: 1, 3: 1, 0: 1}, 5) == [-1, 1, 1, 3, 0]
     assert expand_head_offsets([0, 2, -1], 3) == [0, 2, -1]
     with pytest.raises(ValueError, match="has 11 heads, the backbone has 12"):

@@ -92,6 +92,8 @@ def test_linear_adapter_merge_equals_applying_it(position, bias):
         ["before_fc1"],
         ["after_fc2"],
         ["before_qkv", "after_proj", "before_fc1", "after_fc2"],
+        ["before_q", "before_v"],
+        ["before_q", "before_k", "before_v", "after_proj", "before_fc1", "after_fc2"],  # Table 11b, 6
     ],
 )
 def test_merge_is_exact_at_every_place(places):
@@ -110,6 +112,22 @@ def test_merge_is_exact_at_every_place(places):
     assert sum(p.numel() for p in model.vit.parameters()) == sum(p.numel() for p in plain.parameters())
     assert all(isinstance(b.attn, STDHAttention) for b in model.vit.blocks)
     assert not linear_adapter_modules(model)
+
+
+def test_qkv_places_adapt_each_part_and_exclude_before_qkv():
+    model = build_zeroi2v(tiny_config("adapter.places=[before_k]"))
+    randomise(model)
+    qkv = model.vit.blocks[0].attn.qkv
+    x = torch.randn(2, 5, qkv.in_features)
+    w, b = qkv.weight.chunk(3), qkv.bias.chunk(3)
+    with torch.no_grad():  # Q and V read x, K reads A_k(x)
+        expected = torch.cat(
+            [x @ w[0].T + b[0], qkv.adapter["k"].eval()(x) @ w[1].T + b[1], x @ w[2].T + b[2]], -1
+        )
+        torch.testing.assert_close(qkv(x), expected)
+    assert any(k.endswith("attn.qkv.adapter.k.down.weight") for k in model.state_dict())
+    with pytest.raises(ConfigError, match="before_qkv .* and before_q/k/v"):
+        tiny_config("adapter.places=[before_qkv, before_k]")
 
 
 def test_fresh_model_is_the_image_model_and_plain_weights_load(tmp_path):
@@ -156,7 +174,7 @@ def test_configs_resolve_the_papers_head_assignments():
     expected = {
         "zeroi2v_vitb16_clip_k400_8f": [-1, 1] + [0] * 10,
         "zeroi2v_vitb16_clip_ssv2_16f": [-1, 1, -2, 2] + [0] * 8,
-        "zeroi2v_vitl14_clip_8f": [-1, 1, -1, 1] + [0] * 12,
+        "zeroi2v_vitl14_clip_8f": [-1, -1, 1, 1] + [0] * 12,  # the release (shift_div=8)
         "zeroi2v_tiny": [-1, 1, 0],
     }
     for name, offsets in expected.items():

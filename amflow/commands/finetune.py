@@ -41,6 +41,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe", default=None, help="training recipe YAML (default: configs/finetune/default.yaml)"
     )
+    p.add_argument(
+        "--weights",
+        help="local backbone weights file or transformers folder; same as model.backbone.weights=",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's pretrained weights of the backbone's tag (HF hub, or its cache offline); "
+        "same as model.backbone.pretrained=true",
+    )
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's adapters and head (amflow's own or amflow convert's); same as "
+        "init_checkpoint=",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from resume.pt")
     p.add_argument("--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run")
     p.add_argument(
@@ -69,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         protocol=args.protocol,
         recipe=args.recipe,
-        overrides=args.overrides,
+        overrides=list(args.overrides)
+        + ([f"model.backbone.weights={args.weights}"] if args.weights else [])
+        + (["model.backbone.pretrained=true"] if args.pretrained else [])
+        + ([f"finetune.init_checkpoint={args.init}"] if args.init else []),
         resume=args.resume,
         overwrite=args.overwrite,
         stop_after_steps=args.stop_after_steps,

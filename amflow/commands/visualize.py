@@ -26,7 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("video", help="the video file to draw")
     p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
-    p.add_argument("--weights", help="local backbone weights (.safetensors/.pth); same as backbone.weights=")
+    p.add_argument(
+        "--weights", help="local backbone weights (file or transformers folder); same as backbone.weights="
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's pretrained weights of the backbone's tag (HF hub, or its cache offline); "
+        "same as backbone.pretrained=true",
+    )
     p.add_argument("--blocks", help="1-based AM-flow blocks to draw, comma-separated (default: all)")
     p.add_argument("--frames", type=int, help="frames to sample, >= 2 (default: the config's num_frames)")
     p.add_argument("--out", required=True, help="the figure to write (.png, .pdf, .svg or .jpg)")
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.video}: no such video file")
     blocks = _parse_blocks(args.blocks)
     overrides = list(args.overrides) + ([f"backbone.weights={args.weights}"] if args.weights else [])
+    overrides += ["backbone.pretrained=true"] if args.pretrained else []
     model = load_visualization_model(
         args.config, args.checkpoint, num_frames=args.frames, overrides=overrides, device=args.device
     )
