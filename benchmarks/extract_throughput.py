@@ -61,7 +61,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--flow", action="store_true", help="also store the AM-flow maps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder, kept (default: a temp one)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides, e.g. seed=1")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (data./model. prefixes or a bare key), e.g. seed=1",
+    )
     return p.parse_args()
 
 
@@ -97,11 +102,10 @@ def main() -> None:
         )
 
         def plan_store(path: Path) -> tuple[ExtractionPlan, FeatureStore]:
-            data, model = [f"num_frames={args.frames}"], args.overrides
+            overrides = [f"num_frames={args.frames}", *args.overrides]
             return plan_extraction(
-                "folder", root, "train", args.config, path, dataset_overrides=data, model_overrides=model,
-                options=options,
-            )  # fmt: skip
+                "folder", root, "train", args.config, path, overrides=overrides, options=options
+            )
 
         # ---- end to end, as `amflow extract` runs it (model loading included: a user waits for it too)
         out = scratch / "bench.zarr"

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
 from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
 from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
-from stage1_extract.config import ConfigError, config_to_dict
+from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
-from stage1_extract.models import load_model_config
+from stage1_extract.models import check_matches_dataset, load_model_config, model_config_class
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import FORMAT_KEY, MERGED_FORMAT, split_merged_state
 from store.feature_store import STATUS_MISSING, FeatureStore
@@ -51,7 +51,6 @@ class ExtractOptions:
     dtype: str = "float16"
     shard_clips: int | None = None
     compression: str = "none"
-    strict: bool = False
     commit_every: int | None = None
     threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
 
@@ -300,16 +299,20 @@ def plan_extraction(
     out: str | Path,
     *,
     protocol: str | None = None,
-    dataset_overrides: Sequence[str] = (),
-    model_overrides: Sequence[str] = (),
+    overrides: Sequence[str] = (),
     checkpoint: str | None = None,
     options: ExtractOptions | None = None,
 ) -> tuple[ExtractionPlan, FeatureStore]:
-    """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store."""
+    """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store.
+
+    ``overrides`` are routed by ``route_overrides``: ``data.KEY=V`` to the dataset config, ``model.KEY=V``
+    to the model config, a bare key to the one that has it (``num_frames`` to both).
+    """
     options = options or ExtractOptions()
-    overrides = list(dataset_overrides) + ([f"protocol={protocol}"] if protocol is not None else [])
-    data_cfg = load_dataset_config(dataset, overrides)
-    model_cfg = load_model_config(model_config, model_overrides)
+    routed = route_overrides(overrides, {"data": DatasetConfig, "model": model_config_class(model_config)})
+    data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
+    data_cfg = load_dataset_config(dataset, data_over)
+    model_cfg = load_model_config(model_config, routed["model"])
     if not isinstance(model_cfg, AMFlowConfig):
         raise ConfigError(
             f"{model_config}: extraction runs an AM-flow model (kind: amflow); for ZeroI2V, merge the "
@@ -320,8 +323,7 @@ def plan_extraction(
         if img_size is None:
             raise ConfigError(f"{model_config}: set backbone.img_size (or the dataset's crop_size)")
         data_cfg = dataclasses.replace(data_cfg, crop_size=img_size)
-    if data_cfg.num_frames != model_cfg.num_frames:
-        model_cfg = dataclasses.replace(model_cfg, num_frames=data_cfg.num_frames)
+    check_matches_dataset(model_cfg, model_config, data_cfg.num_frames, data=f"dataset {data_cfg.name!r}")
     index = build_index(dataset, root, split, data_cfg)
     log.info(index.summary())
     if index.missing:
@@ -329,6 +331,8 @@ def plan_extraction(
     records = sorted(index.records + index.missing, key=lambda r: r.path)
     if not records:
         raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
+    # The heads are not run to extract (the fingerprint leaves them out): the store records the dataset's
+    # class count, which a model trained on these features will have.
     model_cfg = dataclasses.replace(model_cfg, num_classes=index.num_classes)
 
     from stage1_extract.models import build_model_on_meta

@@ -106,8 +106,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
                     split,
                     MODEL_CONFIG,
                     path,
-                    dataset_overrides=[f"num_frames={cfg.num_frames}"],
-                    model_overrides=[f"maps={maps}", f"backbone.img_size={cfg.size}", *cfg.model_overrides],
+                    overrides=[
+                        f"num_frames={cfg.num_frames}",
+                        f"model.maps={maps}",
+                        f"model.backbone.img_size={cfg.size}",
+                        *(f"model.{o}" for o in cfg.model_overrides),
+                    ],
                     options=ExtractOptions(
                         store_flow=True,
                         decode_workers=cfg.decode_workers,

@@ -56,11 +56,23 @@ from stage1_extract.config import (
     CONFIG_ROOT,
     ConfigError,
     config_to_dict,
-    deep_merge,
     load_config,
+    route_overrides,
 )
-from stage1_extract.datasets import DatasetIndex, build_index, canonical_split, load_dataset_config
-from stage1_extract.models import ModelConfig, build_model, load_model_config, model_config_from_dict
+from stage1_extract.datasets import (
+    DatasetConfig,
+    DatasetIndex,
+    build_index,
+    canonical_split,
+    load_dataset_config,
+)
+from stage1_extract.models import (
+    ModelConfig,
+    build_model,
+    check_matches_dataset,
+    load_model_config,
+    model_config_class,
+)
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import ZeroI2VModel
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
@@ -168,20 +180,6 @@ class FinetunePlan:
         }
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """``model.X=v`` -> model, ``data.X=v`` -> dataset, ``finetune.X=v`` or anything else -> recipe."""
-    model, data, recipe = [], [], []
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        for prefix, bucket in (("model.", model), ("data.", data), ("finetune.", recipe)):
-            if key.startswith(prefix):
-                bucket.append(item[item.index(prefix) + len(prefix) :])
-                break
-        else:
-            recipe.append(item)
-    return model, data, recipe
-
-
 def resolve_val_split(dataset: str, requested: str | None) -> str:
     """The validation split: the one asked for, else val/validation, else test (warned: selection on test)."""
     if requested is not None:
@@ -206,16 +204,17 @@ def plan_finetune(
     recipe: str | Path | None = DEFAULT_RECIPE,
     overrides: Sequence[str] = (),
 ) -> FinetunePlan:
-    """Loads the three configs (overrides routed by ``split_overrides``) and indexes train and val splits.
+    """Loads the three configs (overrides routed by ``route_overrides``: ``data.``, ``model.``, ``train.``
+    or a bare key of one config) and indexes train and val splits.
 
-    The model gets the dataset's class count and frame count; the crop size is the backbone's input size.
+    The model config's class and frame counts must be the dataset's; the crop size is the backbone's input.
     """
-    model_over, data_over, recipe_over = split_overrides(overrides)
-    if protocol is not None:
-        data_over.append(f"protocol={protocol}")
+    sections = {"data": DatasetConfig, "model": model_config_class(model_config), "train": FinetuneConfig}
+    routed = route_overrides(overrides, sections)
+    data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
-    ft = load_config(FinetuneConfig, recipe, recipe_over)
-    model_cfg = load_model_config(model_config, model_over)
+    ft = load_config(FinetuneConfig, recipe, routed["train"])
+    model_cfg = load_model_config(model_config, routed["model"])
     img = model_cfg.backbone.img_size
     if data_cfg.crop_size is not None and img is not None and data_cfg.crop_size != img:
         raise ConfigError(
@@ -236,9 +235,8 @@ def plan_finetune(
             log.warning("%s: %d listed videos are missing and left out", index.split, len(index.missing))
     if train.classes != val.classes:
         raise ConfigError(f"{name}: train and {val.split} splits list different classes")
-    changes = {"num_classes": train.num_classes, "num_frames": data_cfg.num_frames}
-    model_cfg = model_config_from_dict(
-        deep_merge(config_to_dict(model_cfg), changes), f"{model_config} (with the dataset's {changes})"
+    check_matches_dataset(
+        model_cfg, model_config, data_cfg.num_frames, train.num_classes, f"{name} split {train.split!r}"
     )
     return FinetunePlan(name, root, model_cfg, data_cfg, ft, train, val, int(crop))
 
