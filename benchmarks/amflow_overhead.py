@@ -21,6 +21,7 @@ import timm
 import torch
 
 from stage1_extract.amflow_model import build_amflow
+from stage1_extract.backbone import RANDOM_INIT_WARNING
 from stage1_extract.models import load_model_config
 
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     cfg = load_model_config(args.config, ["aligning_encoder=false", *args.overrides])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_amflow(cfg).eval().to(args.device)
         b = cfg.backbone
         plain = timm.create_model(b.name, img_size=b.img_size, num_classes=0, **b.timm_kwargs)

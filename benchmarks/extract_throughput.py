@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import resolve_device
+from stage1_extract.backbone import RANDOM_INIT_WARNING, resolve_device
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.extract import (
     ExtractionPlan,
@@ -143,7 +143,7 @@ def main() -> None:
         # ---- model alone on the pre-decoded batches (loaded and warmed up first)
         t = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
             model_cfg = model_config_from_dict(plan.model_config)
             model = load_extraction_model(model_cfg, plan.checkpoint, device)
         load_seconds = time.perf_counter() - t

@@ -16,6 +16,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+# Matches the warning of a backbone built without weights, for ``warnings.filterwarnings(message=...)``
+# where random weights are expected (parameter counts, tests, benchmarks); no other warning is muted.
+RANDOM_INIT_WARNING = r"backbone .* is randomly initialised"
+
+
 class WeightsError(ValueError):
     """A weights file is missing, unreadable, or does not fit the model."""
 
@@ -43,7 +48,7 @@ def create_vit(
     if weights:
         load_vit_weights(model, weights)
     else:
-        warnings.warn(
+        warnings.warn(  # RANDOM_INIT_WARNING matches it
             f"backbone {name!r} is randomly initialised (no weights file given): features are not "
             "pretrained. Pass a local .safetensors/.pth with --weights / backbone.weights.",
             UserWarning,

@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowModel, build_amflow
-from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
+from stage1_extract.backbone import (
+    RANDOM_INIT_WARNING,
+    file_sha256,
+    is_added_key,
+    normalise_video,
+    pixel_stats,
+    resolve_device,
+)
 from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
 from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
@@ -170,7 +177,7 @@ def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlo
 
     cfg = model_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         return load_extraction_model(cfg, checkpoint, torch.device(device))
 
 
@@ -338,7 +345,7 @@ def plan_extraction(
     from stage1_extract.models import build_model_on_meta
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_model_on_meta(model_cfg)
     views = data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)

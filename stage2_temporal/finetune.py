@@ -79,6 +79,7 @@ from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.train import cosine_with_warmup
+from store.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -385,11 +386,9 @@ def checkpoint_config(model: FinetunableModel, cfg: ModelConfig) -> ModelConfig:
 
 
 def save_resume_state(state: dict[str, Any], path: str | Path) -> None:
-    """Writes the resume state atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Writes the resume state atomically and durably (``store.atomic``)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:
@@ -422,12 +421,10 @@ def _read_steps(path: Path, up_to: int) -> list[dict[str, Any]]:
 
 
 def _write_steps(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "epoch", "lr", "loss"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    from stage1_extract.backbone import RANDOM_INIT_WARNING
     from stage1_extract.config import route_overrides
     from stage1_extract.models import (
         build_model_on_meta,
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = route_overrides(args.overrides, {"model": model_config_class(args.config)})["model"]
     cfg = load_model_config(args.config, overrides)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # random-init warning: nothing is initialised here
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)  # nothing is initialised here
         report = parameter_report(build_model_on_meta(cfg))
     if args.json:
         print(json.dumps(report))
