@@ -90,3 +90,24 @@ def test_a_bug_is_not_a_user_error(monkeypatch):
     monkeypatch.setattr(model_info, "run", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["model-info", "--config", TINY])
+
+
+def test_only_the_random_init_warning_is_muted(monkeypatch, capsys):
+    """model-info builds a weightless model: that warning is muted by its message, no other UserWarning."""
+    import warnings
+
+    from stage1_extract import models
+
+    real = models.parameter_report
+
+    def report_and_warn(model):
+        warnings.warn("another warning the user must see", UserWarning, stacklevel=1)
+        return real(model)
+
+    monkeypatch.setattr(models, "parameter_report", report_and_warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["model-info", "--config", TINY, "--json"]) == 0
+    messages = [str(w.message) for w in caught]
+    assert "another warning the user must see" in messages
+    assert not any("randomly initialised" in m for m in messages)
