@@ -30,8 +30,10 @@ from stage1_extract.config import (
     build_config,
     config_to_dict,
     deep_merge,
+    parse_overrides,
     read_yaml,
     resolve_config_path,
+    route_overrides,
 )
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
@@ -96,6 +98,21 @@ class SweepResult:
 def load_grid(path: str | Path) -> SweepGrid:
     """Reads a sweep grid YAML (keys: base, fixed, grid)."""
     return build_config(SweepGrid, read_yaml(path), str(resolve_config_path(path)))
+
+
+def with_overrides(grid: SweepGrid, overrides: Sequence[str], source: str = "<grid>") -> SweepGrid:
+    """The grid with ``KEY=V`` / ``train.KEY=V`` overrides added to its fixed keys (every run gets them)."""
+    routed = route_overrides(overrides, {"train": TrainConfig})["train"]
+    fixed = dict(grid.fixed)
+    for item in routed:
+        key = item.split("=", 1)[0].strip()
+        if key in grid.grid:
+            raise ConfigError(f"override {item!r}: {source} sweeps '{key}'; change its grid instead")
+        node: Any = parse_overrides([item])  # the value parsed as every override's (YAML scalar or list)
+        for part in key.split("."):
+            node = node[int(part) if part.lstrip("+-").isdigit() else part]
+        fixed[key] = node
+    return SweepGrid(grid.base, fixed, dict(grid.grid))
 
 
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -347,12 +364,16 @@ def run_sweep_from_stores(
     scheduler: str | None = None,
     force: bool = False,
     progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> SweepResult:
-    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps."""
+    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps.
+
+    ``overrides`` (``KEY=V`` or ``train.KEY=V``) are fixed for every run, recorded in ``sweep.yaml``.
+    """
     from stage2_temporal.data import check_same_features, load_store, store_fingerprint_fields
 
-    grid = load_grid(grid_path)
     source = str(resolve_config_path(grid_path))
+    grid = with_overrides(load_grid(grid_path), overrides, source)
     check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
     flow = sweep_needs_flow(grid, sweep_dir, source)
     train = load_store(train_store, with_flow=flow, progress=progress)

@@ -164,3 +164,20 @@ def test_merge_user_error_exits_2(tmp_path, capsys):
         main(["merge", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "m.safetensors")]) == 2
     )
     assert error_line(capsys).startswith("amflow merge: error: ")
+
+
+def test_sweep_overrides_are_fixed_for_every_run_and_may_not_touch_the_grid(tmp_path, capsys):
+    from stage2_temporal.sweep import expand_grid, load_grid, with_overrides
+
+    grid = load_grid("configs/sweeps/tiny.yaml")  # sweeps heads.type, lr, heads.flow_maps
+    plain = expand_grid(grid, tmp_path)
+    runs = expand_grid(with_overrides(grid, ["epochs=3", "train.heads.hidden=8"]), tmp_path)
+    assert len(runs) == len(plain) == 8
+    assert {(r.config.epochs, r.config.heads.hidden) for r in runs} == {(3, 8)}
+    assert {r.combination["lr"] for r in runs} == {0.003, 0.001}  # the grid itself is unchanged
+    with pytest.raises(ConfigError, match=r"sweeps 'lr'; change its grid instead"):
+        with_overrides(grid, ["train.lr=0.1"], "tiny.yaml")
+    argv = ["sweep", "--store", "a.zarr", "--val-store", "b.zarr", "--grid", "configs/sweeps/tiny.yaml"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "s"), "data.num_frames=4"]) == 2
+    assert "override 'data.num_frames=4': no config of this command has the key 'data'" in error_line(capsys)
