@@ -54,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)
-    for command in sub.choices.values():  # also after the command: amflow extract ... -v
-        command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
+    _add_verbose(sub, verbose)  # also after the command: amflow extract ... -v, amflow store info X -v
     return parser
+
+
+def _add_verbose(sub: argparse._SubParsersAction, verbose: dict) -> None:
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose(action, verbose)
 
 
 def _one_line(error: BaseException) -> str:

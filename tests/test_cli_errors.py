@@ -32,6 +32,8 @@ def test_config_and_file_errors_are_one_line_and_exit_2(tmp_path, capsys):
     # Sub-sub-commands are named whole.
     code, err = run(capsys, "store", "info", str(tmp_path))
     assert code == 2 and len(err) == 1 and err[0].startswith("amflow store info: error: ")
+    code, verbose = run(capsys, "store", "info", str(tmp_path), "-v")  # -v after a sub-sub-command too
+    assert code == 2 and verbose[0].startswith("Traceback") and verbose[-1] == err[0]
     code, err = run(capsys, "datasets", "list", "--dataset", "kinetics", "--root", ".", "--split", "train")
     assert code == 2 and len(err) == 1 and err[0].startswith("amflow datasets list: error: ")
 
