@@ -21,7 +21,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from store.atomic import atomic_path
+from store.atomic import atomic_path, write_text_atomic
 
 MOTIONS = ("left", "right", "up", "down", "approach", "recede")
 _DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
@@ -265,5 +265,5 @@ def make_folder_dataset(
         "seconds": time.perf_counter() - started,
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / "manifest.json").write_text(json.dumps({**summary, "files": manifest}, indent=1))
+    write_text_atomic(root / "manifest.json", json.dumps({**summary, "files": manifest}, indent=1))
     return summary

@@ -79,7 +79,7 @@ from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.train import cosine_with_warmup
-from store.atomic import atomic_path
+from store.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ class FinetuneRun:
             out.mkdir(parents=True, exist_ok=True)
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            (out / CONFIG_FILE).write_text(yaml.safe_dump(self.plan.resolved(), sort_keys=False))
+            write_text_atomic(out / CONFIG_FILE, yaml.safe_dump(self.plan.resolved(), sort_keys=False))
         if resume:
             loaded = load_resume_state(out / RESUME_FILE)
             saved_step = read_metadata(out / LAST_FILE).get("global_step")

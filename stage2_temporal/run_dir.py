@@ -18,7 +18,7 @@ import torch
 
 from stage1_extract.config import build_config, config_to_dict
 from stage1_extract.heads import AveragingClassifier, HeadsConfig
-from store.atomic import write_text_atomic
+from store.atomic import atomic_path, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 HEADS_FILE = "heads.safetensors"
@@ -114,7 +114,7 @@ def write_curve(rows: Sequence[Mapping[str, Any]], run_dir: str | Path) -> None:
     from stage2_temporal.plots import plot_curve
 
     run_dir = Path(run_dir)
-    with (run_dir / CURVE_FILE).open("w", newline="") as f:
+    with atomic_path(run_dir / CURVE_FILE) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -38,6 +38,7 @@ from stage1_extract.config import (
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
+from store.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> 
     sweep_dir = Path(sweep_dir)
     csv_path, md_path, png_path = (sweep_dir / f"leaderboard.{ext}" for ext in ("csv", "md", "png"))
     columns = list(rows[0])
-    with csv_path.open("w", newline="") as f:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -233,7 +234,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> 
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(k, r[k]) for k in columns) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(md_path, "\n".join(lines) + "\n")
     done = [r for r in rows if r["status"] == "done"]
     grid_keys = [c for c in columns if c not in ("rank", "run", "status", *METRIC_COLUMNS)]
     labels = [" ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid_keys) or r["run"] for r in done]
@@ -258,7 +259,7 @@ def _record_sweep(
                 + "\n  ".join(diffs)
                 + "\n(use another --out, or --force to mix them)"
             )
-    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(config_to_dict(grid), sort_keys=False))
+    write_text_atomic(sweep_dir / SWEEP_FILE, yaml.safe_dump(config_to_dict(grid), sort_keys=False))
     write_json_atomic(
         {"train": train.source, "val": val.source, "fingerprint_fields": train.fingerprint_fields}, record
     )
