@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from amflow import __version__
 from amflow.commands import (
@@ -50,14 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"amflow {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbose = {"action": "store_true", "help": "log debug messages; show the traceback of an error"}
+    parser.add_argument("-v", "--verbose", **verbose)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)
+    _add_verbose(sub, verbose)  # also after the command: amflow extract ... -v, amflow store info X -v
     return parser
 
 
+def _add_verbose(sub: argparse._SubParsersAction, verbose: dict) -> None:
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", **verbose, default=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose(action, verbose)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line: ``FILE: reason`` for the OS's errors, the message itself for ours."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a user error (bad config, argument, file, disk) prints one line and returns 2.
+
+    ``ValueError`` (``ConfigError``, ``StoreError``, ...) and ``OSError`` (missing or existing file,
+    permission, no space left, read-only file system) are user errors; Ctrl-C returns 130. ``-v`` also
+    prints the traceback. Any other exception is a bug and propagates with its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -66,12 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from stage1_extract.config import ConfigError
-
+    name = " ".join(
+        str(part)
+        for part in (args.command, getattr(args, "store_command", None), getattr(args, "action", None))
+        if part
+    )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"amflow {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"amflow {name}: error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"amflow {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

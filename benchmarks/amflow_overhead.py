@@ -20,6 +20,7 @@ import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import 
 import timm
 import torch
 
+from stage1_extract.backbone import RANDOM_INIT_WARNING
 from stage2_temporal.models import build_amflow, load_model_config
 
 
@@ -43,7 +44,7 @@ def main() -> None:
 
     cfg = load_model_config(args.config, ["aligning_encoder=false", *args.overrides])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_amflow(cfg).eval().to(args.device)
         b = cfg.backbone
         plain = timm.create_model(b.name, img_size=b.img_size, num_classes=0, **b.timm_kwargs)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import resolve_device
+from stage1_extract.backbone import RANDOM_INIT_WARNING, resolve_device
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.extract import (
     ExtractionPlan,
@@ -61,7 +61,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--flow", action="store_true", help="also store the AM-flow maps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder, kept (default: a temp one)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides, e.g. seed=1")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (data./model. prefixes or a bare key), e.g. seed=1",
+    )
     return p.parse_args()
 
 
@@ -97,11 +102,10 @@ def main() -> None:
         )
 
         def plan_store(path: Path) -> tuple[ExtractionPlan, FeatureStore]:
-            data, model = [f"num_frames={args.frames}"], args.overrides
+            overrides = [f"num_frames={args.frames}", *args.overrides]
             return plan_extraction(
-                "folder", root, "train", args.config, path, dataset_overrides=data, model_overrides=model,
-                options=options,
-            )  # fmt: skip
+                "folder", root, "train", args.config, path, overrides=overrides, options=options
+            )
 
         # ---- end to end, as `amflow extract` runs it (model loading included: a user waits for it too)
         out = scratch / "bench.zarr"
@@ -139,7 +143,7 @@ def main() -> None:
         # ---- model alone on the pre-decoded batches (loaded and warmed up first)
         t = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
             model_cfg = feature_config_from_dict(plan.model_config)
             model = load_extraction_model(model_cfg, plan.checkpoint, device)
         load_seconds = time.perf_counter() - t

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import stage1_extract  # noqa: F401  (before timm)
+from stage1_extract.backbone import RANDOM_INIT_WARNING
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import LSTMHeadsConfig
@@ -113,7 +114,7 @@ def main() -> None:
     overrides = [o.removeprefix("model.") for o in args.overrides]
     model_cfg = load_model_config(args.model, overrides)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_amflow(model_cfg).eval()
     size = model_cfg.backbone.img_size or 224
     g = torch.Generator().manual_seed(0)

@@ -24,6 +24,7 @@ import timm
 import torch
 from tqdm import tqdm
 
+from stage1_extract.backbone import RANDOM_INIT_WARNING
 from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
 from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
 
@@ -46,7 +47,7 @@ def parse_args() -> argparse.Namespace:
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """Plain timm ViT, unmerged ZeroI2V (random non-zero adapters) and its merge, all with equal backbones."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # random weights: latency does not depend on them
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)  # latency does not need weights
         plain = timm.create_model(args.model, num_classes=0, img_size=args.img_size)
         heads = plain.blocks[0].attn.num_heads
         first = [int(o) for o in args.head_offsets.split(",") if o.strip()]

@@ -25,6 +25,11 @@ from stage1_extract.weight_formats import architecture_name, check_architecture,
 log = logging.getLogger(__name__)
 
 
+# Matches the warning of a backbone built without weights, for ``warnings.filterwarnings(message=...)``
+# where random weights are expected (parameter counts, tests, benchmarks); no other warning is muted.
+RANDOM_INIT_WARNING = r"backbone .* is randomly initialised"
+
+
 class WeightsError(ValueError):
     """A weights file is missing, unreadable, or does not fit the model."""
 
@@ -65,7 +70,7 @@ def create_vit(
     if weights:
         load_vit_weights(model, weights)
     elif not pretrained:
-        warnings.warn(
+        warnings.warn(  # RANDOM_INIT_WARNING matches it
             f"backbone {name!r} is randomly initialised (no weights file given): features are not "
             "pretrained. Pass a local file with --weights / backbone.weights, or --pretrained / "
             "backbone.pretrained: true for timm's weights of the named tag.",

@@ -9,7 +9,6 @@ stored under the model's own state-dict keys. Shared by ZeroI2V merging and end-
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch import nn
 
 from stage1_extract.backbone import ADDED_KEY_MARKERS, file_sha256
 from stage1_extract.config import config_to_dict
+from store.atomic import atomic_path
 
 CONFIG_KEY = "config"
 FORMAT_KEY = "format"
@@ -60,16 +60,10 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]
 ) -> None:
     """Writes a safetensors file atomically (temporary file, then rename): no half-written output."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata)
         )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_trainable_checkpoint(

@@ -7,6 +7,7 @@ A config file is the record of a run: every run writes back the resolved config 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -77,6 +78,52 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r}: {part!r} is both a value and a section")
         node[parts[-1]] = Replace(value) if isinstance(value, dict) else value
     return nested
+
+
+# Keys that must agree across a command's configs (the dataset's and the model's frame count): a bare one is
+# set in every config that has it, so ``num_frames=16`` means the same on every command.
+SHARED_KEYS = ("num_frames",)
+
+
+def route_overrides(
+    overrides: Sequence[str], sections: Mapping[str, type], shared: Sequence[str] = SHARED_KEYS
+) -> dict[str, list[str]]:
+    """Sends each ``key=value`` to the config it names: ``{section: [prefix-free overrides]}``.
+
+    ``sections`` maps a prefix (``data``, ``model``, ``train``) to the config dataclass it routes to. A
+    prefixed key (``model.bottleneck=8``) goes to its section; a bare key goes to the one section whose
+    dataclass has that top-level field (or to all that have it, for ``shared`` keys). An ambiguous or
+    unknown bare key, or a prefix the command lacks, is a ``ConfigError`` naming it and the prefixes.
+    """
+    routed: dict[str, list[str]] = {name: [] for name in sections}
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    prefixes = ", ".join(f"{name}." for name in sections)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. model.bottleneck=192)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        head, dot, rest = key.partition(".")
+        if dot and rest and head in sections:
+            routed[head].append(f"{rest}={value}")
+            continue
+        owners = [name for name in sections if head in fields[name]]
+        if len(owners) == 1 or (owners and head in shared):
+            for name in owners:
+                routed[name].append(f"{key}={value}")
+            continue
+        if owners:
+            choices = " or ".join(f"{name}.{key}={value}" for name in owners)
+            raise ConfigError(
+                f"override {item!r}: key '{head}' is in the {' and '.join(owners)} configs; write {choices}"
+            )
+        known = [f"{name}.{f}" for name in sections for f in sorted(fields[name])]
+        close = difflib.get_close_matches(head, [k.split(".", 1)[1] for k in known], n=1)
+        hint = f"; did you mean {next(k for k in known if k.endswith('.' + close[0]))}?" if close else ""
+        raise ConfigError(
+            f"override {item!r}: no config of this command has the key '{head}' (prefixes: {prefixes}){hint}"
+        )
+    return routed
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,5 +293,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:
-    """Writes the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Writes the resolved config as YAML (atomically: never half-written)."""
+    from store.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

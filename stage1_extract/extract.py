@@ -26,11 +26,18 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, build_amflow_extractor
-from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, pixel_stats, resolve_device
+from stage1_extract.backbone import (
+    RANDOM_INIT_WARNING,
+    file_sha256,
+    is_added_key,
+    normalise_video,
+    pixel_stats,
+    resolve_device,
+)
 from stage1_extract.checkpoint import load_trainable_checkpoint
-from stage1_extract.config import ConfigError, config_to_dict
+from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
-from stage1_extract.models import feature_config_from_dict, load_feature_config
+from stage1_extract.models import check_matches_dataset, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.feature_store import STATUS_MISSING, FeatureStore
@@ -50,7 +57,6 @@ class ExtractOptions:
     dtype: str = "float16"
     shard_clips: int | None = None
     compression: str = "none"
-    strict: bool = False
     commit_every: int | None = None
     threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
 
@@ -165,7 +171,7 @@ def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlo
     """One model per worker process and plan (dask runs many shard tasks in one process)."""
     cfg = feature_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         return load_extraction_model(cfg, checkpoint, torch.device(device))
 
 
@@ -299,23 +305,26 @@ def plan_extraction(
     out: str | Path,
     *,
     protocol: str | None = None,
-    dataset_overrides: Sequence[str] = (),
-    model_overrides: Sequence[str] = (),
+    overrides: Sequence[str] = (),
     checkpoint: str | None = None,
     options: ExtractOptions | None = None,
 ) -> tuple[ExtractionPlan, FeatureStore]:
-    """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store."""
+    """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store.
+
+    ``overrides`` are routed by ``route_overrides``: ``data.KEY=V`` to the dataset config, ``model.KEY=V``
+    to the model config, a bare key to the one that has it (``num_frames`` to both).
+    """
     options = options or ExtractOptions()
-    overrides = list(dataset_overrides) + ([f"protocol={protocol}"] if protocol is not None else [])
-    data_cfg = load_dataset_config(dataset, overrides)
-    model_cfg = load_feature_config(model_config, model_overrides)
+    routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
+    data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
+    data_cfg = load_dataset_config(dataset, data_over)
+    model_cfg = load_feature_config(model_config, routed["model"])
     img_size = model_cfg.backbone.img_size
     if data_cfg.crop_size is None:
         if img_size is None:
             raise ConfigError(f"{model_config}: set backbone.img_size (or the dataset's crop_size)")
         data_cfg = dataclasses.replace(data_cfg, crop_size=img_size)
-    if data_cfg.num_frames != model_cfg.num_frames:
-        model_cfg = dataclasses.replace(model_cfg, num_frames=data_cfg.num_frames)
+    check_matches_dataset(model_cfg, model_config, data_cfg.num_frames, data=f"dataset {data_cfg.name!r}")
     index = build_index(dataset, root, split, data_cfg)
     log.info(index.summary())
     if index.missing:
@@ -326,7 +335,7 @@ def plan_extraction(
     if not records:
         raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
     with warnings.catch_warnings(), torch.device("meta"):
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_amflow_extractor(model_cfg)
     views = data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)

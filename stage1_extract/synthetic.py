@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import av
 import numpy as np
 from tqdm import tqdm
+
+from store.atomic import atomic_path, write_text_atomic
 
 MOTIONS = ("left", "right", "up", "down", "approach", "recede")
 _DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
@@ -251,9 +252,8 @@ def make_folder_dataset(
         rng = np.random.default_rng((seed, _SPLIT_NUMBERS[split], MOTIONS.index(motion), k))
         frames = make_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=pan)
         rel = f"{split}/{motion}/{motion}_{k:04d}.mp4"
-        tmp = root / f"{rel}.tmp"
-        write_video(tmp, frames, fps=fps)
-        os.replace(tmp, root / rel)
+        with atomic_path(root / rel, durable=False) as tmp:  # regenerated on demand: no fsync
+            write_video(tmp, frames, fps=fps)
         manifest.append({"path": rel, "motion": motion, "pan": pan})
         panning[split] += int(pan)
     summary = {
@@ -265,5 +265,5 @@ def make_folder_dataset(
         "seconds": time.perf_counter() - started,
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / "manifest.json").write_text(json.dumps({**summary, "files": manifest}, indent=1))
+    write_text_atomic(root / "manifest.json", json.dumps({**summary, "files": manifest}, indent=1))
     return summary

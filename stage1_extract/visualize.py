@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,9 +21,10 @@ import numpy as np
 import torch
 
 from stage1_extract.amflow_model import AMFlowExtractor
-from stage1_extract.backbone import normalise_video, pixel_stats
+from stage1_extract.backbone import RANDOM_INIT_WARNING, normalise_video, pixel_stats
 from stage1_extract.datasets import DatasetConfig
 from stage1_extract.video import decode_views
+from store.atomic import atomic_path
 
 COLORMAP = "inferno"
 
@@ -61,7 +61,7 @@ def load_visualization_model(
             )
         cfg = dataclasses.replace(cfg, num_frames=num_frames)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # random-init warning of a backbone without weights
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)  # a backbone without weights
         return load_extraction_model(cfg, checkpoint, torch.device(device))
 
 
@@ -150,11 +150,6 @@ def _check_shapes(frames: np.ndarray, heatmaps: np.ndarray, block_names: Sequenc
                          f"{frames.shape}: expected (blocks, T, H, W) with one name per block")  # fmt: skip
 
 
-def _partial(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.partial")
-
-
 def plot_flow(
     video_uint8: torch.Tensor | np.ndarray,
     heatmaps: np.ndarray,
@@ -205,13 +200,11 @@ def plot_flow(
         bar.ax.tick_params(labelsize=6)
     heading = f"{quantity} per patch (sum over heads); colour scale per row, 0 to the block's maximum"
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=9)
-    tmp = _partial(path)
     try:
-        fig.savefig(tmp, format="jpeg" if suffix == "jpg" else suffix, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="jpeg" if suffix == "jpg" else suffix, dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -253,12 +246,8 @@ def save_gif(
             draw.text((k * W * zoom + 3, 1), label, fill="black")
         images.append(canvas.quantize(colors=256, dither=Image.Dither.NONE))  # one palette per frame
     path = Path(path)
-    tmp = _partial(path)
-    try:
+    with atomic_path(path) as tmp:
         images[0].save(
             tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

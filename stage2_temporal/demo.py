@@ -11,7 +11,6 @@ heads on frame-to-frame differences of the block's token features).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.evaluate import evaluate_store
 from stage2_temporal.heads import LSTMHeadsConfig
+from stage2_temporal.run_dir import write_json_atomic
 from stage2_temporal.train import train_heads_from_stores
 
 MODEL_CONFIG = "configs/models/amflow_tiny.yaml"
@@ -106,8 +106,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
                     split,
                     MODEL_CONFIG,
                     path,
-                    dataset_overrides=[f"num_frames={cfg.num_frames}"],
-                    model_overrides=[f"maps={maps}", f"backbone.img_size={cfg.size}", *cfg.model_overrides],
+                    overrides=[
+                        f"num_frames={cfg.num_frames}",
+                        f"model.maps={maps}",
+                        f"model.backbone.img_size={cfg.size}",
+                        *(f"model.{o}" for o in cfg.model_overrides),
+                    ],
                     options=ExtractOptions(
                         store_flow=True,
                         decode_workers=cfg.decode_workers,
@@ -135,7 +139,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         "clips_per_class": cfg.clips_per_class,
         "chance": 1.0 / len(MOTIONS),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(result, out / "results.json")
     return result
 
 

@@ -56,10 +56,17 @@ from stage1_extract.config import (
     CONFIG_ROOT,
     ConfigError,
     config_to_dict,
-    deep_merge,
     load_config,
+    route_overrides,
 )
-from stage1_extract.datasets import DatasetIndex, build_index, canonical_split, load_dataset_config
+from stage1_extract.datasets import (
+    DatasetConfig,
+    DatasetIndex,
+    build_index,
+    canonical_split,
+    load_dataset_config,
+)
+from stage1_extract.models import check_matches_dataset
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
@@ -68,11 +75,12 @@ from stage2_temporal.models import (
     ModelConfig,
     build_model,
     load_model_config,
-    model_config_from_dict,
+    model_config_class,
 )
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.train import cosine_with_warmup
 from stage2_temporal.zeroi2v import ZeroI2VModel
+from store.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,20 +184,6 @@ class FinetunePlan:
         }
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """``model.X=v`` -> model, ``data.X=v`` -> dataset, ``finetune.X=v`` or anything else -> recipe."""
-    model, data, recipe = [], [], []
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        for prefix, bucket in (("model.", model), ("data.", data), ("finetune.", recipe)):
-            if key.startswith(prefix):
-                bucket.append(item[item.index(prefix) + len(prefix) :])
-                break
-        else:
-            recipe.append(item)
-    return model, data, recipe
-
-
 def resolve_val_split(dataset: str, requested: str | None) -> str:
     """The validation split: the one asked for, else val/validation, else test (warned: selection on test)."""
     if requested is not None:
@@ -214,16 +208,17 @@ def plan_finetune(
     recipe: str | Path | None = DEFAULT_RECIPE,
     overrides: Sequence[str] = (),
 ) -> FinetunePlan:
-    """Loads the three configs (overrides routed by ``split_overrides``) and indexes train and val splits.
+    """Loads the three configs (overrides routed by ``route_overrides``: ``data.``, ``model.``, ``train.``
+    or a bare key of one config) and indexes train and val splits.
 
-    The model gets the dataset's class count and frame count; the crop size is the backbone's input size.
+    The model config's class and frame counts must be the dataset's; the crop size is the backbone's input.
     """
-    model_over, data_over, recipe_over = split_overrides(overrides)
-    if protocol is not None:
-        data_over.append(f"protocol={protocol}")
+    sections = {"data": DatasetConfig, "model": model_config_class(model_config), "train": FinetuneConfig}
+    routed = route_overrides(overrides, sections)
+    data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
-    ft = load_config(FinetuneConfig, recipe, recipe_over)
-    model_cfg = load_model_config(model_config, model_over)
+    ft = load_config(FinetuneConfig, recipe, routed["train"])
+    model_cfg = load_model_config(model_config, routed["model"])
     img = model_cfg.backbone.img_size
     if data_cfg.crop_size is not None and img is not None and data_cfg.crop_size != img:
         raise ConfigError(
@@ -246,9 +241,8 @@ def plan_finetune(
             log.warning("%s: %d listed paths leave the root: left out", index.split, len(index.refused))
     if train.classes != val.classes:
         raise ConfigError(f"{name}: train and {val.split} splits list different classes")
-    changes = {"num_classes": train.num_classes, "num_frames": data_cfg.num_frames}
-    model_cfg = model_config_from_dict(
-        deep_merge(config_to_dict(model_cfg), changes), f"{model_config} (with the dataset's {changes})"
+    check_matches_dataset(
+        model_cfg, model_config, data_cfg.num_frames, train.num_classes, f"{name} split {train.split!r}"
     )
     return FinetunePlan(name, root, model_cfg, data_cfg, ft, train, val, int(crop))
 
@@ -397,11 +391,9 @@ def checkpoint_config(model: FinetunableModel, cfg: ModelConfig) -> ModelConfig:
 
 
 def save_resume_state(state: dict[str, Any], path: str | Path) -> None:
-    """Writes the resume state atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Writes the resume state atomically and durably (``store.atomic``)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:
@@ -434,12 +426,10 @@ def _read_steps(path: Path, up_to: int) -> list[dict[str, Any]]:
 
 
 def _write_steps(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "epoch", "lr", "loss"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool) -> None:
@@ -621,7 +611,7 @@ class FinetuneRun:
             out.mkdir(parents=True, exist_ok=True)
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            (out / CONFIG_FILE).write_text(yaml.safe_dump(self.plan.resolved(), sort_keys=False))
+            write_text_atomic(out / CONFIG_FILE, yaml.safe_dump(self.plan.resolved(), sort_keys=False))
         if not resume and self.plan.recipe.init_checkpoint:
             init = self.plan.recipe.init_checkpoint
             weights, _ = load_trainable_checkpoint(init)

@@ -96,6 +96,14 @@ def model_config_from_dict(data: dict[str, Any], source: str = "<config>") -> Mo
     return build_config(MODEL_KINDS[kind], data, source)
 
 
+def model_config_class(path: str | Path) -> type:
+    """The config class a model YAML's ``kind`` names (for routing overrides before loading it)."""
+    kind = read_yaml(path).get("kind", "amflow")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"{path}: key 'kind': expected one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    return MODEL_KINDS[kind]
+
+
 def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
     """Reads a model YAML (any kind) and applies ``key.sub=value`` overrides."""
     data = deep_merge(read_yaml(path), parse_overrides(overrides))

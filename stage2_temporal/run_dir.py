@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from stage1_extract.config import build_config, config_to_dict
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, build_classifier, drop_ignored_head_keys
+from store.atomic import atomic_path, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 HEADS_FILE = "heads.safetensors"
@@ -60,12 +60,8 @@ class HeadsInfo:
 
 
 def write_json_atomic(data: Any, path: str | Path) -> Path:
-    """Writes JSON to a temp file beside ``path``, then renames it into place (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Writes JSON atomically and durably (``store.atomic``): never half-written."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_heads(classifier: AveragingClassifier, info: HeadsInfo, path: str | Path) -> Path:
@@ -120,7 +116,7 @@ def write_curve(rows: Sequence[Mapping[str, Any]], run_dir: str | Path) -> None:
     from stage2_temporal.plots import plot_curve
 
     run_dir = Path(run_dir)
-    with (run_dir / CURVE_FILE).open("w", newline="") as f:
+    with atomic_path(run_dir / CURVE_FILE) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

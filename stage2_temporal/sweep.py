@@ -30,13 +30,16 @@ from stage1_extract.config import (
     build_config,
     config_to_dict,
     deep_merge,
+    parse_overrides,
     read_yaml,
     resolve_config_path,
+    route_overrides,
 )
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import drop_ignored_head_keys, ignored_head_keys
 from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
+from store.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,21 @@ class SweepResult:
 def load_grid(path: str | Path) -> SweepGrid:
     """Reads a sweep grid YAML (keys: base, fixed, grid)."""
     return build_config(SweepGrid, read_yaml(path), str(resolve_config_path(path)))
+
+
+def with_overrides(grid: SweepGrid, overrides: Sequence[str], source: str = "<grid>") -> SweepGrid:
+    """The grid with ``KEY=V`` / ``train.KEY=V`` overrides added to its fixed keys (every run gets them)."""
+    routed = route_overrides(overrides, {"train": TrainConfig})["train"]
+    fixed = dict(grid.fixed)
+    for item in routed:
+        key = item.split("=", 1)[0].strip()
+        if key in grid.grid:
+            raise ConfigError(f"override {item!r}: {source} sweeps '{key}'; change its grid instead")
+        node: Any = parse_overrides([item])  # the value parsed as every override's (YAML scalar or list)
+        for part in key.split("."):
+            node = node[int(part) if part.lstrip("+-").isdigit() else part]
+        fixed[key] = node
+    return SweepGrid(grid.base, fixed, dict(grid.grid))
 
 
 def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,7 +243,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> 
     sweep_dir = Path(sweep_dir)
     csv_path, md_path, png_path = (sweep_dir / f"leaderboard.{ext}" for ext in ("csv", "md", "png"))
     columns = list(rows[0])
-    with csv_path.open("w", newline="") as f:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -239,7 +257,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> 
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(k, r[k]) for k in columns) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(md_path, "\n".join(lines) + "\n")
     done = [r for r in rows if r["status"] == "done"]
     grid_keys = [c for c in columns if c not in ("rank", "run", "status", *METRIC_COLUMNS)]
     labels = [" ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid_keys) or r["run"] for r in done]
@@ -264,7 +282,7 @@ def _record_sweep(
                 + "\n  ".join(diffs)
                 + "\n(use another --out, or --force to mix them)"
             )
-    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(config_to_dict(grid), sort_keys=False))
+    write_text_atomic(sweep_dir / SWEEP_FILE, yaml.safe_dump(config_to_dict(grid), sort_keys=False))
     write_json_atomic(
         {"train": train.source, "val": val.source, "fingerprint_fields": train.fingerprint_fields}, record
     )
@@ -370,12 +388,16 @@ def run_sweep_from_stores(
     scheduler: str | None = None,
     force: bool = False,
     progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> SweepResult:
-    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps."""
+    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps.
+
+    ``overrides`` (``KEY=V`` or ``train.KEY=V``) are fixed for every run, recorded in ``sweep.yaml``.
+    """
     from stage2_temporal.data import check_same_features, load_store, store_fingerprint_fields
 
-    grid = load_grid(grid_path)
     source = str(resolve_config_path(grid_path))
+    grid = with_overrides(load_grid(grid_path), overrides, source)
     check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
     flow = sweep_needs_flow(grid, sweep_dir, source)
     train = load_store(train_store, with_flow=flow, progress=progress)

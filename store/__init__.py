@@ -17,7 +17,6 @@ from store.feature_store import (
     FingerprintMismatch,
     NotAStoreError,
     ReadOnlyStoreError,
-    ShardBusyError,
     StoreError,
     StoreLayout,
     check_fingerprint,
@@ -26,6 +25,7 @@ from store.feature_store import (
 )
 from store.h5io import export_h5, import_h5
 from store.reader import StoreArrays, load_arrays
+from store.schema import ShardBusyError
 from store.summary import format_info, store_info, verify_store
 from store.writer import ShardWriter
 

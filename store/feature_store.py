@@ -28,19 +28,30 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+from store.atomic import fsync_path, fsync_tree
+from store.schema import (
+    LOCK_DIR,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    STRING_DTYPE,
+    FingerprintMismatch,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+)
+from store.schema import ShardBusyError as ShardBusyError  # re-exported: its old home
+from store.schema import nonfinite_mask as nonfinite_mask
+from store.writer import ShardWriter
+
 if TYPE_CHECKING:
     import dask.array
-
-    from store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "amflow_store"
-STATUS_MISSING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 DATA_ARRAYS = ("embeddings", "flow", "cls")
-STRING_DTYPE = np.dtypes.StringDType()
-LOCK_DIR = "_locks"
 SHARD_TARGET_BYTES = 32 * 2**20
 MAX_SHARD_CLIPS = 1024
 TABLE_CHUNK = 65536
@@ -51,26 +62,6 @@ DIMENSION_NAMES = {
     "cls": ("clip", "view", "feature"),
 }
 ADDED_PROVENANCE_KEYS = ("amflow_version", "created", "schema_version")
-
-
-class StoreError(ValueError):
-    """A feature store cannot be created, opened or written as asked; the message names the path."""
-
-
-class NotAStoreError(StoreError):
-    """The path holds no amflow feature store."""
-
-
-class ReadOnlyStoreError(StoreError):
-    """A write was attempted on a store opened with ``mode="r"``."""
-
-
-class FingerprintMismatch(StoreError):
-    """The store was made from other settings than the ones asked for; names each differing field."""
-
-
-class ShardBusyError(StoreError):
-    """Another writer holds the shard (two writers inside one shard would lose data)."""
 
 
 def package_version() -> str:
@@ -248,13 +239,6 @@ def default_shard_clips(clip_bytes: int) -> int:
     return int(min(MAX_SHARD_CLIPS, 2 ** int(math.log2(n))))
 
 
-def nonfinite_mask(values: np.ndarray) -> np.ndarray:
-    """Boolean mask of NaN/inf entries; for float16 via the exponent bits (np.isfinite is ~30x slower)."""
-    if values.dtype == np.float16:
-        return (np.ascontiguousarray(values).view(np.uint16) & 0x7C00) == 0x7C00
-    return ~np.isfinite(values)
-
-
 def is_store(path: str | Path) -> bool:
     """True when ``path`` holds an amflow feature store (a Zarr group with our attributes)."""
     meta = Path(path) / "zarr.json"
@@ -264,31 +248,6 @@ def is_store(path: str | Path) -> bool:
         return ATTRS_KEY in json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
-
-
-def fsync_path(path: Path, up_to: Path | None = None) -> None:
-    """fsyncs a file (if it exists) and its parent folders up to ``up_to`` so renames survive power loss."""
-    targets = [path] if path.exists() else []
-    parent = path.parent
-    while True:
-        targets.append(parent)
-        if up_to is None or parent == up_to or parent == parent.parent:
-            break
-        parent = parent.parent
-    for p in targets:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsyncs every file and folder under ``root`` (a freshly built store, before its rename)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath) / ".")
 
 
 def _resolve_names(what: str, names: Sequence[str] | None, count: int, default_prefix: str) -> list[str]:
@@ -776,8 +735,6 @@ class FeatureStore:
         self, shard: int, *, commit_every: int | None = None, durable: bool = True
     ) -> ShardWriter:
         """A writer owning ``shard`` (see :class:`store.writer.ShardWriter`); use it as a context manager."""
-        from store.writer import ShardWriter
-
         return ShardWriter(self, shard, commit_every=commit_every, durable=durable)
 
     def require_writable(self) -> None:

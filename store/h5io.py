@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from store.atomic import atomic_path, fsync_tree
 from store.feature_store import (
     ATTRS_KEY,
     SCHEMA_VERSION,
@@ -20,7 +21,6 @@ from store.feature_store import (
     StoreError,
     StoreLayout,
     build_empty_store,
-    fsync_tree,
     is_store,
 )
 
@@ -51,32 +51,26 @@ def export_h5(
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     comp = _h5_compression(compression)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["fingerprint"] = st.fingerprint
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["fingerprint"] = st.fingerprint
+        for name in st.array_names:
+            arr = st.array(name)
+            is_text = name in ("clip_ids", "failure_type", "failure_message")
+            dtype = h5py.string_dtype() if is_text else arr.dtype
+            chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
+            f.create_dataset(name, shape=arr.shape, dtype=dtype, chunks=chunks, **comp)
+        for shard in tqdm(
+            range(st.num_shards),
+            desc=f"exporting {st.path.name}",
+            unit="shard",
+            disable=not progress or st.num_shards < 8,
+        ):
+            sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
             for name in st.array_names:
-                arr = st.array(name)
-                is_text = name in ("clip_ids", "failure_type", "failure_message")
-                dtype = h5py.string_dtype() if is_text else arr.dtype
-                chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
-                f.create_dataset(name, shape=arr.shape, dtype=dtype, chunks=chunks, **comp)
-            for shard in tqdm(
-                range(st.num_shards),
-                desc=f"exporting {st.path.name}",
-                unit="shard",
-                disable=not progress or st.num_shards < 8,
-            ):
-                sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
-                for name in st.array_names:
-                    f[name][sl] = st.array(name)[sl]
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+                f[name][sl] = st.array(name)[sl]
     return out
 
 

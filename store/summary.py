@@ -16,8 +16,8 @@ from store.feature_store import (
     STATUS_MISSING,
     STRING_DTYPE,
     FeatureStore,
-    nonfinite_mask,
 )
+from store.schema import nonfinite_mask
 
 MAX_REPORTED_CLIPS = 20
 

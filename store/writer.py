@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from store.feature_store import (
+from store.atomic import fsync_path
+from store.schema import (
     LOCK_DIR,
     STATUS_DONE,
     STATUS_FAILED,
@@ -18,11 +19,10 @@ from store.feature_store import (
     STRING_DTYPE,
     ShardBusyError,
     StoreError,
-    fsync_path,
     nonfinite_mask,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: feature_store imports this module, not the other way round
     from store.feature_store import FeatureStore
 
 MAX_MESSAGE_CHARS = 4000

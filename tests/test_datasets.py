@@ -3,7 +3,6 @@ official split lists, the dataset configs, and the ``amflow datasets list`` outp
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
-from amflow.commands import datasets as datasets_command
+from amflow.cli import main
 from stage1_extract.config import ConfigError
 from stage1_extract.datasets import (
     DATASETS,
@@ -310,11 +309,8 @@ def test_bad_names_list_the_valid_values(tmp_path):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="amflow")
-    datasets_command.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def _cli(argv: list[str]) -> int:  # through amflow.cli.main: its one error path turns errors into exit 2
+    return main(argv)
 
 
 def test_datasets_list_prints_only_path_tab_label(tmp_path, clip_bytes, capsys):

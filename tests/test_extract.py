@@ -48,8 +48,7 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
         "train",
         TINY,
         tmp_path / "other.zarr",
-        dataset_overrides=SMALL[2:],
-        model_overrides=[o[6:] for o in SMALL[:2]],
+        overrides=SMALL,
     )
     from stage1_extract.datasets import ClipRecord, DatasetConfig
 
@@ -80,8 +79,7 @@ def test_resume_processes_only_missing_clips(videos, tmp_path, capsys):
         "train",
         TINY,
         out,
-        dataset_overrides=["num_frames=4"],
-        model_overrides=[o[6:] for o in SMALL[:2]],
+        overrides=SMALL,
         options=ExtractOptions(shard_clips=4, decode_workers=0),
     )
     extract_shards(plan, [1])  # an interrupted run that finished one shard

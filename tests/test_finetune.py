@@ -30,7 +30,6 @@ from stage2_temporal.finetune import (
     epoch_order,
     finetune,
     plan_finetune,
-    split_overrides,
     use_gradient_checkpointing,
 )
 from stage2_temporal.models import build_model, load_model_config, model_config_from_dict
@@ -47,7 +46,7 @@ SMALL_AMFLOW = [
     "model.heads.flow_embed=16",
     "model.heads.flow_hidden=16",
     "model.heads.flow_grid=4",
-    "data.num_frames=4",
+    "num_frames=4",  # the dataset's and the model's
 ]
 SMALL_ZEROI2V = ["model.backbone.img_size=32", "model.backbone.timm_kwargs.depth=2", "data.num_frames=4"]
 
@@ -200,7 +199,9 @@ def test_stopped_run_resumes_to_the_same_weights(zeroi2v_run, videos, tmp_path):
         {k: v for k, v in r.items() if k != "seconds"} for r in read_csv(reference / "curve.csv")
     ]
     # A run that started from scratch differs: the equality above is not trivially true.
-    other = finetune(zeroi2v_plan(videos, *ZEROI2V_RANDOM, "seed=1"), tmp_path / "other", progress=False)
+    other = finetune(
+        zeroi2v_plan(videos, *ZEROI2V_RANDOM, "train.seed=1"), tmp_path / "other", progress=False
+    )
     assert other.finished
     a, b = (
         load_file(str(tmp_path / "other" / "last.safetensors")),
@@ -350,13 +351,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(videos):
     assert set(grads[0]) == set(grads[1]) and set(plain.state_dict()) == set(checkpointed.state_dict())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_split_overrides_routes_by_prefix():
-    model, data, recipe = split_overrides(
-        ["model.bottleneck=8", "data.num_frames=4", "lr=0.1", "finetune.epochs=2"]
-    )
-    assert (model, data, recipe) == (["bottleneck=8"], ["num_frames=4"], ["lr=0.1", "epochs=2"])
 
 
 # ---------------------------------------------------------------------------------------------- augment

@@ -75,7 +75,7 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
         import warnings, torch
         import stage1_extract
         from stage1_extract.backbone import WeightsError, create_vit
-        from stage1_extract.models import build_model, load_model_config
+        from stage2_temporal.models import build_model, load_model_config
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no random-init warning: the weights are timm's tag
@@ -107,7 +107,7 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
 
 def test_pretrained_and_weights_together_are_refused():
     from stage1_extract.config import ConfigError
-    from stage1_extract.models import load_model_config
+    from stage2_temporal.models import load_model_config
 
     with pytest.raises(ConfigError, match="backbone.weights.*backbone.pretrained"):
         load_model_config(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from amflow.commands import store as store_command
+from amflow.cli import main
 from store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -322,12 +321,8 @@ def test_sampler_visits_shards_one_at_a_time(full_store: FeatureStore) -> None:
 
 
 def test_info_verify_and_cli(full_store: FeatureStore, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    parser = argparse.ArgumentParser(prog="amflow")
-    store_command.add_parser(parser.add_subparsers(dest="command"))
-
-    def cli(*argv: str) -> int:
-        args = parser.parse_args(list(argv))
-        return args.func(args)
+    def cli(*argv: str) -> int:  # through amflow.cli.main: its one error path turns errors into exit 2
+        return main(list(argv))
 
     assert cli("store", "info", str(full_store.path), "--json") == 0
     info = json.loads(capsys.readouterr().out)

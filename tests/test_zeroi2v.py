@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import on this machine)
 
 # isort: split
@@ -12,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from amflow.commands import merge as merge_command
+from amflow.cli import main
 from stage1_extract.checkpoint import (
     CheckpointError,
     load_trainable_checkpoint,
@@ -208,11 +206,9 @@ def test_checkpoint_and_amflow_merge_roundtrip(tmp_path, capsys):
     }
     assert stored["backbone"]["head_offsets"] == [-1, 1, 0] and stored["backbone"]["weights"] == str(weights)
 
-    parser = argparse.ArgumentParser()
-    merge_command.add_parser(parser.add_subparsers())
     out = tmp_path / "merged.safetensors"
-    args = parser.parse_args(["merge", str(ckpt), "--out", str(out)])
-    assert args.func(args) == 0
+    argv = ["merge", str(ckpt), "--out", str(out)]
+    assert main(argv) == 0
     assert "adapters merged   8" in capsys.readouterr().out
 
     vit_state, head_state = split_merged_state(load_file(str(out)))
@@ -228,12 +224,13 @@ def test_checkpoint_and_amflow_merge_roundtrip(tmp_path, capsys):
         assert rel_err(ZeroI2VModel(vit, head).eval()(video), unmerged) <= 1e-4
         assert rel_err(ZeroI2VModel(*load_merged(out))(video), unmerged) <= 1e-4
 
-    # No silent overwrite; a changed backbone file is refused; another model kind is refused.
-    assert args.func(args) == 1 and "exists" in capsys.readouterr().err
+    # No silent overwrite; a changed backbone file is refused; another model kind is refused (user errors:
+    # exit 2, as every command).
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
     torch.manual_seed(5)
     save_file({k: torch.randn_like(v) for k, v in plain_vit(cfg).state_dict().items()}, str(weights))
-    args = parser.parse_args(["merge", str(ckpt), "--out", str(tmp_path / "again.safetensors")])
-    assert args.func(args) == 1 and "differ" in capsys.readouterr().err
+    assert main(["merge", str(ckpt), "--out", str(tmp_path / "again.safetensors")]) == 2
+    assert "differ" in capsys.readouterr().err
     assert not (tmp_path / "again.safetensors").exists()
     other = tmp_path / "amflow.safetensors"
     save_trainable_checkpoint(torch.nn.Linear(2, 2), {"kind": "amflow"}, other)

@@ -40,26 +40,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lister.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: split number 1, 2, 3")
     lister.add_argument("--annotations", metavar="FILE", help="list dataset: the split's annotation file")
     lister.add_argument("--config", help="dataset YAML (default: configs/datasets/<dataset>.yaml)")
-    lister.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dataset config overrides")
+    lister.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dataset config overrides, bare or data.-prefixed"
+    )
     lister.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Lists the split; exit code 2 on a bad dataset, split, protocol, config or missing annotation."""
     import stage1_extract  # noqa: F401  (before anything that imports timm)
-    from stage1_extract.datasets import build_index, load_dataset_config
+    from stage1_extract.config import route_overrides
+    from stage1_extract.datasets import DatasetConfig, build_index, load_dataset_config
 
-    overrides = list(args.overrides)
+    overrides = route_overrides(args.overrides, {"data": DatasetConfig})["data"]
     if args.protocol is not None:
         overrides.append(f"protocol={args.protocol}")
     if args.annotations is not None:
         overrides.append(f"annotations={args.annotations}")
-    try:
-        cfg = load_dataset_config(args.config or args.dataset, overrides)
-        index = build_index(args.dataset, args.root, args.split, cfg)
-    except (ValueError, OSError) as e:
-        print(f"amflow datasets list: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_dataset_config(args.config or args.dataset, overrides)
+    index = build_index(args.dataset, args.root, args.split, cfg)
     sys.stdout.write("".join(f"{r.path}\t{r.label}\n" for r in index.records))
     sys.stdout.flush()
     print(index.summary(), file=sys.stderr)

@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ViT with AM-flow adapters in inference mode (bf16 on CUDA) and writes per-adapter embeddings, "
         "last-frame CLS features and optionally AM-flow maps to a Zarr store. Undecodable videos are "
         "recorded as failures. Interrupted runs resume with only the missing clips; a finished store is "
-        "left untouched. Dataset settings come from configs/datasets/<name>.yaml, overridable by key=value.",
+        "left untouched. Dataset settings come from configs/datasets/<name>.yaml; both configs are "
+        "overridable by key=value (data./model. prefixes).",
         epilog="examples:\n"
         "  amflow extract --dataset smarthome --root data/smarthome --protocol cs --split train \\\n"
         "      --config configs/models/amflow_vitb14_dinov2_am2_lstm.yaml --out cache/cs_train.zarr\n"
@@ -54,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="dataset config overrides (num_frames=16, num_crops=3); model.<key>=value for the model config",
+        help="overrides: data.KEY=V (dataset config), model.KEY=V (model config); a bare key goes to the "
+        "config that has it (num_crops=3, pooling=flow; num_frames=16 sets both)",
     )
     p.set_defaults(func=run)
 
@@ -62,14 +64,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
 
-    model_overrides = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
-    data_overrides = [o for o in args.overrides if not o.startswith("model.")]
+    overrides = list(args.overrides)
     if args.annotations:
-        data_overrides.append(f"annotations={args.annotations}")
+        overrides.append(f"data.annotations={args.annotations}")
     if args.weights:
-        model_overrides.append(f"backbone.weights={args.weights}")
+        overrides.append(f"model.backbone.weights={args.weights}")
     if args.pretrained:
-        model_overrides.append("backbone.pretrained=true")
+        overrides.append("model.backbone.pretrained=true")
     options = ExtractOptions(
         batch_size=args.batch_size,
         decode_workers=args.decode_workers,
@@ -78,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_clips=args.shard_clips,
         compression=args.compression,
-        strict=args.strict,
     )
     plan, store = plan_extraction(
         args.dataset,
@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
         args.config,
         args.out,
         protocol=args.protocol,
-        dataset_overrides=data_overrides,
-        model_overrides=model_overrides,
+        overrides=overrides,
         checkpoint=args.checkpoint,
         options=options,
     )

@@ -11,11 +11,13 @@ EPILOG = """examples:
       --config configs/models/zeroi2v_vitb16_clip_k400_8f.yaml --out runs/k400_zeroi2v
   amflow finetune ... --out runs/cs_ft --resume        (continue a killed run, same arguments)
 
-Overrides: model.KEY=V (model config), data.KEY=V (dataset config), anything else the recipe
-(e.g. lr=1e-4 augment.flip=0). RUN_DIR gets config.yaml, last.safetensors, best.safetensors (best
-validation mean class accuracy), resume.pt, steps.csv, curve.csv/png, confusion_val.csv/png and, last,
-metrics.json. Use the adapters in stage 1 with amflow extract --checkpoint RUN_DIR/best.safetensors;
-fold ZeroI2V adapters into the backbone with
+Overrides: model.KEY=V (model config), data.KEY=V (dataset config), train.KEY=V (recipe); a bare
+key goes to the one config that has it (lr=1e-4 augment.flip=0; num_frames=16 sets data and model).
+The model config's num_frames and num_classes must be the dataset's (e.g. model.num_classes=19).
+RUN_DIR gets config.yaml, last.safetensors, best.safetensors (best validation mean class accuracy),
+resume.pt, steps.csv, curve.csv/png, confusion_val.csv/png and, last, metrics.json. Use the adapters
+in stage 1 with amflow extract --checkpoint RUN_DIR/best.safetensors; fold ZeroI2V adapters into the
+backbone with
   amflow merge RUN_DIR/best.safetensors --out merged.safetensors"""
 
 
@@ -68,7 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="overrides: model.KEY=V, data.KEY=V, recipe KEY=V"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides: data.KEY=V, model.KEY=V, train.KEY=V (recipe), or a bare KEY=V of one config",
     )
     p.set_defaults(func=run)
 
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=list(args.overrides)
         + ([f"model.backbone.weights={args.weights}"] if args.weights else [])
         + (["model.backbone.pretrained=true"] if args.pretrained else [])
-        + ([f"finetune.init_checkpoint={args.init}"] if args.init else []),
+        + ([f"train.init_checkpoint={args.init}"] if args.init else []),
         resume=args.resume,
         overwrite=args.overwrite,
         stop_after_steps=args.stop_after_steps,

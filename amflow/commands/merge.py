@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stage2_temporal.zeroi2v import merge_checkpoint
 
-    try:
-        summary = merge_checkpoint(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"amflow merge: error: {e}", file=sys.stderr)
-        return 1
+    summary = merge_checkpoint(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)
     rows = [
         ("adapters merged", f"{summary.adapters_merged:,}"),
         ("ViT parameters", f"{summary.vit_parameters:,}"),

@@ -20,7 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="model YAML (configs/models/...)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. heads.hidden=256"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="model config overrides, bare or model.-prefixed: heads.hidden=256 model.bottleneck=64",
     )
     p.set_defaults(func=run)
 
@@ -28,11 +31,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from stage2_temporal.models import build_model_on_meta, load_model_config, parameter_report
+    from stage1_extract.backbone import RANDOM_INIT_WARNING
+    from stage1_extract.config import route_overrides
+    from stage2_temporal.models import (
+        build_model_on_meta,
+        load_model_config,
+        model_config_class,
+        parameter_report,
+    )
 
-    cfg = load_model_config(args.config, args.overrides)
+    overrides = route_overrides(args.overrides, {"model": model_config_class(args.config)})["model"]
+    cfg = load_model_config(args.config, overrides)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # random-init warning: nothing is initialised here
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)  # nothing is initialised here
         report = parameter_report(build_model_on_meta(cfg))
     if args.json:
         print(json.dumps(report))

@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
             st = import_h5(args.h5, args.out, overwrite=args.overwrite, progress=not args.quiet)
             print(f"wrote {st.path} ({st.num_clips} clips)")
             return 0
-    except (StoreError, KeyError, OSError) as e:
-        print(f"amflow store {args.store_command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # an array or clip the store lacks: a user error like the others
+        raise StoreError(e.args[0] if e.args else str(e)) from e
     raise ValueError(f"unknown store command {args.store_command!r}")

@@ -35,20 +35,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="retrain into a RUN_DIR holding a finished run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. heads.hidden=256"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="training config overrides, bare or train.-prefixed: heads.hidden=256 train.lr=1e-3",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Loads the config, trains, prints the validation table."""
-    from stage1_extract.config import load_config
+    from stage1_extract.config import load_config, route_overrides
     from stage2_temporal.config import TrainConfig
     from stage2_temporal.metrics import format_table
     from stage2_temporal.run_dir import is_finished
     from stage2_temporal.train import train_heads_from_stores
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    overrides = route_overrides(args.overrides, {"train": TrainConfig})["train"]
+    cfg = load_config(TrainConfig, args.config, overrides)
     if is_finished(args.out) and not args.overwrite:
         raise ValueError(
             f"--out {args.out}: already holds a finished run (metrics.json); "

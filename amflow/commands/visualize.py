@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="extend",
         default=[],
         metavar="key=value",
-        help="model config overrides, e.g. --set seed=1 backbone.timm_kwargs.depth=2",
+        help="model config overrides, bare or model.-prefixed: --set seed=1 model.backbone.img_size=64",
     )
     p.set_defaults(func=run)
 
@@ -66,6 +66,8 @@ def _parse_blocks(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stage1_extract.amflow_model import AMFlowConfig
+    from stage1_extract.config import route_overrides
     from stage1_extract.visualize import (
         decode_clip,
         flow_heatmaps,
@@ -84,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.video).is_file():
         raise FileNotFoundError(f"{args.video}: no such video file")
     blocks = _parse_blocks(args.blocks)
-    overrides = list(args.overrides) + ([f"backbone.weights={args.weights}"] if args.weights else [])
-    overrides += ["backbone.pretrained=true"] if args.pretrained else []
+    overrides = list(args.overrides) + ([f"model.backbone.weights={args.weights}"] if args.weights else [])
+    overrides += ["model.backbone.pretrained=true"] if args.pretrained else []
+    overrides = route_overrides(overrides, {"model": AMFlowConfig})["model"]
     model = load_visualization_model(
         args.config, args.checkpoint, num_frames=args.frames, overrides=overrides, device=args.device
     )
