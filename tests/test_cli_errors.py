@@ -98,7 +98,7 @@ def test_only_the_random_init_warning_is_muted(monkeypatch, capsys):
     """model-info builds a weightless model: that warning is muted by its message, no other UserWarning."""
     import warnings
 
-    from stage1_extract import models
+    from stage2_temporal import models
 
     real = models.parameter_report
 
