@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
 from stage1_extract.models import load_model_config
-from stage2_temporal.finetune import autocast, build_finetune_model, use_gradient_checkpointing
+from stage2_temporal.finetune_model import autocast, build_finetune_model, use_gradient_checkpointing
 
 PAPER_REFERENCE = "ZeroI2V ViT-B/16 8f, batch 8, V100 AMP (paper 002, Table 10): 7.6 GB"
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stage1_extract.am_flow import (
     am_flow,
@@ -75,6 +76,10 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): the adapter's scale s."""
+        return {"scale"}
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., in) -> (residual update (..., out), embedding E (..., r))."""
         e = torch.relu(self.down(x))
@@ -96,6 +101,10 @@ class AligningEncoder(nn.Module):
         )
         self.frame_embed = nn.Parameter(torch.zeros(2, dim))
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): the two frames' position embeddings."""
+        return {"frame_embed"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, N, D) -> frames 2..T aligned to their predecessors, (B, T-1, N, D)."""
@@ -251,13 +260,16 @@ class AMFlowModel(nn.Module):
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(video.flatten(0, 1)))))
         embeddings, flows = [], []
+        recompute = vit.grad_checkpointing and torch.is_grad_enabled()  # timm's set_grad_checkpointing
         for blk in vit.blocks:
+            args = (x, T) if isinstance(blk, AMFlowBlock) else (x,)
+            y = checkpoint(blk, *args, use_reentrant=False) if recompute else blk(*args)
             if isinstance(blk, AMFlowBlock):
-                x, out = blk(x, T)
+                x, out = y
                 embeddings.extend(out.embeddings)
                 flows.append(out.maps)
             else:
-                x = blk(x)
+                x = y
         x = vit.norm(x)
         r = embeddings[0].shape[-1]
         return x, ClipFeatures(

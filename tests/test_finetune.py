@@ -26,15 +26,10 @@ from stage1_extract.models import build_model, load_model_config, model_config_f
 from stage1_extract.synthetic import make_folder_dataset
 from stage1_extract.zeroi2v import ZeroI2VModel, load_merged, merge_checkpoint
 from stage2_temporal import augment
-from stage2_temporal.finetune import (
-    Distributed,
-    StepBatches,
-    epoch_order,
-    finetune,
-    plan_finetune,
-    split_overrides,
-    use_gradient_checkpointing,
-)
+from stage2_temporal.distributed import Distributed, StepBatches, epoch_order
+from stage2_temporal.finetune import finetune
+from stage2_temporal.finetune_model import use_gradient_checkpointing
+from stage2_temporal.finetune_plan import plan_finetune, split_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -146,7 +141,8 @@ def test_training_loss_falls_and_run_dir_is_complete(amflow_run):
 def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     """The best checkpoint, reloaded and run on the validation clips, gives the reported accuracy."""
     from stage1_extract.video import VideoClipDataset
-    from stage2_temporal.finetune import evaluate_clips, score_probs
+    from stage2_temporal.finetune_model import evaluate_clips
+    from stage2_temporal.train import score
 
     out, result = amflow_run
     plan = amflow_plan(videos)
@@ -157,9 +153,7 @@ def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     probs, decoded = evaluate_clips(model, dataset, 4, 3, torch.device("cpu"), None, Distributed())
     labels = np.array([r.label for r in plan.val.records])
     assert decoded.all()
-    assert score_probs(probs, labels, 4)["mean_class_acc"] == pytest.approx(
-        result.metrics["val"]["mean_class_acc"]
-    )
+    assert score(probs, labels, 4)["mean_class_acc"] == pytest.approx(result.metrics["val"]["mean_class_acc"])
 
 
 def test_finetuned_adapters_feed_stage1_extraction(amflow_run):
