@@ -78,6 +78,7 @@ from stage2_temporal.finetune_state import (
     write_steps,
 )
 from stage2_temporal.metrics import write_confusion
+from stage2_temporal.optim import adamw
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.schedule import WarmupCosine, cosine_with_warmup
 from stage2_temporal.train import score
@@ -149,7 +150,7 @@ class FinetuneRun:
         if ft.gradient_checkpointing:
             use_gradient_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=ft.lr, weight_decay=ft.weight_decay)
+        self.optimizer = adamw(self.model, ft.lr, ft.weight_decay)
         total = ft.epochs * self.steps_per_epoch
         warmup = round(ft.warmup_epochs * self.steps_per_epoch)
         self.schedule = WarmupCosine(self.optimizer, total, warmup)

@@ -27,6 +27,7 @@ from stage1_extract.heads import AveragingClassifier
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, check_same_features, load_store
 from stage2_temporal.metrics import classification_metrics, write_confusion
+from stage2_temporal.optim import adamw
 from stage2_temporal.run_dir import (
     CONFIG_FILE,
     FINGERPRINT_FILE,
@@ -139,9 +140,9 @@ def score(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, 
 def make_optimiser(
     classifier: AveragingClassifier, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, WarmupCosine]:
-    """AdamW over the trainable parameters, with a per-step cosine schedule after a linear warmup."""
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over the trainable parameters (``optim.adamw``: no decay on biases, norms, embeddings), with a
+    per-step cosine schedule after a linear warmup."""
+    optimiser = adamw(classifier, cfg.lr, cfg.weight_decay)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return optimiser, WarmupCosine(optimiser, cfg.epochs * steps_per_epoch, warmup)
 

@@ -30,6 +30,7 @@ from stage2_temporal.distributed import Distributed, StepBatches, epoch_order
 from stage2_temporal.finetune import finetune
 from stage2_temporal.finetune_model import use_gradient_checkpointing
 from stage2_temporal.finetune_plan import plan_finetune, split_overrides
+from stage2_temporal.optim import adamw
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -201,6 +202,36 @@ def test_stopped_run_resumes_to_the_same_weights(zeroi2v_run, videos, tmp_path):
         load_file(str(reference / "last.safetensors")),
     )
     assert not torch.equal(a["head.fc.weight"], b["head.fc.weight"])
+
+
+def test_resume_state_of_the_first_format_is_converted(zeroi2v_run, videos, tmp_path):
+    """A resume.pt of the first format (one flat dict, the epoch's sums as a list, a LambdaLR state, every
+    parameter in one AdamW group in model order) resumes to the uninterrupted run's weights."""
+    reference, _ = zeroi2v_run
+    plan = zeroi2v_plan(videos, *ZEROI2V_RANDOM)
+    finetune(plan, tmp_path, stop_after_steps=3, progress=False)
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert saved["format"] == "amflow-finetune-resume-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(plan.model)
+    model_order = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+    grouped = [model_order[id(p)] for g in adamw(model, 1e-3, 0.05).param_groups for p in g["params"]]
+    sums = ("epoch_loss_sum", "epoch_correct", "epoch_clips")
+    first_format = {
+        "format": "amflow-finetune-resume-1",
+        **{k: v for k, v in saved["state"].items() if k not in sums},
+        "epoch_sums": [saved["state"][k] for k in sums],
+        "optimizer": {
+            "state": {grouped[i]: s for i, s in saved["optimizer"]["state"].items()},
+            "param_groups": [{**saved["optimizer"]["param_groups"][1], "params": list(range(len(grouped)))}],
+        },
+        "scheduler": {"base_lrs": [1e-3], "last_epoch": 3, "_step_count": 4, "lr_lambdas": [None]},
+    }
+    torch.save(first_format, tmp_path / "resume.pt")
+    assert finetune(plan, tmp_path, resume=True, progress=False).finished
+    tensors_equal(tmp_path / "last.safetensors", reference / "last.safetensors")
+    assert read_csv(tmp_path / "steps.csv") == read_csv(reference / "steps.csv")
 
 
 def test_resume_and_overwrite_guards(zeroi2v_run, videos, tmp_path):
