@@ -13,8 +13,7 @@ from stage1_extract.config import CONFIG_ROOT, ConfigError, config_to_dict, deep
 from stage1_extract.datasets import DatasetIndex, build_index, canonical_split, load_dataset_config
 from stage1_extract.models import ModelConfig, load_model_config, model_config_from_dict
 from stage2_temporal.augment import AugmentConfig
-from store.feature_store import MISSING
-from store.feature_store import config_differences as dotted_differences
+from store.feature_store import MISSING, config_differences
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +168,11 @@ def plan_finetune(
     return FinetunePlan(name, root, model_cfg, data_cfg, ft, train, val, int(crop))
 
 
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def run_config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: stored -> current`` per differing key of two resolved configs (recipe runtime keys ignored)."""
     ignored = {f"finetune.{k}" for k in RUNTIME_KEYS}
     return [
         f"{key}: {None if a is MISSING else a!r} -> {None if b is MISSING else b!r}"
-        for key, a, b in dotted_differences(stored, current)
+        for key, a, b in config_differences(stored, current)
         if key not in ignored
     ]

@@ -21,7 +21,7 @@ import yaml
 
 from stage1_extract.checkpoint import CheckpointError
 from stage1_extract.config import ConfigError
-from stage2_temporal.finetune_plan import FinetunePlan, config_differences
+from stage2_temporal.finetune_plan import FinetunePlan, run_config_differences
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE
 
 LAST_FILE = "last.safetensors"
@@ -174,7 +174,7 @@ def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool
         if not (out / RESUME_FILE).is_file():
             raise FileNotFoundError(f"--out {out}: no {RESUME_FILE} to resume from")
         stored = yaml.safe_load((out / CONFIG_FILE).read_text())
-        diff = config_differences(stored, plan.resolved())
+        diff = run_config_differences(stored, plan.resolved())
         if diff:
             raise ConfigError(
                 f"--resume {out}: the configs differ from the run's {CONFIG_FILE}:\n  " + "\n  ".join(diff)

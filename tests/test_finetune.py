@@ -377,6 +377,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(videos):
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("config", ["amflow_tiny", "zeroi2v_tiny"])
+def test_gradient_checkpointing_recomputes_every_block_in_backward(config):
+    """timm's flag makes both models' block loops recompute each block in the backward pass: every block
+    runs twice per training step with it, once without it, and once in inference either way."""
+    small = ["backbone.img_size=32", "backbone.timm_kwargs.depth=2", "num_frames=4"]
+    cfg = load_model_config(f"configs/models/{config}.yaml", small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg)
+    calls = []
+    for blk in model.vit.blocks:
+        blk.register_forward_pre_hook(lambda *_: calls.append(1))  # the recomputation may stop early
+    video = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for checkpointing in (False, True):
+        model.vit.set_grad_checkpointing(checkpointing)
+        calls.clear()
+        model(video).sum().backward()
+        counts.append(len(calls))
+        calls.clear()
+        with torch.no_grad():
+            model(video)
+        counts.append(len(calls))
+    assert counts == [2, 2, 4, 2]
+
+
 def test_split_overrides_routes_by_prefix():
     model, data, recipe = split_overrides(
         ["model.bottleneck=8", "data.num_frames=4", "lr=0.1", "finetune.epochs=2"]
