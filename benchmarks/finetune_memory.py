@@ -27,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
-from stage2_temporal.finetune import autocast, build_finetune_model, use_gradient_checkpointing
+from stage2_temporal.finetune_model import autocast, build_finetune_model, use_gradient_checkpointing
 from stage2_temporal.models import load_model_config
+from stage2_temporal.optim import adamw
 
 PAPER_REFERENCE = "ZeroI2V ViT-B/16 8f, batch 8, V100 AMP (paper 002, Table 10): 7.6 GB"
 
@@ -57,7 +58,7 @@ def measure(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     if args.gradient_checkpointing:
         use_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.05)
+    optimizer = adamw(model, lr=3e-4, weight_decay=0.05)
     size = model.vit.patch_embed.img_size
     dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else None
     mean, std = pixel_stats(model.vit, device)

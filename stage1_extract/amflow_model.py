@@ -102,6 +102,10 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): the adapter's scale s."""
+        return {"scale"}
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., in) -> (residual update (..., out), embedding E (..., r))."""
         e = torch.relu(self.down(x))
@@ -129,6 +133,10 @@ class AligningEncoder(nn.Module):
         )
         self.frame_embed = nn.Parameter(torch.zeros(2, dim))
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): the two frames' position embeddings."""
+        return {"frame_embed"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, N, D) -> frames 2..T aligned to their predecessors, (B, T-1, N, D)."""

@@ -1,26 +1,29 @@
-"""Training augmentation of video clips with plain torch ops: random resized crop, flip, RandAugment, erasing.
+"""Training augmentation of video clips with torchvision's v2 transforms: random resized crop, flip,
+RandAugment, random erasing.
 
-Every frame of a clip gets the same crop, flip and RandAugment operations (a clip stays temporally
-coherent); random erasing picks one box for the whole clip. Randomness comes only from the
-``torch.Generator`` passed in, which ``AugmentedClips`` seeds from (seed, epoch, clip index): the same
-clip in the same epoch is augmented the same way whatever the process, worker or resume point.
-RandAugment follows Cubuk et al. (2020) with torchvision's operation list and magnitude ranges
-(31 magnitude bins); torchvision itself is not used (its compiled ops are broken on some machines).
+The transforms act on a clip as one ``tv_tensors.Video`` (T, 3, H, W), so every frame of a clip gets the
+same crop, flip, RandAugment operations and erased box (a clip stays temporally coherent; the histogram
+operations, equalize and auto-contrast, compute each frame's own histogram as torchvision does). The
+randomness comes only from the ``torch.Generator`` passed in, which ``AugmentedClips`` seeds from
+(seed, epoch, clip index): torchvision draws from torch's global generator, so each clip's transforms
+run under ``torch.random.fork_rng`` seeded from it. The same clip in the same epoch is augmented the same
+way whatever the process, worker or resume point, and the caller's global generator is left untouched.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
 
-MAGNITUDE_BINS = 31
+MAGNITUDE_BINS = 31  # RandAugment's magnitude levels, 0..30 (Cubuk et al., 2020)
 
 
 @dataclass
@@ -62,246 +65,100 @@ class AugmentConfig:
         )
 
 
-def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
+@contextlib.contextmanager
+def drawing_from(generator: torch.Generator) -> Iterator[None]:
+    """Runs torchvision's transforms (which draw from torch's global generator) on a copy of it seeded from
+    ``generator``; the global generator is restored afterwards."""
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
-def _randint(generator: torch.Generator, high: int) -> int:
-    """A uniform integer in [0, high)."""
-    return int(torch.randint(high, (), generator=generator))
+def clip_transform(cfg: AugmentConfig, size: tuple[int, int]) -> v2.Compose:
+    """The configured transforms in order: crop (resized to ``size``, the clip's), flip, RandAugment, erasing.
+
+    RandAugment uses torchvision's operation table with nearest interpolation and black fill; random erasing
+    torchvision's box distribution (area 2-33%, aspect 0.3-3.3), filled with 0.
+    """
+    ops: list[v2.Transform] = []
+    if cfg.random_resized_crop:
+        ops.append(v2.RandomResizedCrop(size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), antialias=True))
+    if cfg.flip > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.flip))
+    if cfg.randaugment_ops:
+        ops.append(v2.RandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude, MAGNITUDE_BINS))
+    if cfg.random_erasing > 0:
+        ops.append(v2.RandomErasing(cfg.random_erasing, value=0))
+    return v2.Compose(ops)
 
 
 def resized_crop_box(
     height: int, width: int, scale: list[float], ratio: list[float], generator: torch.Generator
 ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop with area fraction in ``scale`` and aspect in ``ratio``.
-
-    The algorithm of torchvision's ``RandomResizedCrop``: ten tries, then the largest centred crop whose
-    aspect ratio is inside ``ratio``.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return _randint(generator, height - h + 1), _randint(generator, width - w + 1), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
+    """(top, left, h, w) of torchvision's ``RandomResizedCrop`` box for an (height, width) frame."""
+    crop = v2.RandomResizedCrop(size=(height, width), scale=tuple(scale), ratio=tuple(ratio))
+    with drawing_from(generator):
+        box = crop.make_params([torch.empty(3, height, width)])
+    return box["top"], box["left"], box["height"], box["width"]
 
 
-def random_resized_crop(
-    video: torch.Tensor, scale: list[float], ratio: list[float], generator: torch.Generator
-) -> torch.Tensor:
-    """Crops one random box from every frame of float ``(T, 3, H, W)`` and resizes it back to (H, W)."""
-    H, W = video.shape[-2:]
-    top, left, h, w = resized_crop_box(H, W, scale, ratio, generator)
-    crop = video[..., top : top + h, left : left + w]
-    if (h, w) == (H, W):
-        return crop
-    return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
-
-
-# --------------------------------------------------------------------------------------------- RandAugment
-# Operations act on float (T, 3, H, W) in [0, 255] and return the same; ``m`` is the signed magnitude.
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, factor: float) -> torch.Tensor:
-    """``b + factor (a - b)`` clamped to [0, 255] (PIL's ImageEnhance)."""
-    return (b + factor * (a - b)).clamp_(0, 255)
-
-
-def _grayscale(video: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma (PIL's ``convert("L")``), (T, 1, H, W)."""
-    r, g, b = video.unbind(dim=1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def _affine(video: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
-    """Applies a 2x3 inverse affine map in pixel coordinates about the image centre; outside = black."""
-    H, W = video.shape[-2:]
-    (a, b, c), (d, e, f) = matrix
-    # Pixel coordinates -> normalised coordinates in [-1, 1] (align_corners=False).
-    theta = torch.tensor(
-        [[a, b * H / W, 2 * c / W], [d * W / H, e, 2 * f / H]], dtype=video.dtype, device=video.device
-    )
-    grid = F.affine_grid(theta.expand(video.shape[0], 2, 3), list(video.shape), align_corners=False)
-    return F.grid_sample(video, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def _shear_x(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _affine(video, [[1.0, m, 0.0], [0.0, 1.0, 0.0]])
-
-
-def _shear_y(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _affine(video, [[1.0, 0.0, 0.0], [m, 1.0, 0.0]])
-
-
-def _translate_x(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _affine(video, [[1.0, 0.0, -m * video.shape[-1]], [0.0, 1.0, 0.0]])
-
-
-def _translate_y(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _affine(video, [[1.0, 0.0, 0.0], [0.0, 1.0, -m * video.shape[-2]]])
-
-
-def _rotate(video: torch.Tensor, m: float) -> torch.Tensor:
-    angle = math.radians(m)
-    cos, sin = math.cos(angle), math.sin(angle)
-    return _affine(video, [[cos, -sin, 0.0], [sin, cos, 0.0]])
-
-
-def _brightness(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _blend(video, torch.zeros_like(video), 1.0 + m)
-
-
-def _color(video: torch.Tensor, m: float) -> torch.Tensor:
-    return _blend(video, _grayscale(video).expand_as(video), 1.0 + m)
-
-
-def _contrast(video: torch.Tensor, m: float) -> torch.Tensor:
-    mean = _grayscale(video).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(video, mean.expand_as(video), 1.0 + m)
-
-
-def _sharpness(video: torch.Tensor, m: float) -> torch.Tensor:
-    """Blends with PIL's SMOOTH filter (3x3, centre weight 5); border pixels keep their values."""
-    kernel = torch.ones(3, 3, dtype=video.dtype, device=video.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / kernel.sum()).expand(3, 1, 3, 3)
-    smooth = video.clone()
-    smooth[..., 1:-1, 1:-1] = F.conv2d(video, kernel, groups=3)
-    return _blend(video, smooth, 1.0 + m)
-
-
-def _posterize(video: torch.Tensor, m: float) -> torch.Tensor:
-    bits = int(m)
-    mask = (0xFF << (8 - bits)) & 0xFF
-    return (video.round().to(torch.uint8) & mask).to(video.dtype)
-
-
-def _solarize(video: torch.Tensor, m: float) -> torch.Tensor:
-    return torch.where(video >= m, 255.0 - video, video)
-
-
-def _auto_contrast(video: torch.Tensor, m: float) -> torch.Tensor:
-    """Stretches each channel to [0, 255] over the whole clip."""
-    low = video.amin(dim=(0, 2, 3), keepdim=True)
-    high = video.amax(dim=(0, 2, 3), keepdim=True)
-    scale = torch.where(high > low, 255.0 / (high - low).clamp_min(1e-6), torch.ones_like(high))
-    low = torch.where(high > low, low, torch.zeros_like(low))
-    return ((video - low) * scale).clamp_(0, 255)
-
-
-def _equalize(video: torch.Tensor, m: float) -> torch.Tensor:
-    """Histogram equalisation per channel over the whole clip (PIL's ``ImageOps.equalize`` lookup table)."""
-    pixels = video.round().clamp_(0, 255).to(torch.long)
-    out = torch.empty_like(video)
-    for c in range(video.shape[1]):
-        values = pixels[:, c]
-        hist = torch.bincount(values.flatten(), minlength=256)
-        nonzero = hist[hist > 0]
-        step = int((hist.sum() - nonzero[-1]) // 255)
-        if step == 0:
-            out[:, c] = video[:, c]
-            continue
-        lut = ((torch.cumsum(hist, 0) + step // 2) // step).clamp_(max=255)
-        lut = torch.cat([lut.new_zeros(1), lut[:-1]])
-        out[:, c] = lut[values].to(video.dtype)
-    return out
-
-
-def _identity(video: torch.Tensor, m: float) -> torch.Tensor:
-    return video
-
-
-def _op_table() -> dict[str, tuple[Callable, np.ndarray, bool]]:
-    """name -> (operation, magnitudes per bin, signed): torchvision's RandAugment table."""
-    bins = MAGNITUDE_BINS
-    return {
-        "identity": (_identity, np.zeros(bins), False),
-        "shear_x": (_shear_x, np.linspace(0.0, 0.3, bins), True),
-        "shear_y": (_shear_y, np.linspace(0.0, 0.3, bins), True),
-        "translate_x": (_translate_x, np.linspace(0.0, 150.0 / 331.0, bins), True),
-        "translate_y": (_translate_y, np.linspace(0.0, 150.0 / 331.0, bins), True),
-        "rotate": (_rotate, np.linspace(0.0, 30.0, bins), True),
-        "brightness": (_brightness, np.linspace(0.0, 0.9, bins), True),
-        "color": (_color, np.linspace(0.0, 0.9, bins), True),
-        "contrast": (_contrast, np.linspace(0.0, 0.9, bins), True),
-        "sharpness": (_sharpness, np.linspace(0.0, 0.9, bins), True),
-        "posterize": (_posterize, 8 - (np.arange(bins) / ((bins - 1) / 4)).round(), False),
-        "solarize": (_solarize, np.linspace(255.0, 0.0, bins), False),
-        "auto_contrast": (_auto_contrast, np.zeros(bins), False),
-        "equalize": (_equalize, np.zeros(bins), False),
-    }
-
-
-RANDAUGMENT_OPS = tuple(_op_table())
+# Our names and magnitude units -> torchvision's RandAugment operation and its units (pixels for the
+# translations, a fraction of 255 for the solarize threshold).
+_RANDAUGMENT_OPS = {
+    "identity": ("Identity", None),
+    "shear_x": ("ShearX", None),
+    "shear_y": ("ShearY", None),
+    "translate_x": ("TranslateX", "width"),
+    "translate_y": ("TranslateY", "height"),
+    "rotate": ("Rotate", None),
+    "brightness": ("Brightness", None),
+    "color": ("Color", None),
+    "contrast": ("Contrast", None),
+    "sharpness": ("Sharpness", None),
+    "posterize": ("Posterize", None),
+    "solarize": ("Solarize", "255"),
+    "auto_contrast": ("AutoContrast", None),
+    "equalize": ("Equalize", None),
+}
+RANDAUGMENT_OPS = tuple(_RANDAUGMENT_OPS)
 
 
 def apply_randaugment_op(video: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
-    """One RandAugment operation by name with a signed magnitude, on float ``(T, 3, H, W)`` in [0, 255]."""
-    if name not in RANDAUGMENT_OPS:
+    """One of RandAugment's operations, exactly as torchvision's ``RandAugment`` applies it to a clip.
+
+    ``video``: float (T, 3, H, W) in [0, 255] (rounded to uint8 first, as the pipeline holds clips);
+    ``magnitude``: signed, translations as a fraction of the frame, solarize as a threshold in [0, 255],
+    rotation and shear as torchvision takes them. Returns float in [0, 255].
+    """
+    if name not in _RANDAUGMENT_OPS:
         raise ValueError(f"RandAugment operation {name!r}: expected one of {list(RANDAUGMENT_OPS)}")
-    return _op_table()[name][0](video, magnitude)
-
-
-def randaugment(
-    video: torch.Tensor, num_ops: int, magnitude: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``num_ops`` operations drawn uniformly (with replacement), each with a random sign where signed."""
-    table = _op_table()
-    names = list(table)
-    for _ in range(num_ops):
-        op, magnitudes, signed = table[names[_randint(generator, len(names))]]
-        m = float(magnitudes[magnitude])
-        if signed and _randint(generator, 2):
-            m = -m
-        video = op(video, m)
-    return video
-
-
-def random_erase(video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Erases one random box (area 2-33%, aspect 0.3-3.3, as torchvision) in every frame, filled with 0."""
+    op, unit = _RANDAUGMENT_OPS[name]
     H, W = video.shape[-2:]
-    for _ in range(10):
-        area = H * W * _uniform(generator, 0.02, 1 / 3)
-        aspect = math.exp(_uniform(generator, math.log(0.3), math.log(1 / 0.3)))
-        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < h < H and 0 < w < W:
-            top, left = _randint(generator, H - h + 1), _randint(generator, W - w + 1)
-            video = video.clone()
-            video[..., top : top + h, left : left + w] = 0.0
-            return video
-    return video
+    pixels = {"width": W, "height": H}
+    if unit in pixels:
+        magnitude = float(round(magnitude * pixels[unit]))  # torchvision truncates to whole pixels
+    elif unit == "255":
+        magnitude = magnitude / 255.0
+    clip = tv_tensors.Video(video.round().clamp(0, 255).to(torch.uint8))
+    randaugment = v2.RandAugment(interpolation=InterpolationMode.NEAREST)
+    # The method RandAugment.forward calls for each drawn operation (torchvision keeps it private).
+    out = randaugment._apply_image_or_video_transform(
+        clip, op, magnitude, interpolation=randaugment.interpolation, fill=randaugment._fill
+    )
+    return out.as_subclass(torch.Tensor).float()
 
 
 def augment_clip(video: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Augments uint8 views ``(V, T, 3, H, W)``, the same way for every frame; returns uint8 of that shape."""
     if not cfg.enabled:
         return video
-    V, T = video.shape[:2]
-    out = video.flatten(0, 1).float()
+    transform = clip_transform(cfg, tuple(video.shape[-2:]))
     clips = []
-    for clip in out.unflatten(0, (V, T)):
-        if cfg.random_resized_crop:
-            clip = random_resized_crop(clip, cfg.crop_scale, cfg.crop_ratio, generator)
-        if cfg.flip > 0 and _uniform(generator) < cfg.flip:
-            clip = clip.flip(-1)
-        if cfg.randaugment_ops:
-            clip = randaugment(clip, cfg.randaugment_ops, cfg.randaugment_magnitude, generator)
-        if cfg.random_erasing > 0 and _uniform(generator) < cfg.random_erasing:
-            clip = random_erase(clip, generator)
-        clips.append(clip)
-    return torch.stack(clips).round_().clamp_(0, 255).to(torch.uint8)
+    for view in video:
+        with drawing_from(generator):
+            clips.append(transform(tv_tensors.Video(view)).as_subclass(torch.Tensor))
+    return torch.stack(clips)
 
 
 def derived_seed(*numbers: int) -> int:

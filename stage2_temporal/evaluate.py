@@ -42,7 +42,7 @@ def evaluate_heads(
     data = select_for_heads(data, info)
     check_matches_heads(data, info)
     dev = resolve_device(device)
-    return score(predict_proba(classifier.to(dev), data, batch_size, dev), data)
+    return score(predict_proba(classifier.to(dev), data, batch_size, dev), data.labels, data.num_classes)
 
 
 def evaluate_store(

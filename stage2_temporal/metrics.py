@@ -1,8 +1,10 @@
-"""Classification metrics of stage 2: top-k, mean per-class accuracy, per-class accuracy, confusion matrix.
+"""Classification metrics of stage 2, computed by scikit-learn: top-k, mean per-class accuracy, per-class
+accuracy, confusion matrix.
 
-Definitions follow scikit-learn so numbers are comparable with other code: mean per-class accuracy is
-``balanced_accuracy_score`` (the mean recall over the classes present in the labels) and top-k is
-``top_k_accuracy_score(labels=range(C))`` (ties ranked as scikit-learn ranks them).
+Mean per-class accuracy is scikit-learn's balanced accuracy (the mean recall over the classes present in
+the labels, computed as ``recall_score`` over those classes, which needs no warning filter when a class
+is predicted but never true); top-k is ``top_k_accuracy_score(labels=range(C))``, ties ranked as
+scikit-learn ranks them (the highest class index first); the matrix is ``confusion_matrix``.
 """
 
 from __future__ import annotations
@@ -13,24 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, top_k_accuracy_score
 
 
-def ranked_classes(scores: np.ndarray) -> np.ndarray:
-    """Class indices by decreasing score, (n, C); ties broken as scikit-learn's ``top_k_accuracy_score``."""
-    return np.argsort(scores, axis=1, kind="mergesort")[:, ::-1]
+def top_predictions(scores: np.ndarray) -> np.ndarray:
+    """The best class per clip, (n,); ties go to the highest class index, as in ``top_k_accuracy_score``."""
+    return scores.shape[1] - 1 - np.argmax(scores[:, ::-1], axis=1)
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of clips whose label is among the k highest scores."""
-    ranked = ranked_classes(scores)[:, :k]
-    return float((ranked == labels[:, None]).any(axis=1).mean())
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (C, C): row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
+    """Fraction of clips whose label is among the k highest scores (every clip when k >= C)."""
+    num_classes = scores.shape[1]
+    if k >= num_classes:
+        return 1.0
+    if k == 1:  # scikit-learn's top-k takes 1-D scores for 2 classes: top-1 is the accuracy of the best
+        return float(accuracy_score(labels, top_predictions(scores)))
+    return float(top_k_accuracy_score(labels, scores, k=k, labels=np.arange(num_classes)))
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -48,18 +48,20 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, num_classes: 
         raise ValueError(
             f"labels: expected class indices in [0, {num_classes}), got {labels.min()}..{labels.max()}"
         )
-    predictions = ranked_classes(scores)[:, 0]
-    matrix = confusion_matrix(labels, predictions, num_classes)
-    support = matrix.sum(axis=1)
-    per_class = [float(matrix[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
-    present = [a for a in per_class if a is not None]
+    predictions = top_predictions(scores)
+    matrix = confusion_matrix(labels, predictions, labels=np.arange(num_classes))
+    present = np.unique(labels)
+    recall = recall_score(labels, predictions, labels=present, average=None)
+    per_class: list[float | None] = [None] * num_classes
+    for c, r in zip(present, recall):
+        per_class[c] = float(r)
     return {
         "num_clips": len(labels),
         "top1": top_k_accuracy(scores, labels, 1),
         "top5": top_k_accuracy(scores, labels, 5),
-        "mean_class_acc": float(np.mean(present)),
+        "mean_class_acc": float(recall.mean()),
         "per_class_acc": per_class,
-        "support": support.tolist(),
+        "support": matrix.sum(axis=1).tolist(),
         "confusion": matrix.tolist(),
     }
 

@@ -19,26 +19,32 @@ def _pyplot():
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
-    """Row-normalised confusion matrix (recall per true class) as a heatmap."""
+    """Row-normalised confusion matrix (recall per true class), drawn by scikit-learn's
+    ``ConfusionMatrixDisplay``; the fractions are written in the cells up to 12 classes."""
     plt = _pyplot()
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     counts = np.asarray(matrix, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)
     recall = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(class_names)
     size = min(4 + 0.35 * n, 20)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=max(5, 10 - n // 8))
-    ax.set_yticks(range(n), class_names, fontsize=max(5, 10 - n // 8))
+    display = ConfusionMatrixDisplay(recall, display_labels=list(class_names))
+    display.plot(
+        ax=ax,
+        cmap="Blues",
+        include_values=n <= 12,
+        values_format=".2f",
+        xticks_rotation="vertical",
+        im_kw={"vmin": 0.0, "vmax": 1.0},
+        text_kw={"fontsize": 8},
+    )
+    fontsize = max(5, 10 - n // 8)
+    ax.tick_params(labelsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 12:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    color = "white" if recall[i, j] > 0.5 else "black"
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8, color=color)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    display.im_.colorbar.set_label("fraction of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,6 +27,7 @@ from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, check_same_features, load_store
 from stage2_temporal.heads import AveragingClassifier
 from stage2_temporal.metrics import classification_metrics, write_confusion
+from stage2_temporal.optim import adamw
 from stage2_temporal.run_dir import (
     CONFIG_FILE,
     FINGERPRINT_FILE,
@@ -37,6 +38,7 @@ from stage2_temporal.run_dir import (
     write_curve,
     write_json_atomic,
 )
+from stage2_temporal.schedule import WarmupCosine
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
@@ -87,18 +89,6 @@ def check_compatible(train: CachedFeatures, other: CachedFeatures, what: str) ->
         raise ValueError(f"{what} {other.source} does not match the training cache:\n  " + "\n  ".join(bad))
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    """LR factor per step: linear warmup to 1 over ``warmup_steps``, then cosine decay to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 @torch.inference_mode()
 def predict_proba(
     classifier: AveragingClassifier,
@@ -136,32 +126,32 @@ def predict_logits(
     return torch.cat(out).numpy()
 
 
-def score(probs: np.ndarray, data: CachedFeatures) -> dict[str, Any]:
-    """Metrics of view-averaged probabilities, plus the loss (NLL of the averaged probabilities)."""
-    metrics = classification_metrics(probs, data.labels, data.num_classes)
-    picked = probs[np.arange(data.num_clips), data.labels]
+def score(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Metrics of view-averaged probabilities (clips, C), plus the loss (NLL of the averaged probabilities).
+
+    Stage 2 and end-to-end finetuning both score with this.
+    """
+    metrics = classification_metrics(probs, labels, num_classes)
+    picked = probs[np.arange(len(labels)), labels]
     metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
     return metrics
 
 
 def make_optimiser(
     classifier: AveragingClassifier, cfg: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the trainable parameters, with a per-step cosine schedule after a linear warmup."""
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+) -> tuple[torch.optim.Optimizer, WarmupCosine]:
+    """AdamW over the trainable parameters (``optim.adamw``: no decay on biases, norms, embeddings), with a
+    per-step cosine schedule after a linear warmup."""
+    optimiser = adamw(classifier, cfg.lr, cfg.weight_decay)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, cosine_with_warmup(cfg.epochs * steps_per_epoch, warmup)
-    )
-    return optimiser, schedule
+    return optimiser, WarmupCosine(optimiser, cfg.epochs * steps_per_epoch, warmup)
 
 
 def train_epoch(
     classifier: AveragingClassifier,
     data: CachedFeatures,
     optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
+    schedule: WarmupCosine,
     cfg: TrainConfig,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
@@ -240,7 +230,8 @@ def train_heads(
         epoch_start = time.perf_counter()
         train_loss, train_top1 = train_epoch(classifier, train, optimiser, schedule, cfg, generator, device)
         train_seconds = time.perf_counter() - epoch_start
-        val_metrics = score(predict_proba(classifier, val, cfg.eval_batch_size, device), val)
+        probs = predict_proba(classifier, val, cfg.eval_batch_size, device)
+        val_metrics = score(probs, val.labels, val.num_classes)
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -269,7 +260,8 @@ def train_heads(
     seconds = time.perf_counter() - start_time
 
     classifier.load_state_dict(best_state)
-    val_metrics = score(predict_proba(classifier, val, cfg.eval_batch_size, device), val)
+    probs = predict_proba(classifier, val, cfg.eval_batch_size, device)
+    val_metrics = score(probs, val.labels, val.num_classes)
     save_heads(classifier, info, out / HEADS_FILE)
     write_curve(curve, out)
     write_confusion(val_metrics.pop("confusion"), out / "confusion_val", val.class_names)

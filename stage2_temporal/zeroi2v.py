@@ -96,6 +96,10 @@ class ZeroI2VHead(nn.Module):
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
         self.fc = nn.Linear(dim, num_classes)
 
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): the temporal position embedding."""
+        return {"time_embed"}
+
     def add_time_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Adds frame t's embedding to every token (CLS included) of tokens (B·T, N, D)."""
         clips = tokens.unflatten(0, (-1, self.num_frames))

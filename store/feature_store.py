@@ -87,28 +87,48 @@ def compute_fingerprint(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(fields), "fingerprint_fields").encode()).hexdigest()
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+class _Missing:
+    """The value of a key that one side of a ``config_differences`` comparison does not have."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
+
+
+def flatten_dotted(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts as ``{"a.b": leaf}`` so a difference can be named by its dotted key."""
     if isinstance(value, Mapping) and value:
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten_dotted(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: value}
 
 
+def config_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, stored value, expected value)`` per differing leaf of two JSON-like configs, sorted by
+    key; ``MISSING`` where one side lacks the key. Leaves compare as canonical JSON."""
+    a = flatten_dotted(json.loads(canonical_json(dict(stored))))
+    b = flatten_dotted(json.loads(canonical_json(dict(expected))))
+    return [
+        (key, a.get(key, MISSING), b.get(key, MISSING))
+        for key in sorted(set(a) | set(b))
+        if key not in a or key not in b or canonical_json(a[key]) != canonical_json(b[key])
+    ]
+
+
 def fingerprint_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """One line per differing field (dotted key): ``key: stored X, expected Y``."""
-    a = _flatten(json.loads(canonical_json(dict(stored))))
-    b = _flatten(json.loads(canonical_json(dict(expected))))
     lines = []
-    for key in sorted(set(a) | set(b)):
-        if key not in a:
-            lines.append(f"{key}: not in the store, expected {json.dumps(b[key])}")
-        elif key not in b:
-            lines.append(f"{key}: stored {json.dumps(a[key])}, not expected")
-        elif canonical_json(a[key]) != canonical_json(b[key]):
-            lines.append(f"{key}: stored {json.dumps(a[key])}, expected {json.dumps(b[key])}")
+    for key, a, b in config_differences(stored, expected):
+        if a is MISSING:
+            lines.append(f"{key}: not in the store, expected {json.dumps(b)}")
+        elif b is MISSING:
+            lines.append(f"{key}: stored {json.dumps(a)}, not expected")
+        else:
+            lines.append(f"{key}: stored {json.dumps(a)}, expected {json.dumps(b)}")
     return lines
 
 

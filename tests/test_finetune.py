@@ -24,15 +24,12 @@ from stage1_extract.config import ConfigError
 from stage1_extract.extract import load_extraction_model
 from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal import augment
-from stage2_temporal.finetune import (
-    Distributed,
-    StepBatches,
-    epoch_order,
-    finetune,
-    plan_finetune,
-    use_gradient_checkpointing,
-)
+from stage2_temporal.distributed import Distributed, StepBatches, epoch_order
+from stage2_temporal.finetune import finetune
+from stage2_temporal.finetune_model import use_gradient_checkpointing
+from stage2_temporal.finetune_plan import plan_finetune
 from stage2_temporal.models import build_model, load_model_config, model_config_from_dict
+from stage2_temporal.optim import adamw
 from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged, merge_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
@@ -145,7 +142,8 @@ def test_training_loss_falls_and_run_dir_is_complete(amflow_run):
 def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     """The best checkpoint, reloaded and run on the validation clips, gives the reported accuracy."""
     from stage1_extract.video import VideoClipDataset
-    from stage2_temporal.finetune import evaluate_clips, score_probs
+    from stage2_temporal.finetune_model import evaluate_clips
+    from stage2_temporal.train import score
 
     out, result = amflow_run
     plan = amflow_plan(videos)
@@ -156,9 +154,7 @@ def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     probs, decoded = evaluate_clips(model, dataset, 4, 3, torch.device("cpu"), None, Distributed())
     labels = np.array([r.label for r in plan.val.records])
     assert decoded.all()
-    assert score_probs(probs, labels, 4)["mean_class_acc"] == pytest.approx(
-        result.metrics["val"]["mean_class_acc"]
-    )
+    assert score(probs, labels, 4)["mean_class_acc"] == pytest.approx(result.metrics["val"]["mean_class_acc"])
 
 
 def test_finetuned_adapters_feed_stage1_extraction(amflow_run):
@@ -208,6 +204,36 @@ def test_stopped_run_resumes_to_the_same_weights(zeroi2v_run, videos, tmp_path):
         load_file(str(reference / "last.safetensors")),
     )
     assert not torch.equal(a["head.fc.weight"], b["head.fc.weight"])
+
+
+def test_resume_state_of_the_first_format_is_converted(zeroi2v_run, videos, tmp_path):
+    """A resume.pt of the first format (one flat dict, the epoch's sums as a list, a LambdaLR state, every
+    parameter in one AdamW group in model order) resumes to the uninterrupted run's weights."""
+    reference, _ = zeroi2v_run
+    plan = zeroi2v_plan(videos, *ZEROI2V_RANDOM)
+    finetune(plan, tmp_path, stop_after_steps=3, progress=False)
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert saved["format"] == "amflow-finetune-resume-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(plan.model)
+    model_order = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+    grouped = [model_order[id(p)] for g in adamw(model, 1e-3, 0.05).param_groups for p in g["params"]]
+    sums = ("epoch_loss_sum", "epoch_correct", "epoch_clips")
+    first_format = {
+        "format": "amflow-finetune-resume-1",
+        **{k: v for k, v in saved["state"].items() if k not in sums},
+        "epoch_sums": [saved["state"][k] for k in sums],
+        "optimizer": {
+            "state": {grouped[i]: s for i, s in saved["optimizer"]["state"].items()},
+            "param_groups": [{**saved["optimizer"]["param_groups"][1], "params": list(range(len(grouped)))}],
+        },
+        "scheduler": {"base_lrs": [1e-3], "last_epoch": 3, "_step_count": 4, "lr_lambdas": [None]},
+    }
+    torch.save(first_format, tmp_path / "resume.pt")
+    assert finetune(plan, tmp_path, resume=True, progress=False).finished
+    tensors_equal(tmp_path / "last.safetensors", reference / "last.safetensors")
+    assert read_csv(tmp_path / "steps.csv") == read_csv(reference / "steps.csv")
 
 
 def test_resume_and_overwrite_guards(zeroi2v_run, videos, tmp_path):
@@ -351,6 +377,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(videos):
     assert set(grads[0]) == set(grads[1]) and set(plain.state_dict()) == set(checkpointed.state_dict())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("config", ["amflow_tiny", "zeroi2v_tiny"])
+def test_gradient_checkpointing_recomputes_every_block_in_backward(config):
+    """timm's flag makes both models' block loops recompute each block in the backward pass: every block
+    runs twice per training step with it, once without it, and once in inference either way."""
+    small = ["backbone.img_size=32", "backbone.timm_kwargs.depth=2", "num_frames=4"]
+    cfg = load_model_config(f"configs/models/{config}.yaml", small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg)
+    calls = []
+    for blk in model.vit.blocks:
+        blk.register_forward_pre_hook(lambda *_: calls.append(1))  # the recomputation may stop early
+    video = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for checkpointing in (False, True):
+        model.vit.set_grad_checkpointing(checkpointing)
+        calls.clear()
+        model(video).sum().backward()
+        counts.append(len(calls))
+        calls.clear()
+        with torch.no_grad():
+            model(video)
+        counts.append(len(calls))
+    assert counts == [2, 2, 4, 2]
 
 
 # ---------------------------------------------------------------------------------------------- augment

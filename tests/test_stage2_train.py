@@ -23,8 +23,9 @@ from stage2_temporal.heads import LSTMHeadsConfig, TCNHeadsConfig
 from stage2_temporal.models import AMFlowModelConfig as AMFlowConfig
 from stage2_temporal.models import build_amflow
 from stage2_temporal.run_dir import load_heads, load_heads_into, read_metrics
+from stage2_temporal.schedule import cosine_with_warmup
 from stage2_temporal.synthetic import synthetic_cache, write_store
-from stage2_temporal.train import cosine_with_warmup, predict_logits, predict_proba, train_heads
+from stage2_temporal.train import predict_logits, predict_proba, train_heads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

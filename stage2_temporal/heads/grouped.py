@@ -53,6 +53,10 @@ class GroupedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(groups, dim))
         self.eps = eps
 
+    def no_weight_decay(self) -> set[str]:
+        """Trained without weight decay (timm's convention): a norm's gain and shift."""
+        return {"weight", "bias"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
         view = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (x.shape[-1],)

@@ -73,7 +73,7 @@ class TransformerHeads(nn.Module):
         self.classifier = GroupedLinear(groups, dim, num_classes)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names kept out of weight decay, as timm's ViT does for its tokens and embeddings."""
+        """Trained without weight decay (timm's convention): the class token and the time positions."""
         return {"cls_token", "pos_embed"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
