@@ -21,6 +21,7 @@ import yaml
 from stage1_extract.checkpoint import CheckpointError
 from stage1_extract.config import ConfigError
 from stage2_temporal.finetune_plan import FinetunePlan, run_config_differences
+from stage2_temporal.heads import drop_ignored_head_keys
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE
 from store.atomic import atomic_path
 
@@ -170,6 +171,8 @@ def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool
         if not (out / RESUME_FILE).is_file():
             raise FileNotFoundError(f"--out {out}: no {RESUME_FILE} to resume from")
         stored = yaml.safe_load((out / CONFIG_FILE).read_text())
+        # runs written before each head type had its own config list every type's keys
+        stored["model"] = drop_ignored_head_keys(stored.get("model") or {})
         diff = run_config_differences(stored, plan.resolved())
         if diff:
             raise ConfigError(
