@@ -196,7 +196,10 @@ class _Converter:
         if self.graph is None or key != self.key:
             graph = Graph()
             src = graph.add_buffer(
-                width=frame.width, height=frame.height, format=frame.format, time_base=frame.time_base or self.time_base
+                width=frame.width,
+                height=frame.height,
+                format=frame.format,
+                time_base=frame.time_base or self.time_base,
             )
             h, w = self.size
             scale = graph.add("scale", f"{w}:{h}:flags=bilinear")

@@ -1,4 +1,4 @@
-"""The planned decoder returns decord's frames bit for bit, with less decoding; NVDEC falls back to the CPU."""
+"""The planned decoder returns decord's frames bit for bit with less decoding; NVDEC falls back to the CPU."""
 
 from __future__ import annotations
 
