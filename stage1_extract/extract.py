@@ -31,6 +31,7 @@ from stage1_extract.backbone import file_sha256, is_added_key, normalise_video, 
 from stage1_extract.checkpoint import load_trainable_checkpoint, read_metadata
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
+from stage1_extract.decode_plan import resolve_decode_device
 from stage1_extract.models import load_model_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import FORMAT_KEY, MERGED_FORMAT, split_merged_state
@@ -54,6 +55,9 @@ class ExtractOptions:
     strict: bool = False
     commit_every: int | None = None
     threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
+    decode_device: str = "cpu"  # cuda: NVDEC through PyAV where it works, else the CPU with a warning
+    decode_threads: int = 1  # FFmpeg threads per decoding worker
+    compile: bool = False  # torch.compile the model's extraction forward
 
 
 @dataclasses.dataclass
@@ -165,14 +169,17 @@ def feature_fingerprint(
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlowModel:
+def _cached_model(model_json: str, checkpoint: str | None, device: str, compile: bool = False) -> AMFlowModel:
     """One model per worker process and plan (dask runs many shard tasks in one process)."""
     from stage1_extract.models import model_config_from_dict
 
     cfg = model_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return load_extraction_model(cfg, checkpoint, torch.device(device))
+        model = load_extraction_model(cfg, checkpoint, torch.device(device))
+    if compile:  # the frozen forward only; a batch of another size compiles once more
+        model.extract = torch.compile(model.extract, dynamic=False)
+    return model
 
 
 def _worker_device(requested: str) -> str:
@@ -231,7 +238,12 @@ def extract_shards(
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
     data_cfg = DatasetConfig(**plan.dataset_config)
     records = [ClipRecord(*plan.records[i]) for i in todo]
-    dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+    sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
+    decode_device = resolve_decode_device(opts.decode_device, sample)
+    dataset = VideoClipDataset(
+        records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+        decode_threads=opts.decode_threads, decode_device=decode_device,
+    )  # fmt: skip
     on_cuda = device.startswith("cuda")
     sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
     loader = DataLoader(
@@ -239,10 +251,13 @@ def extract_shards(
         batch_sampler=sampler,
         num_workers=opts.decode_workers,
         collate_fn=collate_clips,
-        pin_memory=on_cuda,
+        pin_memory=on_cuda,  # pinned batches: the copy to the GPU is asynchronous (non_blocking)
+        # NVDEC in a forked child of a process holding a CUDA context is undefined: start workers fresh
+        multiprocessing_context="spawn" if decode_device == "cuda" and opts.decode_workers else None,
     )
     batches = iter(loader)  # decoding workers start now
-    model = _cached_model(json.dumps(plan.model_config, sort_keys=True), plan.checkpoint, device)
+    model_json = json.dumps(plan.model_config, sort_keys=True)
+    model = _cached_model(model_json, plan.checkpoint, device, opts.compile)
     mean, std = pixel_stats(model.vit, device)
     writer: ShardWriter | None = None
     try:
