@@ -155,10 +155,10 @@ def measure(args: argparse.Namespace) -> dict:
         std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device)
         mean, std = mean.view(3, 1, 1), std.view(3, 1, 1)
         on_cuda = device.type == "cuda"
-        _forward(model, batches[0], mean, std, str(device), on_cuda)
+        _forward(model, batches[0], mean, std, str(device), on_cuda, args.flow)
         sync(device)
         t = time.perf_counter()
-        features = [_forward(model, b, mean, std, str(device), on_cuda) for b in batches]
+        features = [_forward(model, b, mean, std, str(device), on_cuda, args.flow) for b in batches]
         sync(device)
         model_seconds = time.perf_counter() - t
         model_rate = n / model_seconds

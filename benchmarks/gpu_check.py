@@ -6,7 +6,8 @@ the next part runs; the report is rewritten after every part, so it exists even 
   cuda_tests  ``pytest -m cuda tests/test_cuda.py``
   backbone    ViT-B/14 AM/12 and AM/2(1,12) extraction (bf16, 8 frames) vs timm's plain forward on the same
               frames: frames/s, clips/s, time ratio against the FLOP ratio (``torch.utils.flop_counter``);
-              the plain forward's MFU at 64..256 frames; ``torch.compile`` against eager
+              the plain forward's MFU at 64..256 frames
+  compile     ``torch.compile`` of the AM/12 extraction forward against eager (``--compile``)
   decode      ``decode_throughput`` on K400-like videos: clips/s per CPU core before/after, NVDEC
   extract     ``extract_throughput``: extraction end to end with decoding vs the model alone
   zeroi2v     ``zeroi2v_latency``: merged / plain ViT-B/16 (the paper: 1.006)
@@ -98,7 +99,7 @@ class Sizes:
     decode_seconds: float = 10.0
     decode_crop: int = 224
     decode_repeats: int = 2
-    extract_clips: int = 128
+    extract_clips: int = 256
     extract_workers: int = 12
     zeroi2v: tuple[str, int, int] = ("vit_base_patch16_clip_224", 224, 50)  # model, img size, repeats
     finetune: tuple[str, ...] = (
@@ -352,18 +353,13 @@ def part_backbone(sizes: Sizes) -> list[str]:
         mfu_rows.append([n, n / t, f / t / 1e12, f"{f / t / peak:.1%}" if peak else "n/a"])
     out += table(["plain forward: frames per batch", "frames/s", "TFLOP/s", "MFU (target >= 50% at >= 64)"],
                  mfu_rows)  # fmt: skip
-    if sizes.compile:
-        out += ["", *_compile_lines(sizes)]
-    else:
-        out += [
-            "",
-            "- torch.compile: not measured in the CPU smoke (inductor compiles for minutes on 2 cores)",
-        ]
     return out
 
 
-def _compile_lines(sizes: Sizes) -> list[str]:
+def part_compile(sizes: Sizes) -> list[str]:
     """AM/12 extraction compiled (``--compile``) against eager, same frames, interleaved."""
+    if not sizes.compile:
+        return ["- not measured in the CPU smoke (inductor compiles for minutes on 2 cores)"]
     device = sizes.device
     cfg, model, _ = amflow_overhead.build_pair(sizes.am12, list(sizes.model_overrides), device)
     size = cfg.backbone.img_size or 224
@@ -569,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PARTS = ("env", "cuda_tests", "backbone", "decode", "extract", "zeroi2v", "finetune", "stage2")
+PARTS = ("env", "cuda_tests", "backbone", "compile", "decode", "extract", "zeroi2v", "finetune", "stage2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": ("device and versions", lambda: part_env(sizes)),
         "cuda_tests": ("tests marked cuda", lambda: part_cuda_tests(sizes)),
         "backbone": ("extraction forward vs timm, FLOPs and MFU", lambda: part_backbone(sizes)),
+        "compile": ("torch.compile of the extraction forward", lambda: part_compile(sizes)),
         "decode": ("decoding K400-like videos", lambda: part_decode(sizes, scratch)),
         "extract": ("extraction end to end with decoding", lambda: part_extract(sizes, scratch)),
         "zeroi2v": ("ZeroI2V merged / plain latency", lambda: part_zeroi2v(sizes)),

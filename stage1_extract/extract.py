@@ -271,7 +271,7 @@ def extract_shards(
                 writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
                 counts["failed"] += 1
             if batch["video"] is not None:
-                features = _forward(model, batch["video"], mean, std, device, on_cuda)
+                features = _forward(model, batch["video"], mean, std, device, on_cuda, opts.store_flow)
                 for j, idx in enumerate(batch["index"].tolist()):
                     try:
                         writer.put(
@@ -294,17 +294,30 @@ def extract_shards(
 
 @torch.inference_mode()
 def _forward(
-    model: AMFlowModel, video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: str, on_cuda: bool
-) -> dict[str, np.ndarray]:
-    """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays."""
+    model: AMFlowModel,
+    video: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: str,
+    on_cuda: bool,
+    with_flow: bool = True,
+) -> dict[str, np.ndarray | None]:
+    """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays.
+
+    ``with_flow=False`` leaves the AM-flow maps on the device (``"flow": None``): for ViT-B/14 AM/12 they
+    are ~3.5 MB per clip, more than everything else a GPU sends back.
+    """
     B, V = video.shape[:2]
     x = normalise_video(video.to(device, non_blocking=on_cuda).flatten(0, 1), mean, std)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
         f = model.extract(x)
     emb = f.embeddings.float().reshape(B, V, *f.embeddings.shape[1:]).transpose(1, 2)  # (B, A, V, T, r)
-    flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
     cls = f.cls.float().reshape(B, V, -1)
-    return {"embeddings": emb.cpu().numpy(), "flow": flow.cpu().numpy(), "cls": cls.cpu().numpy()}
+    out = {"embeddings": emb.cpu().numpy(), "cls": cls.cpu().numpy(), "flow": None}
+    if with_flow:
+        flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
+        out["flow"] = flow.cpu().numpy()
+    return out
 
 
 def plan_extraction(

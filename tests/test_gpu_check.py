@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("env", "cuda_tests", "backbone", "decode", "extract", "zeroi2v", "finetune", "stage2")
+PARTS = ("env", "cuda_tests", "backbone", "compile", "decode", "extract", "zeroi2v", "finetune", "stage2")
 
 
 def test_cpu_smoke_writes_every_section(tmp_path):
