@@ -91,3 +91,23 @@ def test_decode_device_cuda_falls_back_to_cpu_with_warning(k400_like):
 def test_widths_decord_miscopies_are_left_to_its_fallback():
     assert decord_may_miscopy(48) and decord_may_miscopy(72)  # 3*48 = 144 is padded to 192 = 4*48
     assert not any(decord_may_miscopy(w) for w in (43, 85, 224, 298, 299))
+
+
+def test_extract_with_decode_device_cuda_falls_back_and_matches_cpu(tmp_path):
+    """``amflow extract --decode-device cuda`` on a machine without NVDEC: a warning, the CPU's features."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may decode on NVDEC: the fallback is not what happens there")
+    from amflow.cli import main
+    from stage1_extract.synthetic import make_folder_dataset
+    from store.feature_store import FeatureStore
+
+    make_folder_dataset(tmp_path / "v", ["left", "right"], {"train": 1}, 32, 6, seed=0)
+    small = ["model.backbone.timm_kwargs.depth=1", "model.backbone.img_size=32", "num_frames=4"]
+    common = ["extract", "--dataset", "folder", "--root", str(tmp_path / "v"), "--split", "train", "--config",
+              "configs/models/amflow_tiny.yaml", "--decode-workers", "0", *small]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "cpu.zarr")]) == 0
+    with pytest.warns(RuntimeWarning, match="decoding on the CPU"):
+        assert main([*common, "--out", str(tmp_path / "cuda.zarr"), "--decode-device", "cuda"]) == 0
+    cpu, cuda = (FeatureStore.open(tmp_path / f"{d}.zarr") for d in ("cpu", "cuda"))
+    assert cuda.done_mask().all() and cuda.num_clips == 2
+    assert np.array_equal(np.asarray(cpu.array("embeddings")[:]), np.asarray(cuda.array("embeddings")[:]))
