@@ -59,10 +59,13 @@ class PlannedReader:
                 raise ValueError(f"{path}: no video stream")
             self.stream = self.container.streams.video[0]
             self.stream.thread_count = max(1, threads)
-            self.packets = [p for p in self.container.demux(self.stream) if p.size and p.pts is not None]
+            self.packets = [p for p in self.container.demux(self.stream) if p.size]  # no end-of-file flush
         except BaseException:
             self.container.close()
             raise
+        if any(p.pts is None for p in self.packets):
+            self.close()
+            raise Unplannable(f"{path}: packets without timestamps")
         pts = np.array([p.pts for p in self.packets], dtype=np.int64)
         self.display_pts = np.sort(pts)  # frame i (decord's numbering) = i-th smallest timestamp
         if len(np.unique(pts)) != len(pts):

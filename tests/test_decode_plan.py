@@ -88,6 +88,22 @@ def test_decode_device_cuda_falls_back_to_cpu_with_warning(k400_like):
     assert torch.equal(asked_cuda, video.decode_views(k400_like, cfg, CROP))
 
 
+def test_rotated_videos_are_left_to_decord(tmp_path):
+    import av
+
+    path = tmp_path / "rotated.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for i in range(6):
+            frame = np.full((48, 64, 3), 40 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with pytest.raises(video.Unplannable, match="rotated"):
+        video.planned_frames(path, 32, lambda n: np.array([[1, 3]]))
+
+
 def test_widths_decord_miscopies_are_left_to_its_fallback():
     assert decord_may_miscopy(48) and decord_may_miscopy(72)  # 3*48 = 144 is padded to 192 = 4*48
     assert not any(decord_may_miscopy(w) for w in (43, 85, 224, 298, 299))
