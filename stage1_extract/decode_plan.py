@@ -42,7 +42,10 @@ def open_container(path: str | Path, hwaccel: str | None = None) -> av.container
         return av.open(str(path))
     from av.codec.hwaccel import HWAccel
 
-    return av.open(str(path), hwaccel=HWAccel(device_type=hwaccel, allow_software_fallback=False))
+    # CUDA: FFmpeg retains the device's primary context instead of creating a context per file
+    options = {"primary_ctx": "1"} if hwaccel == "cuda" else None
+    accel = HWAccel(device_type=hwaccel, allow_software_fallback=False, options=options)
+    return av.open(str(path), hwaccel=accel)
 
 
 class PlannedReader:
