@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 import stage1_extract  # noqa: F401  (before timm)
 from stage1_extract.backbone import resolve_device
 from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.decode_plan import resolve_decode_device
 from stage1_extract.extract import (
     ExtractionPlan,
     ExtractOptions,
@@ -126,7 +127,11 @@ def measure(args: argparse.Namespace) -> dict:
         # ---- decoding alone: one DataLoader over every clip, the same workers and batch size
         data_cfg = DatasetConfig(**plan.dataset_config)
         records = [ClipRecord(*r) for r in plan.records]
-        dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+        decode_device = resolve_decode_device(args.decode_device, Path(plan.root) / records[0].path)
+        dataset = VideoClipDataset(
+            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+            decode_device=decode_device,
+        )  # fmt: skip
         t = time.perf_counter()
         loader = DataLoader(
             dataset,
@@ -134,6 +139,7 @@ def measure(args: argparse.Namespace) -> dict:
             num_workers=args.decode_workers,
             collate_fn=collate_clips,
             pin_memory=device.type == "cuda",
+            multiprocessing_context="spawn" if decode_device == "cuda" and args.decode_workers else None,
         )
         batches, first_batch = [], None
         for batch in loader:
