@@ -80,7 +80,7 @@ def sync(device: torch.device) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Runs the four measurements; returns their figures (see ``main`` for the table)."""
+    """Runs the four measurements; returns their figures (``main`` prints them as a table)."""
     device = resolve_device(args.device)
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="extract_bench_"))
     scratch.mkdir(parents=True, exist_ok=True)
