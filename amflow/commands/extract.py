@@ -9,7 +9,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract",
         help="stage 1: decode a dataset split, run the frozen backbone + adapters, write the feature store",
-        description="Decodes every clip of a dataset split (decord, in DataLoader workers), runs the frozen "
+        description="Decodes every clip of a dataset split (in DataLoader workers), runs the frozen "
         "ViT with AM-flow adapters in inference mode (bf16 on CUDA) and writes per-adapter embeddings, "
         "last-frame CLS features and optionally AM-flow maps to a Zarr store. Undecodable videos are "
         "recorded as failures. Interrupted runs resume with only the missing clips; a finished store is "
