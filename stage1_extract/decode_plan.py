@@ -129,6 +129,8 @@ class PlannedReader:
         found: dict[int, np.ndarray] = {}
         converter = _Converter(size, self.stream.time_base)
         ctx = self.stream.codec_context
+        if self.packets_sent:  # an earlier read left the decoder mid-stream
+            ctx.flush_buffers()
         self.frames_decoded = self.packets_sent = 0
 
         def collect(frames: list[av.VideoFrame]) -> None:

@@ -49,9 +49,11 @@ def test_plan_skips_gops_and_unreferenced_frames(k400_like):
     with PlannedReader(k400_like) as reader:
         assert len(reader) == 90 and reader.keyframes == [0, 30, 60]
         assert reader.needed_gops(np.array([1, 65])) == [0, 2]
-        reader.read(np.array([5, 16, 28]), (64, 85))  # all in the first GOP
+        first = reader.read(np.array([5, 16, 28]), (64, 85))  # all in the first GOP
         assert reader.packets_sent <= 30  # never past the first GOP (plus the frames' reorder delay)
         assert reader.frames_decoded < reader.packets_sent  # non-reference B-frames were dropped
+        again = reader.read(np.array([28, 5]), (64, 85))  # a second read on the same reader
+        assert np.array_equal(again, first[[2, 0]])
 
 
 @pytest.mark.parametrize("train", [False, True])
