@@ -46,6 +46,7 @@ import stage1_extract  # noqa: F401  (before timm)
 # isort: split
 from gpu_parts import (
     REPO,
+    PartFailed,
     Sizes,
     bf16_peak,
     device_name,
@@ -61,7 +62,7 @@ from gpu_parts import (
     smoke_sizes,
 )
 
-__all__ = ["PARTS", "Report", "bf16_peak", "main", "run_part"]
+__all__ = ["PARTS", "PartFailed", "Report", "bf16_peak", "main", "run_part"]
 
 # ------------------------------------------------------------------------------------------ the report
 
@@ -121,6 +122,7 @@ def run_part(report: Report, name: str, title: str, fn: Callable[[], list[str]],
         message = (str(e).strip().splitlines() or [""])[0]
         part.error = f"{type(e).__name__}: {message}"[:300]
         part.status = "timeout" if isinstance(e, PartTimeout) else "failed"
+        part.lines = getattr(e, "lines", [])  # PartFailed carries its figures
         traceback.print_exc()
     finally:
         signal.alarm(0)

@@ -35,6 +35,15 @@ import zeroi2v_latency
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+class PartFailed(Exception):
+    """A part that failed but has figures to report (e.g. which tests failed)."""
+
+    def __init__(self, message: str, lines: list[str]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
 # Dense bf16 tensor-core peak (no sparsity), by device-name substring, most specific first (vendor sheets).
 BF16_DENSE_PEAK = (
     ("H200", 989e12),
@@ -193,7 +202,7 @@ def part_cuda_tests(sizes: Sizes) -> list[str]:
     if proc.returncode not in (0, 5) and not failed:  # 5: nothing collected
         out += ["```", *proc.stdout.splitlines()[-15:], *proc.stderr.splitlines()[-5:], "```"]
     if proc.returncode not in (0, 5):
-        raise RuntimeError(f"pytest -m cuda: {summary.strip('= ')}")
+        raise PartFailed(f"pytest -m cuda: {summary.strip('= ')}", out)
     return out
 
 

@@ -40,11 +40,16 @@ def test_a_failing_part_is_recorded_and_the_report_still_written(tmp_path, monke
     def broken() -> list[str]:
         raise RuntimeError("CUDA error: out of memory\nsecond line")
 
+    def failing_with_figures() -> list[str]:
+        raise gpu_check.PartFailed("pytest -m cuda: 1 failed, 7 passed", ["- FAILED tests/test_cuda.py::x"])
+
     gpu_check.run_part(report, "finetune", "finetuning", broken, limit_s=30)
+    gpu_check.run_part(report, "cuda_tests", "tests", failing_with_figures, limit_s=30)
     gpu_check.run_part(report, "stage2", "heads", lambda: ["| a |"], limit_s=30)
     text = (tmp_path / "r.md").read_text()
     assert "| finetune | failed |" in text and "`RuntimeError: CUDA error: out of memory`" in text
     assert "second line" not in text  # one line per failure
+    assert "| cuda_tests | failed |" in text and "- FAILED tests/test_cuda.py::x" in text
     assert "| stage2 | ok |" in text and "| a |" in text  # the next part ran
     assert gpu_check.bf16_peak("NVIDIA H200") == 989e12 and gpu_check.bf16_peak("NVIDIA H100 PCIe") == 756e12
     assert gpu_check.bf16_peak("some cpu") is None
