@@ -20,7 +20,7 @@ import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import 
 import timm
 import torch
 
-from stage1_extract.backbone import RANDOM_INIT_WARNING
+from stage1_extract.backbone import is_added_key
 from stage2_temporal.models import build_amflow, load_model_config
 
 
@@ -30,6 +30,30 @@ def timed(fn, sync) -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+def build_pair(config: str, overrides: list[str], device: str):
+    """(cfg, AM-flow model, plain timm ViT with the same backbone weights), in eval mode on ``device``."""
+    cfg = load_model_config(config, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_amflow(cfg).eval().to(device)
+        b = cfg.backbone
+        plain = timm.create_model(b.name, img_size=b.img_size, num_classes=0, **b.timm_kwargs)
+    plain.load_state_dict({k: v for k, v in model.vit.state_dict().items() if not is_added_key(k)})
+    return cfg, model, plain.eval().to(device)
+
+
+def interleaved_times(runs: dict, repeats: int, sync, autocast) -> dict[str, list[float]]:
+    """Seconds of each run per repetition, after one warm-up, the runs interleaved in every repetition."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode(), autocast:
+        for fn in runs.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn, sync))
+    return times
 
 
 def main() -> None:
@@ -42,15 +66,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
 
-    cfg = load_model_config(args.config, ["aligning_encoder=false", *args.overrides])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
-        model = build_amflow(cfg).eval().to(args.device)
-        b = cfg.backbone
-        plain = timm.create_model(b.name, img_size=b.img_size, num_classes=0, **b.timm_kwargs)
-    plain.load_state_dict({k: v for k, v in model.vit.state_dict().items() if "adapter" not in k})
-    plain = plain.eval().to(args.device)
-    size = b.img_size or plain.patch_embed.img_size[0]
+    cfg, model, plain = build_pair(args.config, ["aligning_encoder=false", *args.overrides], args.device)
+    size = cfg.backbone.img_size or plain.patch_embed.img_size[0]
     video = torch.randn(args.clips, cfg.num_frames, 3, size, size, device=args.device)
     frames = video.flatten(0, 1)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -61,13 +78,7 @@ def main() -> None:
         "AM/12 extract (stage 1)": lambda: model.extract(video),
         "AM/12 forward (with heads)": lambda: model(video),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.inference_mode(), autocast:
-        for fn in runs.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                times[name].append(timed(fn, sync))
+    times = interleaved_times(runs, args.repeats, sync, autocast)
     base = times["timm forward_features"]
     print(
         f"{cfg.backbone.name} @ {size}px, {cfg.num_frames} frames x {args.clips} clip(s), "

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 import stage1_extract  # noqa: F401  (before timm)
 from stage1_extract.backbone import RANDOM_INIT_WARNING, resolve_device
 from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.decode_plan import resolve_decode_device
 from stage1_extract.extract import (
     ExtractionPlan,
     ExtractOptions,
@@ -47,7 +48,7 @@ from store.feature_store import FeatureStore
 MOTIONS = ("left", "right", "up", "down")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/models/amflow_tiny.yaml", help="model YAML (kind: amflow)")
     p.add_argument("--clips", type=int, default=64, help="clips in the generated dataset (default 64)")
@@ -62,12 +63,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder, kept (default: a temp one)")
     p.add_argument(
+        "--video-root",
+        type=Path,
+        default=None,
+        help="an existing folder dataset (ROOT/train/<class>/*.mp4) instead of generated videos",
+    )
+    p.add_argument("--decode-device", default="cpu", help="cpu, or cuda (NVDEC where it works)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the frozen forward")
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="config overrides (data./model. prefixes or a bare key), e.g. seed=1",
     )
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -75,19 +84,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace) -> dict:
+    """Runs the four measurements; returns their figures (``main`` prints them as a table)."""
     device = resolve_device(args.device)
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="extract_bench_"))
     scratch.mkdir(parents=True, exist_ok=True)
-    root = scratch / "videos"
+    root = args.video_root or scratch / "videos"
     try:
         per_class = -(-args.clips // len(MOTIONS))
         wanted = {"clips": per_class, "size": args.size, "video_frames": args.video_frames}
         marker = scratch / "videos.json"  # a --dir kept from an earlier run is reused when it fits
-        if not marker.is_file() or json.loads(marker.read_text()) != wanted:
+        if args.video_root is None and (not marker.is_file() or json.loads(marker.read_text()) != wanted):
             shutil.rmtree(root, ignore_errors=True)
             t = time.perf_counter()
             make_folder_dataset(root, MOTIONS, {"train": per_class}, args.size, args.video_frames, seed=0)
@@ -99,6 +106,8 @@ def main() -> None:
             device=str(device),
             store_flow=args.flow,
             shard_clips=args.shard_clips,
+            decode_device=args.decode_device,
+            compile=args.compile,
         )
 
         def plan_store(path: Path) -> tuple[ExtractionPlan, FeatureStore]:
@@ -122,7 +131,11 @@ def main() -> None:
         # ---- decoding alone: one DataLoader over every clip, the same workers and batch size
         data_cfg = DatasetConfig(**plan.dataset_config)
         records = [ClipRecord(*r) for r in plan.records]
-        dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+        decode_device = resolve_decode_device(args.decode_device, Path(plan.root) / records[0].path)
+        dataset = VideoClipDataset(
+            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+            decode_device=decode_device,
+        )  # fmt: skip
         t = time.perf_counter()
         loader = DataLoader(
             dataset,
@@ -130,6 +143,7 @@ def main() -> None:
             num_workers=args.decode_workers,
             collate_fn=collate_clips,
             pin_memory=device.type == "cuda",
+            multiprocessing_context="spawn" if decode_device == "cuda" and args.decode_workers else None,
         )
         batches, first_batch = [], None
         for batch in loader:
@@ -151,10 +165,10 @@ def main() -> None:
         std = torch.tensor(model.vit.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), device=device)
         mean, std = mean.view(3, 1, 1), std.view(3, 1, 1)
         on_cuda = device.type == "cuda"
-        _forward(model, batches[0], mean, std, str(device), on_cuda)
+        _forward(model, batches[0], mean, std, str(device), on_cuda, args.flow)
         sync(device)
         t = time.perf_counter()
-        features = [_forward(model, b, mean, std, str(device), on_cuda) for b in batches]
+        features = [_forward(model, b, mean, std, str(device), on_cuda, args.flow) for b in batches]
         sync(device)
         model_seconds = time.perf_counter() - t
         model_rate = n / model_seconds
@@ -181,34 +195,50 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    return {
+        "clips": n, "e2e": e2e, "e2e_seconds": summary.seconds, "model": model_rate,
+        "model_seconds": model_seconds, "decode": decode, "decode_seconds": decode_seconds,
+        "steady_decode": steady_decode, "first_batch": first_batch, "plan_seconds": plan_seconds,
+        "load_seconds": load_seconds, "write_seconds": write_seconds, "num_shards": num_shards,
+        "crop_size": data_cfg.crop_size, "backbone": plan.model_config["backbone"]["name"],
+        "device": str(device), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure(args)
+    e2e, decode, model_rate = r["e2e"], r["decode"], r["model"]
     bottleneck = min(decode, model_rate)
     shared = 1 / (1 / decode + 1 / model_rate)
     print(
-        f"\n{n} clips, {args.size} px videos of {args.video_frames} frames -> {args.frames} frames at "
-        f"{data_cfg.crop_size} px, {plan.model_config['backbone']['name']} ({args.config}), batch "
-        f"{args.batch_size}, {args.decode_workers} decode workers, {device}, torch threads "
-        f"{torch.get_num_threads()}, {num_shards} store shard(s)"
+        f"\n{r['clips']} clips, {args.size} px videos of {args.video_frames} frames -> {args.frames} "
+        f"frames at {r['crop_size']} px, {r['backbone']} ({args.config}), batch "
+        f"{args.batch_size}, {args.decode_workers} decode workers, {r['device']}, torch threads "
+        f"{r['threads']}, {r['num_shards']} store shard(s)"
     )
     print(f"{'':<40}{'clips/s':>10}{'seconds':>10}")
     for name, rate, seconds in (
-        ("end to end (amflow extract)", e2e, summary.seconds),
-        ("model alone (pre-decoded batches)", model_rate, model_seconds),
-        ("decoding alone (DataLoader)", decode, decode_seconds),
-        ("  decoding after the first batch", steady_decode, decode_seconds - first_batch),
+        ("end to end (amflow extract)", e2e, r["e2e_seconds"]),
+        ("model alone (pre-decoded batches)", model_rate, r["model_seconds"]),
+        ("decoding alone (DataLoader)", decode, r["decode_seconds"]),
+        ("  decoding after the first batch", r["steady_decode"], r["decode_seconds"] - r["first_batch"]),
     ):
         print(f"{name:<40}{rate:>10.1f}{seconds:>10.2f}")
     print(f"ratio end to end / min(decode, model)      {e2e / bottleneck:.2f}   (target >= 0.8)")
-    if device.type == "cpu":
+    if r["device"] == "cpu":
         print(
             f"ratio end to end / shared-CPU bound        {e2e / shared:.2f}   (1/(1/decode + 1/model) = "
             f"{shared:.1f} clips/s: decoding and the model share the cores)"
         )
     print("breakdown (each measured alone):")
     for name, seconds in (
-        ("planning (index, config, empty store)", plan_seconds),
-        ("model loading", load_seconds),
-        ("worker start-up + first batch decoded", first_batch),
-        ("store writes + commits", write_seconds),
+        ("planning (index, config, empty store)", r["plan_seconds"]),
+        ("model loading", r["load_seconds"]),
+        ("worker start-up + first batch decoded", r["first_batch"]),
+        ("store writes + commits", r["write_seconds"]),
     ):
         print(f"  {name:<42}{seconds:>8.2f} s")
 

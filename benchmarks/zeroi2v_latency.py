@@ -31,7 +31,7 @@ from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_clip_224", help="timm ViT name")
     p.add_argument("--img-size", type=int, default=224)
@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p.parse_args()
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p.parse_args(argv)
 
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -69,10 +70,8 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     return {k: m.to(args.device).eval() for k, m in models.items()}
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{column: {model: milliseconds}}: median and min wall time (and median CPU time on the CPU)."""
     device = torch.device(args.device)
     models = build_models(args)
     video = torch.randn(1, args.frames, 3, args.img_size, args.img_size, device=device)
@@ -100,7 +99,7 @@ def main() -> None:
         for _ in range(2):
             for n in names:
                 timed(n)
-        for rep in tqdm(range(args.repeats), desc="interleaved repetitions"):
+        for rep in tqdm(range(args.repeats), desc="interleaved repetitions", disable=not args.progress):
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for n in order:
                 wall, cpu = timed(n)
@@ -110,7 +109,16 @@ def main() -> None:
     columns = {"median ms": (walls, statistics.median), "min ms": (walls, min)}
     if device.type == "cpu":
         columns["median CPU ms"] = (cpus, statistics.median)
-    table = {c: {n: f(t[n]) * 1e3 for n in names} for c, (t, f) in columns.items()}
+    return {c: {n: f(t[n]) * 1e3 for n in names} for c, (t, f) in columns.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    table = measure(args)
+    names = list(next(iter(table.values())))
     print(
         f"\n{args.model} at {args.img_size} px, 1 clip x {args.frames} frames, {device.type} {args.dtype}, "
         f"{torch.get_num_threads()} threads, {args.repeats} interleaved repetitions"

@@ -37,6 +37,7 @@ from stage1_extract.backbone import (
 from stage1_extract.checkpoint import load_trainable_checkpoint
 from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
+from stage1_extract.decode_plan import resolve_decode_device
 from stage1_extract.models import check_matches_dataset, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
@@ -59,6 +60,9 @@ class ExtractOptions:
     compression: str = "none"
     commit_every: int | None = None
     threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
+    decode_device: str = "cpu"  # cuda: NVDEC through PyAV where it works, else the CPU with a warning
+    decode_threads: int = 1  # FFmpeg threads per decoding worker
+    compile: bool = False  # torch.compile the model's extraction forward
 
 
 @dataclasses.dataclass
@@ -167,12 +171,17 @@ def feature_fingerprint(
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(model_json: str, checkpoint: str | None, device: str) -> AMFlowExtractor:
+def _cached_model(
+    model_json: str, checkpoint: str | None, device: str, compile: bool = False
+) -> AMFlowExtractor:
     """One model per worker process and plan (dask runs many shard tasks in one process)."""
     cfg = feature_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
-        return load_extraction_model(cfg, checkpoint, torch.device(device))
+        model = load_extraction_model(cfg, checkpoint, torch.device(device))
+    if compile:  # the frozen forward only; a batch of another size compiles once more
+        model.extract = torch.compile(model.extract, dynamic=False)
+    return model
 
 
 def _worker_device(requested: str) -> str:
@@ -231,7 +240,12 @@ def extract_shards(
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
     data_cfg = DatasetConfig(**plan.dataset_config)
     records = [ClipRecord(*plan.records[i]) for i in todo]
-    dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+    sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
+    decode_device = resolve_decode_device(opts.decode_device, sample)
+    dataset = VideoClipDataset(
+        records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+        decode_threads=opts.decode_threads, decode_device=decode_device,
+    )  # fmt: skip
     on_cuda = device.startswith("cuda")
     sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
     loader = DataLoader(
@@ -239,10 +253,13 @@ def extract_shards(
         batch_sampler=sampler,
         num_workers=opts.decode_workers,
         collate_fn=collate_clips,
-        pin_memory=on_cuda,
+        pin_memory=on_cuda,  # pinned batches: the copy to the GPU is asynchronous (non_blocking)
+        # NVDEC in a forked child of a process holding a CUDA context is undefined: start workers fresh
+        multiprocessing_context="spawn" if decode_device == "cuda" and opts.decode_workers else None,
     )
     batches = iter(loader)  # decoding workers start now
-    model = _cached_model(json.dumps(plan.model_config, sort_keys=True), plan.checkpoint, device)
+    model_json = json.dumps(plan.model_config, sort_keys=True)
+    model = _cached_model(model_json, plan.checkpoint, device, opts.compile)
     mean, std = pixel_stats(model.vit, device)
     writer: ShardWriter | None = None
     try:
@@ -256,7 +273,7 @@ def extract_shards(
                 writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
                 counts["failed"] += 1
             if batch["video"] is not None:
-                features = _forward(model, batch["video"], mean, std, device, on_cuda)
+                features = _forward(model, batch["video"], mean, std, device, on_cuda, opts.store_flow)
                 for j, idx in enumerate(batch["index"].tolist()):
                     try:
                         writer.put(
@@ -285,16 +302,24 @@ def _forward(
     std: torch.Tensor,
     device: str,
     on_cuda: bool,
-) -> dict[str, np.ndarray]:
-    """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays."""
+    with_flow: bool = True,
+) -> dict[str, np.ndarray | None]:
+    """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays.
+
+    ``with_flow=False`` leaves the AM-flow maps on the device (``"flow": None``): for ViT-B/14 AM/12 they
+    are ~3.5 MB per clip, more than everything else a GPU sends back.
+    """
     B, V = video.shape[:2]
     x = normalise_video(video.to(device, non_blocking=on_cuda).flatten(0, 1), mean, std)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
         f = model.extract(x)
     emb = f.embeddings.float().reshape(B, V, *f.embeddings.shape[1:]).transpose(1, 2)  # (B, A, V, T, r)
-    flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
     cls = f.cls.float().reshape(B, V, -1)
-    return {"embeddings": emb.cpu().numpy(), "flow": flow.cpu().numpy(), "cls": cls.cpu().numpy()}
+    out = {"embeddings": emb.cpu().numpy(), "cls": cls.cpu().numpy(), "flow": None}
+    if with_flow:
+        flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
+        out["flow"] = flow.cpu().numpy()
+    return out
 
 
 def plan_extraction(

@@ -4,18 +4,22 @@ Frames are fetched by index (``VideoReader.get_batch``) and resized during decod
 ``width``/``height``) so that the short side equals the crop size; the frame size is read first from the
 container header with PyAV, which decodes nothing. Then the centre crop or three crops along the long side
 are cut (views ordered as in ``stage1_extract.sampling``). A few tiny frame widths that decord copies
-wrongly are decoded with PyAV instead. A video that cannot be read becomes an error item naming the
-file, not an exception, so one bad file never stops an extraction.
+wrongly are decoded with PyAV instead. ``decode_plan`` returns the same frames with less decoding (one
+planned PyAV pass for all views of a clip) and is tried first; decord stays the general path. A video
+that cannot be read becomes an error item naming the file, not an exception, so one bad file never stops
+an extraction.
 
 Videos are decoded as displayed: a rotation in the container's display matrix (phone videos filmed
 upright) is read from the first frame's side data with PyAV; decord (CPU) applies it when given the
-displayed size, and the PyAV fallback rotates its frames with ``apply_rotation``. Container metadata in
-any encoding is read without failing (PyAV's ``metadata_errors="ignore"``).
+displayed size, and the PyAV fallback rotates its frames with ``apply_rotation`` (the planned pass leaves
+rotated videos to decord). Container metadata in any encoding is read without failing (PyAV's
+``metadata_errors="ignore"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from torch.utils.data import Dataset
 
 from stage1_extract.clip_paths import resolve_clip_path
 from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.decode_plan import PlannedReader, Unplannable, decord_may_miscopy
 from stage1_extract.sampling import clip_indices
 
 # decord.DECORDError is not a RuntimeError subclass; PyAV's errors are OSError/ValueError subclasses or
@@ -168,22 +173,64 @@ def decode_views(
     rng: np.random.Generator | None = None,
     start_frame: int | None = None,
     end_frame: int | None = None,
+    threads: int = 1,
+    hwaccel: str | None = None,
 ) -> torch.Tensor:
     """Decodes one video into its views, uint8 ``(V, T, 3, crop, crop)`` (V = clips x crops, clip-major).
 
     Training: one random clip and (with ``cfg.train_crop == "random"``) one random crop, from ``rng``.
+    Frames come from one planned PyAV pass (``decode_plan``: the same frames as decord, less decoding;
+    ``threads`` decoder threads, ``hwaccel="cuda"`` for NVDEC), else from decord as before.
     Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file.
     """
     if not Path(path).is_file():
         what = "dangling symbolic link" if Path(path).is_symlink() else "no such file"
         raise FileNotFoundError(f"{path}: {what}")
+
+    def index_for(n: int, generator: np.random.Generator | None) -> np.ndarray:
+        return clip_indices(n, cfg, train=train, rng=generator, start_frame=start_frame, end_frame=end_frame)
+
+    fallback_rng = copy.deepcopy(rng)  # decord must draw what it would have drawn without the plan
+    try:
+        frames = planned_frames(path, crop_size, lambda n: index_for(n, rng), threads, hwaccel)
+    except (Unplannable, *DECODE_ERRORS):
+        rng = fallback_rng
+        frames = decord_frames(path, crop_size, lambda n: index_for(n, rng))
+    h, w = frames.shape[2:4]
+    crop_rng = rng if train and cfg.train_crop == "random" else None
+    offsets = crop_offsets(h, w, crop_size, 1 if train else cfg.num_crops, crop_rng)
+    views = [clip[:, y : y + crop_size, x : x + crop_size] for clip in frames for (y, x) in offsets]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(views))).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def planned_frames(
+    path: str | Path,
+    crop_size: int,
+    index_for: Callable[[int], np.ndarray],
+    threads: int = 1,
+    hwaccel: str | None = None,
+) -> np.ndarray:
+    """Frames ``(clips, T, h, w, 3)`` at ``index_for(num_frames)``, short side resized to ``crop_size``,
+    from one planned PyAV pass; ``Unplannable`` where decord's frames cannot be reproduced exactly."""
+    with PlannedReader(path, threads=threads, hwaccel=hwaccel) as reader:
+        height, width = reader.frame_size()
+        if height <= 0 or width <= 0 or len(reader) == 0:
+            raise Unplannable(f"{path}: no frame size or no frames in the header")
+        size = resized_shape(height, width, crop_size)
+        if decord_may_miscopy(size[1]):
+            raise Unplannable(f"{path}: width {size[1]}: the frames come from read_frames_pyav")
+        return reader.read(index_for(len(reader)), size)
+
+
+def decord_frames(path: str | Path, crop_size: int, index_for: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Frames ``(clips, T, h, w, 3)`` at ``index_for(num_frames)`` through decord's seeking reader."""
     height, width, rotation = probe_video(path)
     size = resized_shape(height, width, crop_size)
     reader = open_video(path, size)  # decord (CPU) applies the rotation; sizes are as displayed
     n = len(reader)
     if n == 0:
         raise ValueError(f"{path}: the video has no frames")
-    idx = clip_indices(n, cfg, train=train, rng=rng, start_frame=start_frame, end_frame=end_frame)
+    idx = index_for(n)
     try:
         frames = read_frames(reader, idx)  # (clips, T, h, w, 3)
     except decord.DECORDError as e:
@@ -192,11 +239,7 @@ def decode_views(
         frames = read_frames_pyav(path, idx, size, rotation)
     if frames.shape[-1] != 3:
         frames = read_frames_pyav(path, idx, size, rotation)
-    h, w = frames.shape[2:4]
-    crop_rng = rng if train and cfg.train_crop == "random" else None
-    offsets = crop_offsets(h, w, crop_size, 1 if train else cfg.num_crops, crop_rng)
-    views = [clip[:, y : y + crop_size, x : x + crop_size] for clip in frames for (y, x) in offsets]
-    return torch.from_numpy(np.ascontiguousarray(np.stack(views))).permute(0, 1, 4, 2, 3).contiguous()
+    return frames
 
 
 class VideoClipDataset(Dataset):
@@ -217,6 +260,8 @@ class VideoClipDataset(Dataset):
         crop_size: int | None = None,
         train: bool = False,
         seed: int = 0,
+        decode_threads: int = 1,
+        decode_device: str = "cpu",
     ) -> None:
         crop_size = crop_size if crop_size is not None else cfg.crop_size
         if crop_size is None:
@@ -228,6 +273,8 @@ class VideoClipDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.decode_threads = decode_threads
+        self.hwaccel = "cuda" if decode_device == "cuda" else None  # resolve_decode_device checked it
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose random clips and crops training items use."""
@@ -251,6 +298,8 @@ class VideoClipDataset(Dataset):
                 rng=rng,
                 start_frame=record.start_frame,
                 end_frame=record.end_frame,
+                threads=self.decode_threads,
+                hwaccel=self.hwaccel,
             )
             item["error"] = None
         except DECODE_ERRORS as e:

@@ -9,7 +9,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract",
         help="stage 1: decode a dataset split, run the frozen backbone + adapters, write the feature store",
-        description="Decodes every clip of a dataset split (decord, in DataLoader workers), runs the frozen "
+        description="Decodes every clip of a dataset split (in DataLoader workers), runs the frozen "
         "ViT with AM-flow adapters in inference mode (bf16 on CUDA) and writes per-adapter embeddings, "
         "last-frame CLS features and optionally AM-flow maps to a Zarr store. Undecodable videos are "
         "recorded as failures. Interrupted runs resume with only the missing clips; a finished store is "
@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward (default 8)")
     p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--decode-device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: decode on NVDEC (PyAV hwaccel) where it works, else the CPU with a warning",
+    )  # fmt: skip
+    p.add_argument("--decode-threads", type=int, default=1, help="FFmpeg threads per decoding worker")
+    p.add_argument("--compile", action="store_true", help="torch.compile the frozen forward (GPU runs)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
     p.add_argument("--shard-clips", type=int, help="clips per shard (default: ~32 MB shards)")
     p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
@@ -79,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_clips=args.shard_clips,
         compression=args.compression,
+        decode_device=args.decode_device,
+        decode_threads=args.decode_threads,
+        compile=args.compile,
     )
     plan, store = plan_extraction(
         args.dataset,
