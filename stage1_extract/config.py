@@ -137,6 +137,30 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+def merge_into(cls: type, base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``deep_merge(base, update)`` for a config of class ``cls``, where an ``update`` that changes the
+    ``type`` of a tagged section (e.g. ``heads.type=transformer`` over an LSTM file) first drops the base
+    keys the new type does not have: they described the old type, not an error of the user's."""
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    base = dict(base)
+    for name, value in update.items():
+        tp, old = hints.get(name), base.get(name)
+        if tp is None or not isinstance(value, Mapping) or not isinstance(old, Mapping):
+            continue
+        if isinstance(value, Replace):
+            continue
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            new_cls = _tagged_choice({**old, **value}, args, name, "<merge>")
+            if new_cls is not None and value.get("type", old.get("type")) != old.get("type"):
+                known = {f.name for f in dataclasses.fields(new_cls)}
+                old = {k: v for k, v in old.items() if k in known}
+            base[name] = merge_into(new_cls, old, value) if new_cls is not None else old
+        elif dataclasses.is_dataclass(tp):
+            base[name] = merge_into(tp, old, value)
+    return deep_merge(base, update)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -272,7 +296,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         source = str(resolve_config_path(path))
     cfg = _build(cls, data, source)
     if overrides:
-        merged = deep_merge(config_to_dict(cfg), parse_overrides(overrides))
+        merged = merge_into(cls, config_to_dict(cfg), parse_overrides(overrides))
         cfg = _build(cls, merged, f"{source} (with overrides {' '.join(overrides)})")
     return cfg
 

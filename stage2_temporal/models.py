@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
-from stage1_extract.config import ConfigError, build_config, deep_merge, parse_overrides, read_yaml
+from stage1_extract.config import ConfigError, build_config, merge_into, parse_overrides, read_yaml
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, LSTMHeadsConfig, build_classifier
 from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
 
@@ -106,7 +106,9 @@ def model_config_class(path: str | Path) -> type:
 
 def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
     """Reads a model YAML (any kind) and applies ``key.sub=value`` overrides."""
-    data = deep_merge(read_yaml(path), parse_overrides(overrides))
+    data = read_yaml(path)
+    kind = {**data, **parse_overrides(overrides)}.get("kind", "amflow")
+    data = merge_into(MODEL_KINDS.get(kind, AMFlowModelConfig), data, parse_overrides(overrides))
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     return model_config_from_dict(data, source)
 

@@ -140,3 +140,15 @@ def test_heads_saved_with_the_flat_config_still_load(tmp_path):
     assert read.heads == info.heads
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_an_override_that_changes_the_head_type_drops_the_old_types_keys():
+    from stage2_temporal.models import load_model_config
+
+    cfg = load_config(TrainConfig, "configs/heads/lstm.yaml", ["heads.type=transformer", "heads.ff_dim=64"])
+    assert isinstance(cfg.heads, TransformerHeadsConfig) and cfg.heads.ff_dim == 64
+    assert cfg.heads.layers == 3  # keys both types have keep the file's value
+    model = load_model_config("configs/models/amflow_tiny.yaml", ["heads.type=tcn", "heads.kernel=5"])
+    assert isinstance(model.heads, TCNHeadsConfig) and model.heads.hidden == 64 and model.heads.kernel == 5
+    with pytest.raises(ConfigError, match="unknown key 'heads.hidden'"):  # said by the user: an error
+        load_config(TrainConfig, "configs/heads/lstm.yaml", ["heads.type=transformer", "heads.hidden=8"])
