@@ -449,16 +449,15 @@ def part_finetune(sizes: Sizes) -> list[str]:
 
 
 def part_stage2(sizes: Sizes) -> list[str]:
-    from stage1_extract.heads import HeadsConfig
-
     from stage2_temporal.config import TrainConfig
+    from stage2_temporal.heads import LSTMHeadsConfig
 
     clips, adapters, dim, hidden = sizes.stage2
     base = sweep_speed.random_cache(min(clips, 1024), adapters=adapters, frames=8, dim=dim, classes=31)
     take = np.arange(clips) % base.num_clips  # the same random rows repeated up to the full size
     data = dataclasses.replace(base, embeddings=base.embeddings[take], cls=base.cls[take],
                                labels=base.labels[take])  # fmt: skip
-    cfg = TrainConfig(heads=HeadsConfig(type="lstm", hidden=hidden, layers=3), batch_size=64, epochs=1,
+    cfg = TrainConfig(heads=LSTMHeadsConfig(hidden=hidden, layers=3), batch_size=64, epochs=1,
                       warmup_epochs=0, device=sizes.device)  # fmt: skip
     seconds, steps, classifier = _cache_epoch(data, cfg)
     params = sum(p.numel() for p in classifier.parameters())

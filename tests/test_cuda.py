@@ -17,11 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.amflow_model import build_amflow
 from stage1_extract.backbone import pixel_stats
 from stage1_extract.extract import _forward
-from stage1_extract.models import load_model_config
 from stage1_extract.synthetic import make_folder_dataset
+from stage2_temporal.models import build_amflow, load_model_config
 
 pytestmark = [
     pytest.mark.cuda,
@@ -97,10 +96,9 @@ def test_finetune_bf16_loss_finite_and_falling(videos, tmp_path, config, extra):
 
 def test_stage2_heads_train_on_the_gpu(tmp_path):
     """Paper-size LSTM heads (3 layers, 768) on a small random cache: trained on CUDA, loss falls."""
-    from stage1_extract.heads import HeadsConfig
-
     from stage2_temporal.config import TrainConfig
     from stage2_temporal.data import CachedFeatures
+    from stage2_temporal.heads import LSTMHeadsConfig
     from stage2_temporal.train import train_heads
 
     rng = np.random.default_rng(0)
@@ -116,7 +114,7 @@ def test_stage2_heads_train_on_the_gpu(tmp_path):
         source="<random>",
     )
     cfg = TrainConfig(
-        heads=HeadsConfig(type="lstm", hidden=768, layers=3), epochs=8, batch_size=16, warmup_epochs=1,
+        heads=LSTMHeadsConfig(hidden=768, layers=3), epochs=8, batch_size=16, warmup_epochs=1,
         patience=None, device="cuda",
     )  # fmt: skip
     metrics = train_heads(data, data, cfg, tmp_path, progress=False)
