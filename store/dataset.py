@@ -85,8 +85,7 @@ class FeatureDataset(Dataset):
         st = self._handle()
         data = {}
         for name, s in self._sel.items():
-            block = read_shard(st, name, shard)
-            data[name] = block if s is None else np.take(block, s, axis=1)
+            data[name] = read_shard(st, name, shard, axis1=s)
         self._cache[shard] = data
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from store.fastio import is_raw, write_raw_chunk
 from store.feature_store import (
     LOCK_DIR,
     STATUS_DONE,
@@ -21,6 +22,7 @@ from store.feature_store import (
     fsync_path,
     nonfinite_mask,
 )
+from store.reader import read_shard
 
 if TYPE_CHECKING:
     from store.feature_store import FeatureStore
@@ -99,7 +101,7 @@ class ShardWriter:
         done = self._status == STATUS_DONE
         if not done.any():
             return np.full((self.stop - self.start, *arr.shape[1:]), np.nan, dtype=arr.dtype)
-        data = np.array(arr[self.start : self.stop])
+        data = read_shard(self.store, name, self.shard)
         data[~done] = np.nan
         return data
 
@@ -190,17 +192,16 @@ class ShardWriter:
         if not changed and not self._data_dirty:
             self._uncommitted = 0
             return 0
-        store, sl = self.store, slice(self.start, self.stop)
         if self._data_dirty:
             for name, buf in self._data.items():
-                store.array(name)[sl] = buf
+                self._write(name, buf)
                 self._sync(name)
         # Clips going failed -> done keep their old failure text until their status says done.
         revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
         types = np.where(revived, self._committed_texts[0], self._types)
         messages = np.where(revived, self._committed_texts[1], self._messages)
         self._write_texts(types, messages)
-        store.array("status")[sl] = self._status
+        self._write("status", self._status)
         self._sync("status")
         if revived.any():
             self._write_texts(self._types, self._messages)
@@ -208,6 +209,15 @@ class ShardWriter:
         self._uncommitted = 0
         self._data_dirty = False
         return changed
+
+    def _write(self, name: str, buf: np.ndarray) -> None:
+        """Writes the shard's rows of an array: one plain write for a raw chunk file, else through Zarr."""
+        arr = self.store.array(name)
+        if is_raw(arr):
+            chunk_rows = self.store.shard_clips
+            write_raw_chunk(self.store.chunk_file(name, self.shard), buf, chunk_rows, arr.fill_value, False)
+        else:
+            arr[self.start : self.stop] = buf
 
     def _write_texts(self, types: np.ndarray, messages: np.ndarray) -> None:
         sl = slice(self.start, self.stop)
