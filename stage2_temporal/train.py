@@ -25,7 +25,7 @@ from stage1_extract.backbone import resolve_device
 from stage1_extract.config import dump_config
 from stage1_extract.heads import AveragingClassifier
 from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures, check_same_features, load_store
+from stage2_temporal.data import CachedFeatures, check_same_features
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import (
     CONFIG_FILE,
@@ -75,12 +75,9 @@ def check_compatible(train: CachedFeatures, other: CachedFeatures, what: str) ->
         "flow_block_names": (train.flow_block_names, other.flow_block_names),
         "embed_dim": (train.embed_dim, other.embed_dim),
         "cls_dim": (train.cls_dim, other.cls_dim),
-        "frames": (train.embeddings.shape[3], other.embeddings.shape[3]),
+        "frames": (train.num_frames, other.num_frames),
         "num_classes": (train.num_classes, other.num_classes),
-        "flow shape": (
-            None if train.flow is None else train.flow.shape[3:],
-            None if other.flow is None else other.flow.shape[3:],
-        ),
+        "flow shape": (train.flow_map_shape, other.flow_map_shape),
     }
     bad = [f"{k}: {a} in {train.source}, {b} in {other.source}" for k, (a, b) in pairs.items() if a != b]
     if bad:
@@ -110,11 +107,9 @@ def predict_proba(
     was_training = classifier.training
     classifier.eval()
     probs = torch.zeros(data.num_clips, data.num_classes, dtype=torch.float64)
-    for view in range(data.num_views):
-        for start in range(0, data.num_clips, batch_size):
-            clips = torch.arange(start, min(start + batch_size, data.num_clips))
-            logits = classifier(data.batch(clips, torch.full_like(clips, view), device))
-            probs[clips] += logits.float().softmax(dim=-1).double().cpu()
+    for clips, view in data.eval_batches(batch_size):
+        logits = classifier(data.batch(clips, torch.full_like(clips, view), device))
+        probs[clips] += logits.float().softmax(dim=-1).double().cpu()
     classifier.train(was_training)
     return (probs / data.num_views).numpy()
 
@@ -172,7 +167,7 @@ def train_epoch(
     Every step is one batched forward/backward of all heads; ``max_steps`` stops early (benchmarks).
     """
     classifier.train()
-    order = torch.randperm(data.num_clips, generator=generator)
+    order = data.epoch_order(generator)  # a shard-ordered shuffle when streamed (stream.py)
     views = torch.randint(data.num_views, (data.num_clips,), generator=generator)
     labels = torch.from_numpy(data.labels)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -317,8 +312,14 @@ def train_heads_from_stores(
     out_dir: str | Path,
     force: bool = False,
     progress: bool = True,
+    memory_budget: int | str | None = None,
 ) -> dict[str, Any]:
-    """Checks that the validation store holds the same features, loads both once, trains (train_heads)."""
+    """Checks that the validation store holds the same features, loads both once, trains (train_heads).
+
+    The selected arrays are held in memory when they fit ``memory_budget`` (bytes, ``"1GB"``; default half
+    the available RAM), else streamed from the stores (``stream.py``).
+    """
+    from stage2_temporal.stream import open_pair
     from store import FeatureStore
 
     st = FeatureStore.open(train_store, mode="r")
@@ -326,8 +327,9 @@ def train_heads_from_stores(
     differences = check_same_features(val_store, fields, force=force)
     cfg = resolved_selection(cfg, st.adapter_names, st.flow_block_names)
     flow = cfg.heads.flow_maps
-    train = load_store(train_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
-    val = load_store(val_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
+    train, val = open_pair(
+        train_store, val_store, cfg.adapters, cfg.flow_blocks, flow, memory_budget, progress
+    )
     provenance = {
         "train_store": str(Path(train_store).resolve()),
         "val_store": str(Path(val_store).resolve()),
