@@ -420,3 +420,34 @@ def open_pair(
         open_features(train_path, adapters, flow_blocks, with_flow, tb, progress),
         open_features(val_path, adapters, flow_blocks, with_flow, vb, progress),
     )
+
+
+def features_as_tensors(data: CachedFeatures, device: torch.device | str) -> CachedFeatures:
+    """The same clips with their arrays as tensors on ``device`` (stored dtype); batches are then gathered
+    there, with no host copy per step."""
+
+    def move(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    return replace(data, embeddings=move(data.embeddings), cls=move(data.cls), flow=move(data.flow))
+
+
+def hold_on_device(
+    data: CachedFeatures | StreamedFeatures, device: torch.device | str, max_fraction: float = 0.5
+) -> CachedFeatures | StreamedFeatures:
+    """In-memory features moved to a CUDA ``device`` when they take at most ``max_fraction`` of its free
+    memory (small heads then never wait for host-to-device copies); otherwise returned unchanged."""
+    device = torch.device(device)
+    if not isinstance(data, CachedFeatures) or device.type != "cuda" or not torch.cuda.is_available():
+        return data
+    nbytes = sum(a.nbytes for a in (data.embeddings, data.cls, data.flow) if a is not None)
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > max_fraction * free:
+        log.info(
+            "%s: %.2f GB do not fit in %.0f%% of the free GPU memory; kept on the host",
+            data.source,
+            nbytes / 1e9,
+            100 * max_fraction,
+        )
+        return data
+    return features_as_tensors(data, device)

@@ -313,13 +313,15 @@ def train_heads_from_stores(
     force: bool = False,
     progress: bool = True,
     memory_budget: int | str | None = None,
+    features_on_device: bool = False,
 ) -> dict[str, Any]:
     """Checks that the validation store holds the same features, loads both once, trains (train_heads).
 
     The selected arrays are held in memory when they fit ``memory_budget`` (bytes, ``"1GB"``; default half
-    the available RAM), else streamed from the stores (``stream.py``).
+    the available RAM), else streamed from the stores (``stream.py``). ``features_on_device`` holds
+    in-memory features on the CUDA device of ``cfg.device`` when they fit (``stream.hold_on_device``).
     """
-    from stage2_temporal.stream import open_pair
+    from stage2_temporal.stream import hold_on_device, open_pair
     from store import FeatureStore
 
     st = FeatureStore.open(train_store, mode="r")
@@ -330,6 +332,9 @@ def train_heads_from_stores(
     train, val = open_pair(
         train_store, val_store, cfg.adapters, cfg.flow_blocks, flow, memory_budget, progress
     )
+    if features_on_device:
+        device = resolve_device(cfg.device)
+        train, val = hold_on_device(train, device), hold_on_device(val, device)
     provenance = {
         "train_store": str(Path(train_store).resolve()),
         "val_store": str(Path(val_store).resolve()),

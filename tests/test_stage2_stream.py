@@ -123,3 +123,17 @@ def test_sweep_workers_open_the_stores_and_stream_them(stores, tmp_path):
     opened = open_refs(train, val)
     assert isinstance(opened[0], StreamedFeatures) and opened[0].num_clips == 191
     assert open_refs(train, val) is opened  # opened once per worker process, kept for its next runs
+
+
+def test_features_held_as_device_tensors_give_the_same_batches(stores):
+    from stage2_temporal.stream import features_as_tensors, hold_on_device
+
+    mem = load_store(stores / "val.zarr", with_flow=True, progress=False)
+    held = features_as_tensors(mem, "cpu").select(["block1.mlp"], ["block2"])  # the CUDA path's logic, on CPU
+    assert isinstance(held.embeddings, torch.Tensor) and held.embeddings.dtype == torch.float16
+    ref = mem.select(["block1.mlp"], ["block2"])
+    clips, views = np.array([3, 60, 17, 17]), np.array([1, 0, 0, 1])
+    a, b = ref.batch(clips, views, "cpu"), held.batch(clips, views, "cpu")
+    for name in ("embeddings", "cls", "flow"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    assert hold_on_device(mem, "cpu") is mem  # only CUDA devices hold features

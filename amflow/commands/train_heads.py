@@ -39,6 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
         "available RAM such as 0.25; default half the available RAM), else stream them from the store",
     )
+    p.add_argument(
+        "--features-on-device",
+        action="store_true",
+        help="with device=cuda: hold the selected features on the GPU when they fit (half its free memory)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. heads.hidden=256"
@@ -61,7 +66,14 @@ def run(args: argparse.Namespace) -> int:
             "pass --overwrite to retrain it or choose another directory"
         )
     m = train_heads_from_stores(
-        args.store, args.val_store, cfg, args.out, args.force, not args.quiet, args.memory_budget
+        args.store,
+        args.val_store,
+        cfg,
+        args.out,
+        args.force,
+        not args.quiet,
+        args.memory_budget,
+        args.features_on_device,
     )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "
