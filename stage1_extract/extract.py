@@ -54,6 +54,9 @@ class ExtractOptions:
     strict: bool = False
     commit_every: int | None = None
     threads: int | None = None  # torch CPU threads; None = the cores left beside the decoding workers
+    train_views: int = 0  # K > 0: K augmented training views per clip instead of the test views
+    train_flip: float = 0.0  # probability of a horizontal flip of a training view
+    train_views_seed: int = 0
 
 
 @dataclasses.dataclass
@@ -231,7 +234,21 @@ def extract_shards(
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
     data_cfg = DatasetConfig(**plan.dataset_config)
     records = [ClipRecord(*plan.records[i]) for i in todo]
-    dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
+    if opts.train_views:
+        from stage1_extract.train_views import TrainViewsDataset
+
+        dataset = TrainViewsDataset(
+            records,
+            todo,
+            plan.root,
+            data_cfg,
+            data_cfg.crop_size,
+            views=opts.train_views,
+            flip=opts.train_flip,
+            seed=opts.train_views_seed,
+        )
+    else:
+        dataset = VideoClipDataset(records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False)
     on_cuda = device.startswith("cuda")
     sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
     loader = DataLoader(
@@ -307,6 +324,11 @@ def plan_extraction(
 ) -> tuple[ExtractionPlan, FeatureStore]:
     """Reads the configs and the dataset's split, and creates (or re-opens for resuming) the store."""
     options = options or ExtractOptions()
+    if options.train_views < 0 or not 0 <= options.train_flip <= 1:
+        raise ValueError(
+            f"--train-views {options.train_views} / --train-flip {options.train_flip}: expected K >= 0 "
+            "(0 = test-time views) and a flip probability in [0, 1]"
+        )
     overrides = list(dataset_overrides) + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, overrides)
     model_cfg = load_model_config(model_config, model_overrides)
@@ -336,7 +358,7 @@ def plan_extraction(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         meta = build_model_on_meta(model_cfg)
-    views = data_cfg.num_clips * data_cfg.num_crops
+    views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {
         "config": {"model": config_to_dict(model_cfg), "dataset": config_to_dict(data_cfg)},
@@ -352,7 +374,14 @@ def plan_extraction(
         "split": split,
         "sampling": {
             k: getattr(data_cfg, k)
-            for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops")
+            for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops", "train_crop")
+        },
+        # K > 0: the view axis holds K augmented training views (stage1_extract/train_views.py); not in the
+        # fingerprint, so a training store with them is comparable with test-view validation stores
+        "train_views": {
+            "views": options.train_views,
+            "flip": options.train_flip,
+            "seed": options.train_views_seed,
         },
         "classes": index.classes,
         "num_classes": index.num_classes,
