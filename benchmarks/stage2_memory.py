@@ -14,9 +14,11 @@ from extracted ones, and extracting ~8 GB of features with the model would take 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes-gb", default="1.5,6", help="store sizes to build (GB)")
     p.add_argument("--budget", default="1GB", help="--memory-budget of the streamed runs")
     p.add_argument("--val-clips", type=int, default=48)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--keep", action="store_true", help="keep the stores")
     return p.parse_args()
 
@@ -83,7 +85,13 @@ def train_heads(store: Path, val: Path, out: Path, budget: str, epochs: int) -> 
     err = proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"train-heads failed on {store}:\n{err}")
-    return usage.ru_maxrss / 1e6, json.loads((out / "metrics.json").read_text())  # ru_maxrss is in KiB
+    metrics = json.loads((out / "metrics.json").read_text())
+    with (out / "curve.csv").open() as f:
+        seconds = [float(r["train_seconds"]) for r in csv.DictReader(f)]
+    # the first epoch streams the store from disk; later ones find it in the page cache when it fits there
+    metrics["first_epoch"] = seconds[0]
+    metrics["later_epochs"] = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return usage.ru_maxrss / 1e6, metrics  # ru_maxrss is in KiB
 
 
 def main() -> None:
@@ -103,7 +111,9 @@ def main() -> None:
         print(f"built {len(stores)} stores + validation store in {time.perf_counter() - t:.0f} s")
         for path, gb in stores:
             rss, m = train_heads(path, val, args.dir / f"run_{path.stem}", args.budget, args.epochs)
-            rows.append((path.stem, gb, args.budget, rss, m["train_seconds_per_epoch"], m["val"]["top1"]))
+            rows.append(
+                (path.stem, gb, args.budget, rss, m["first_epoch"], m["later_epochs"], m["val"]["top1"])
+            )
             print(f"  {rows[-1]}", flush=True)
         small, _ = stores[0]
         rss, m = train_heads(small, val, args.dir / "run_in_memory", "64GB", args.epochs)
@@ -122,16 +132,20 @@ def main() -> None:
             shutil.rmtree(args.dir, ignore_errors=True)
     print(
         f"\n{'store':<18}{'GB':>7}{'budget':>20}{'peak RSS GB':>13}{'RSS/size':>10}"
-        f"{'s/epoch':>9}{'val top1':>10}"
+        f"{'epoch 1 s':>11}{'later s':>9}{'val top1':>10}"
     )
-    for name, gb, budget, rss, sec, top1 in rows:
-        print(f"{name:<18}{gb:>7.2f}{budget:>20}{rss:>13.2f}{rss / gb:>10.2f}{sec:>9.1f}{top1:>10.3f}")
+    for name, gb, budget, rss, first, later, top1 in rows:
+        print(
+            f"{name:<18}{gb:>7.2f}{budget:>20}{rss:>13.2f}{rss / gb:>10.2f}"
+            f"{first:>11.1f}{later:>9.1f}{top1:>10.3f}"
+        )
     big, small_streamed, in_memory = rows[len(sizes) - 1], rows[0], rows[-1]
     print(f"larger store: peak RSS / size = {big[3] / big[1]:.2f} (target < 0.40)")
     print(f"larger / smaller store peak RSS = {big[3] / small_streamed[3]:.2f} (target < 1.5)")
     print(
-        "epoch time streamed / in memory, same store = "
-        f"{small_streamed[4] / in_memory[4]:.2f} (target <= 1.3)"
+        "epoch time streamed / in memory, same store: first epoch (streamed reads the store from disk) "
+        f"{small_streamed[4] / in_memory[4]:.2f}, later epochs {small_streamed[5] / in_memory[5]:.2f} "
+        "(target <= 1.3)"
     )
 
 
