@@ -74,3 +74,20 @@ def test_compressed_store_goes_through_zarr(tmp_path):
     np.testing.assert_array_equal(
         got[:, 0], np.stack([data(i)["embeddings"][1] for i in range(4)]).astype(np.float16)
     )
+
+
+def test_rejected_put_leaves_the_buffered_clip_as_it_was(tmp_path):
+    st = make(tmp_path / "s.zarr", 4)
+    with st.shard_writer(0) as w:
+        w.put(0, **data(0))
+        bad = data(9)
+        bad["cls"][1, 2] = 1e6  # beyond float16: rejected after the embeddings were already cast
+        for i in (0, 1):
+            try:
+                w.put(i, **bad)
+            except ValueError as e:
+                assert "non-finite" in str(e)
+            else:
+                raise AssertionError("a float16 overflow must be rejected")
+    np.testing.assert_array_equal(st.read_clip(0)["embeddings"], data(0)["embeddings"].astype(np.float16))
+    assert np.isnan(st.read_clip(1)["embeddings"]).all() and list(st.status()) == [1, 0, 0, 0]
