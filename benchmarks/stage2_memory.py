@@ -123,7 +123,8 @@ def main() -> None:
                 stores[0][1],
                 "64GB (in memory)",
                 rss,
-                m["train_seconds_per_epoch"],
+                m["first_epoch"],
+                m["later_epochs"],
                 m["val"]["top1"],
             )
         )
