@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--views", default="0,1,4", help="K values (0 = test-time views)")
     p.add_argument("--seeds", type=int, default=2, help="heads trained with this many seeds, averaged")
+    p.add_argument("--rows", default="c,d", help="demo rows: c (AM-flow map heads), d (all averaged)")
     p.add_argument("--keep", action="store_true")
     return p.parse_args()
 
@@ -62,7 +63,8 @@ def extract(videos: Path, split: str, out: Path, k: int, frames: int) -> float:
 def main() -> None:
     args = parse_args()
     ks = [int(k) for k in args.views.split(",")]
-    rows = [r for r in demo_rows(args.epochs, 0) if r.name.startswith(("(c)", "(d)"))]
+    wanted = tuple(f"({r.strip()})" for r in args.rows.split(","))
+    rows = [r for r in demo_rows(args.epochs, 0) if r.name.startswith(wanted)]
     results = []
     try:
         for name, (size, pan) in DATASETS.items():
