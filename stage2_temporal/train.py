@@ -1,7 +1,8 @@
 """Training the averaging classifier's heads from cached features (paper 000, sec. 3.2; METHOD.md s3).
 
 All heads of a run are one ``AveragingClassifier``: one batched forward and backward per step. The cache
-is in memory; a batch is a fancy index into it. Views: each epoch every training clip contributes one
+is in memory (a batch is a fancy index into it) or streamed from the store under a memory budget
+(``stream.py``: same interface, shard-ordered epochs). Views: each epoch every training clip contributes one
 view drawn at random (so an epoch costs the same for 1 or 3 views and views act as augmentation);
 evaluation averages the softmax probabilities over all views (METHOD.md section 6).
 """
