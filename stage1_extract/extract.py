@@ -63,6 +63,9 @@ class ExtractOptions:
     decode_device: str = "cpu"  # cuda: NVDEC through PyAV where it works, else the CPU with a warning
     decode_threads: int = 1  # FFmpeg threads per decoding worker
     compile: bool = False  # torch.compile the model's extraction forward
+    train_views: int = 0  # K > 0: K augmented training views per clip instead of the test views
+    train_flip: float = 0.0  # probability of a horizontal flip of a training view
+    train_views_seed: int = 0
 
 
 @dataclasses.dataclass
@@ -242,10 +245,24 @@ def extract_shards(
     records = [ClipRecord(*plan.records[i]) for i in todo]
     sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
     decode_device = resolve_decode_device(opts.decode_device, sample)
-    dataset = VideoClipDataset(
-        records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
-        decode_threads=opts.decode_threads, decode_device=decode_device,
-    )  # fmt: skip
+    if opts.train_views:
+        from stage1_extract.train_views import TrainViewsDataset
+
+        dataset = TrainViewsDataset(
+            records,
+            todo,
+            plan.root,
+            data_cfg,
+            data_cfg.crop_size,
+            views=opts.train_views,
+            flip=opts.train_flip,
+            seed=opts.train_views_seed,
+        )
+    else:
+        dataset = VideoClipDataset(
+            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+            decode_threads=opts.decode_threads, decode_device=decode_device,
+        )  # fmt: skip
     on_cuda = device.startswith("cuda")
     sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
     loader = DataLoader(
@@ -340,6 +357,11 @@ def plan_extraction(
     to the model config, a bare key to the one that has it (``num_frames`` to both).
     """
     options = options or ExtractOptions()
+    if options.train_views < 0 or not 0 <= options.train_flip <= 1:
+        raise ValueError(
+            f"--train-views {options.train_views} / --train-flip {options.train_flip}: expected K >= 0 "
+            "(0 = test-time views) and a flip probability in [0, 1]"
+        )
     routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
@@ -362,7 +384,7 @@ def plan_extraction(
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_amflow_extractor(model_cfg)
-    views = data_cfg.num_clips * data_cfg.num_crops
+    views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {
         "config": {"model": config_to_dict(model_cfg), "dataset": config_to_dict(data_cfg)},
@@ -378,7 +400,14 @@ def plan_extraction(
         "split": split,
         "sampling": {
             k: getattr(data_cfg, k)
-            for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops")
+            for k in ("sampling", "num_frames", "frame_interval", "num_clips", "num_crops", "train_crop")
+        },
+        # K > 0: the view axis holds K augmented training views (stage1_extract/train_views.py); not in the
+        # fingerprint, so a training store with them is comparable with test-view validation stores
+        "train_views": {
+            "views": options.train_views,
+            "flip": options.train_flip,
+            "seed": options.train_views_seed,
         },
         "classes": index.classes,
         "num_classes": index.num_classes,

@@ -91,6 +91,25 @@ class CachedFeatures:
     def flow_heads(self) -> int:
         return 0 if self.flow is None else self.flow.shape[4]
 
+    @property
+    def num_frames(self) -> int:
+        return self.embeddings.shape[3]
+
+    @property
+    def flow_map_shape(self) -> tuple[int, ...] | None:
+        """(T, heads, N) of the flow maps, None without them."""
+        return None if self.flow is None else tuple(self.flow.shape[3:])
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """A training epoch's order of clips (a random permutation)."""
+        return torch.randperm(self.num_clips, generator=generator)
+
+    def eval_batches(self, batch_size: int):
+        """(clips, view) batches covering every clip in every view."""
+        for view in range(self.num_views):
+            for start in range(0, self.num_clips, batch_size):
+                yield torch.arange(start, min(start + batch_size, self.num_clips)), view
+
     @classmethod
     def from_clip_features(
         cls,
@@ -152,10 +171,17 @@ class CachedFeatures:
         """The float32 ``ClipFeatures`` of clip ``clips[i]`` seen in view ``views[i]``, on ``device``."""
         clips, views = torch.as_tensor(clips), torch.as_tensor(views)
 
-        def take(array: np.ndarray | None) -> torch.Tensor | None:
+        device = torch.device(device)
+        pin = device.type == "cuda" and torch.cuda.is_available()
+
+        def take(array: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
             if array is None:
                 return None
-            return torch.from_numpy(array)[clips, views].to(device, torch.float32, non_blocking=True)
+            if isinstance(array, torch.Tensor):  # held on the device (stream.hold_on_device)
+                return array[clips.to(array.device), views.to(array.device)].to(device, torch.float32)
+            rows = torch.from_numpy(array)[clips, views]
+            rows = rows.pin_memory() if pin else rows  # stored dtype: half the bytes to copy for float16
+            return rows.to(device, non_blocking=pin).to(torch.float32)
 
         return ClipFeatures(embeddings=take(self.embeddings), cls=take(self.cls), flow=take(self.flow))
 

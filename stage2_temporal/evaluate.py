@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from stage1_extract.backbone import resolve_device
-from stage2_temporal.data import CachedFeatures, check_same_features, load_store, store_name
+from stage2_temporal.data import CachedFeatures, check_same_features, store_name
 from stage2_temporal.metrics import write_confusion
 from stage2_temporal.run_dir import (
     FINGERPRINT_FILE,
@@ -17,6 +17,7 @@ from stage2_temporal.run_dir import (
     read_heads_info,
     write_json_atomic,
 )
+from stage2_temporal.stream import open_features
 from stage2_temporal.train import predict_proba, score, select_for_heads
 
 
@@ -46,7 +47,12 @@ def evaluate_heads(
 
 
 def evaluate_store(
-    run_dir: str | Path, store: str | Path, force: bool = False, device: str = "cpu", progress: bool = True
+    run_dir: str | Path,
+    store: str | Path,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    memory_budget: int | str | None = None,
 ) -> dict[str, Any]:
     """Scores a run on a store; writes ``eval_<store>.json`` and ``confusion_<store>.csv/png`` in the run.
 
@@ -59,8 +65,8 @@ def evaluate_store(
         raise FileNotFoundError(f"{record}: not found; {run_dir} is not a run of amflow train-heads")
     differences = check_same_features(store, json.loads(record.read_text())["fingerprint_fields"], force)
     info = read_heads_info(run_dir / HEADS_FILE)
-    data = load_store(
-        store, info.adapter_names, info.flow_block_names, with_flow=info.heads.flow_maps, progress=progress
+    data = open_features(  # in memory when it fits memory_budget, else streamed
+        store, info.adapter_names, info.flow_block_names, info.heads.flow_maps, memory_budget, progress
     )
     metrics = evaluate_heads(run_dir, data, device=device)
     name = store_name(store)

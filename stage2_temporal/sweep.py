@@ -1,15 +1,16 @@
-"""Sweeps: every combination of a grid of training configs, trained in parallel from one in-memory cache.
+"""Sweeps: every combination of a grid of training configs, trained in parallel from one feature cache.
 
 A grid file (``configs/sweeps/*.yaml``) names a base training config, overrides fixed for every run and a
 ``grid`` of dotted keys -> lists of values. Each combination's resolved config gets a directory named by a
 stable hash of it (``runs/<hash>``); a run is finished when its ``metrics.json`` exists, so a restarted
 sweep skips finished runs and redoes the others. Runs go to dask.distributed workers (a local cluster of
-processes by default, or an existing scheduler); the caches are read once and sent once to each worker.
+processes by default, or an existing scheduler); each worker opens the stores itself, once.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -18,7 +19,7 @@ import os
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +174,39 @@ def expand_grid(grid: SweepGrid, sweep_dir: str | Path, source: str = "<grid>") 
     return list(runs.values())
 
 
+@dataclass(frozen=True)
+class StoreRef:
+    """A store a sweep's workers open themselves (each worker must see the path, as for extraction)."""
+
+    path: str
+    with_flow: bool = False
+    memory_budget: int | None = None  # per worker; None: half the worker's available RAM
+
+    @property
+    def source(self) -> str:
+        return self.path
+
+    @property
+    def fingerprint_fields(self) -> dict[str, Any]:
+        from stage2_temporal.data import store_fingerprint_fields
+
+        return store_fingerprint_fields(self.path)
+
+
+@functools.lru_cache(maxsize=1)
+def open_refs(train: StoreRef, val: StoreRef) -> tuple[Any, Any]:
+    """The features of a pair of stores in this process, opened once per worker and kept for its next
+    runs: in memory when they fit the budget, else streamed (``stream.open_pair``)."""
+    from stage2_temporal.stream import open_pair
+
+    return open_pair(
+        train.path, val.path, with_flow=train.with_flow, memory_budget=train.memory_budget, progress=False
+    )
+
+
 def train_one(
-    train: CachedFeatures,
-    val: CachedFeatures,
+    train: CachedFeatures | StoreRef,
+    val: CachedFeatures | StoreRef,
     config: dict[str, Any],
     combination: dict[str, Any],
     run_dir: str,
@@ -188,6 +219,8 @@ def train_one(
 
     if threads:
         torch.set_num_threads(threads)
+    if isinstance(train, StoreRef):
+        train, val = open_refs(train, val)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / ERROR_FILE).unlink(missing_ok=True)
@@ -266,7 +299,11 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], sweep_dir: str | Path) -> 
 
 
 def _record_sweep(
-    sweep_dir: Path, grid: SweepGrid, train: CachedFeatures, val: CachedFeatures, force: bool
+    sweep_dir: Path,
+    grid: SweepGrid,
+    train: CachedFeatures | StoreRef,
+    val: CachedFeatures | StoreRef,
+    force: bool,
 ) -> None:
     """Writes (or, on a restart, checks) the sweep's record: same training features as before."""
     from store.feature_store import fingerprint_differences
@@ -289,8 +326,8 @@ def _record_sweep(
 
 
 def run_sweep(
-    train: CachedFeatures,
-    val: CachedFeatures,
+    train: CachedFeatures | StoreRef,
+    val: CachedFeatures | StoreRef,
     grid: SweepGrid,
     sweep_dir: str | Path,
     workers: int = 2,
@@ -302,7 +339,9 @@ def run_sweep(
     """Trains every unfinished combination of ``grid`` and writes the leaderboard.
 
     ``workers=0`` trains in this process (no dask); otherwise a ``LocalCluster`` of ``workers`` processes
-    (one thread each), or the dask scheduler at ``scheduler``.
+    (one thread each), or the dask scheduler at ``scheduler``. In-memory caches are sent to every worker
+    once; with :class:`StoreRef` s each worker opens the stores itself (in memory only when they fit its
+    share of the budget, else streamed).
     """
     start = time.perf_counter()
     sweep_dir = Path(sweep_dir)
@@ -339,8 +378,16 @@ def run_sweep(
             threads = max(1, (os.cpu_count() or 1) // workers)
         client = Client(scheduler if scheduler else cluster)
         try:
-            train_f = client.scatter(train, broadcast=True, hash=False)
-            val_f = client.scatter(val, broadcast=True, hash=False)
+            if isinstance(train, StoreRef):  # workers open the stores themselves
+                train_f, val_f = train, val
+                if train.memory_budget is None and cluster is not None:
+                    from stage2_temporal.stream import parse_memory_budget
+
+                    share = parse_memory_budget(None) // workers
+                    train_f, val_f = (replace(r, memory_budget=share) for r in (train, val))
+            else:
+                train_f = client.scatter(train, broadcast=True, hash=False)
+                val_f = client.scatter(val, broadcast=True, hash=False)
             futures = [
                 client.submit(
                     train_one, train_f, val_f, *args, threads, key=f"heads-{Path(args[2]).name}", pure=False
@@ -389,19 +436,23 @@ def run_sweep_from_stores(
     force: bool = False,
     progress: bool = True,
     overrides: Sequence[str] = (),
+    memory_budget: int | str | None = None,
 ) -> SweepResult:
-    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps.
+    """Checks the stores hold the same features and sweeps; every worker opens the stores itself (flow maps
+    if any run needs them), in memory when they fit ``memory_budget`` (per worker), else streamed.
 
     ``overrides`` (``KEY=V`` or ``train.KEY=V``) are fixed for every run, recorded in ``sweep.yaml``.
     """
-    from stage2_temporal.data import check_same_features, load_store, store_fingerprint_fields
+    from stage2_temporal.data import check_same_features, store_fingerprint_fields
+    from stage2_temporal.stream import parse_memory_budget
 
     source = str(resolve_config_path(grid_path))
     grid = with_overrides(load_grid(grid_path), overrides, source)
     check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
     flow = sweep_needs_flow(grid, sweep_dir, source)
-    train = load_store(train_store, with_flow=flow, progress=progress)
-    val = load_store(val_store, with_flow=flow, progress=progress)
+    budget = None if memory_budget is None else parse_memory_budget(memory_budget)
+    train = StoreRef(str(Path(train_store).resolve()), flow, budget)
+    val = StoreRef(str(Path(val_store).resolve()), flow, budget)
     if not grid.grid:
         raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
     return run_sweep(train, val, grid, sweep_dir, workers, scheduler, force, progress, source)

@@ -1,7 +1,8 @@
 """Training the averaging classifier's heads from cached features (paper 000, sec. 3.2; METHOD.md s3).
 
 All heads of a run are one ``AveragingClassifier``: one batched forward and backward per step. The cache
-is in memory; a batch is a fancy index into it. Views: each epoch every training clip contributes one
+is in memory (a batch is a fancy index into it) or streamed from the store under a memory budget
+(``stream.py``: same interface, shard-ordered epochs). Views: each epoch every training clip contributes one
 view drawn at random (so an epoch costs the same for 1 or 3 views and views act as augmentation);
 evaluation averages the softmax probabilities over all views (METHOD.md section 6).
 """
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from stage1_extract.backbone import resolve_device
 from stage1_extract.config import dump_config
 from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures, check_same_features, load_store
+from stage2_temporal.data import CachedFeatures, check_same_features
 from stage2_temporal.heads import AveragingClassifier
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.optim import adamw
@@ -77,12 +78,9 @@ def check_compatible(train: CachedFeatures, other: CachedFeatures, what: str) ->
         "flow_block_names": (train.flow_block_names, other.flow_block_names),
         "embed_dim": (train.embed_dim, other.embed_dim),
         "cls_dim": (train.cls_dim, other.cls_dim),
-        "frames": (train.embeddings.shape[3], other.embeddings.shape[3]),
+        "frames": (train.num_frames, other.num_frames),
         "num_classes": (train.num_classes, other.num_classes),
-        "flow shape": (
-            None if train.flow is None else train.flow.shape[3:],
-            None if other.flow is None else other.flow.shape[3:],
-        ),
+        "flow shape": (train.flow_map_shape, other.flow_map_shape),
     }
     bad = [f"{k}: {a} in {train.source}, {b} in {other.source}" for k, (a, b) in pairs.items() if a != b]
     if bad:
@@ -100,11 +98,9 @@ def predict_proba(
     was_training = classifier.training
     classifier.eval()
     probs = torch.zeros(data.num_clips, data.num_classes, dtype=torch.float64)
-    for view in range(data.num_views):
-        for start in range(0, data.num_clips, batch_size):
-            clips = torch.arange(start, min(start + batch_size, data.num_clips))
-            logits = classifier(data.batch(clips, torch.full_like(clips, view), device))
-            probs[clips] += logits.float().softmax(dim=-1).double().cpu()
+    for clips, view in data.eval_batches(batch_size):
+        logits = classifier(data.batch(clips, torch.full_like(clips, view), device))
+        probs[clips] += logits.float().softmax(dim=-1).double().cpu()
     classifier.train(was_training)
     return (probs / data.num_views).numpy()
 
@@ -162,7 +158,7 @@ def train_epoch(
     Every step is one batched forward/backward of all heads; ``max_steps`` stops early (benchmarks).
     """
     classifier.train()
-    order = torch.randperm(data.num_clips, generator=generator)
+    order = data.epoch_order(generator)  # a shard-ordered shuffle when streamed (stream.py)
     views = torch.randint(data.num_views, (data.num_clips,), generator=generator)
     labels = torch.from_numpy(data.labels)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -309,8 +305,16 @@ def train_heads_from_stores(
     out_dir: str | Path,
     force: bool = False,
     progress: bool = True,
+    memory_budget: int | str | None = None,
+    features_on_device: bool = False,
 ) -> dict[str, Any]:
-    """Checks that the validation store holds the same features, loads both once, trains (train_heads)."""
+    """Checks that the validation store holds the same features, loads both once, trains (train_heads).
+
+    The selected arrays are held in memory when they fit ``memory_budget`` (bytes, ``"1GB"``; default half
+    the available RAM), else streamed from the stores (``stream.py``). ``features_on_device`` holds
+    in-memory features on the CUDA device of ``cfg.device`` when they fit (``stream.hold_on_device``).
+    """
+    from stage2_temporal.stream import hold_on_device, open_pair
     from store import FeatureStore
 
     st = FeatureStore.open(train_store, mode="r")
@@ -318,8 +322,12 @@ def train_heads_from_stores(
     differences = check_same_features(val_store, fields, force=force)
     cfg = resolved_selection(cfg, st.adapter_names, st.flow_block_names)
     flow = cfg.heads.flow_maps
-    train = load_store(train_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
-    val = load_store(val_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
+    train, val = open_pair(
+        train_store, val_store, cfg.adapters, cfg.flow_blocks, flow, memory_budget, progress
+    )
+    if features_on_device:
+        device = resolve_device(cfg.device)
+        train, val = hold_on_device(train, device), hold_on_device(val, device)
     provenance = {
         "train_store": str(Path(train_store).resolve()),
         "val_store": str(Path(val_store).resolve()),

@@ -15,13 +15,23 @@ from torch.utils.data import Dataset, Sampler
 from store.feature_store import STATUS_DONE, FeatureStore
 from store.reader import load_arrays, read_shard, selections
 
-DEFAULT_MEMORY_LIMIT = 8 * 2**30
+DEFAULT_MEMORY_FRACTION = 0.5  # of the RAM available when the dataset is made
+
+
+def default_memory_limit() -> int:
+    """Half the RAM available now (psutil, which dask.distributed brings; 8 GiB if it is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return 8 * 2**30
+    return int(DEFAULT_MEMORY_FRACTION * psutil.virtual_memory().available)
 
 
 class FeatureDataset(Dataset):
     """Done clips of a store as items ``{embeddings, cls[, flow], label, index}`` (float32 tensors).
 
-    ``in_memory=None`` loads everything when it needs at most ``memory_limit_bytes`` (stored dtype);
+    ``in_memory=None`` loads everything when it needs at most ``memory_limit_bytes`` (stored dtype;
+    default half the RAM available now);
     otherwise clips are read shard by shard with an LRU cache of ``cache_shards`` shards, so a
     shard-ordered order (:class:`ShardOrderedSampler`) reads each shard once per epoch. Indexing with a
     list of items returns a stacked batch, which is the fast way to train::
@@ -37,7 +47,7 @@ class FeatureDataset(Dataset):
         flow_blocks: Sequence[str | int] | None = None,
         with_flow: bool = False,
         in_memory: bool | None = None,
-        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+        memory_limit_bytes: int | None = None,
         cache_shards: int = 2,
     ) -> None:
         st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
@@ -55,7 +65,8 @@ class FeatureDataset(Dataset):
             row = arr.nbytes // arr.shape[0]
             per_clip += row if s is None else row * len(s) // arr.shape[1]
         self.nbytes = per_clip * len(self.indices)
-        self.in_memory = self.nbytes <= memory_limit_bytes if in_memory is None else bool(in_memory)
+        limit = default_memory_limit() if memory_limit_bytes is None else memory_limit_bytes
+        self.in_memory = self.nbytes <= limit if in_memory is None else bool(in_memory)
         self.cache_shards = max(1, int(cache_shards))
         self._arrays: dict[str, np.ndarray] = {}
         if self.in_memory:
@@ -85,8 +96,7 @@ class FeatureDataset(Dataset):
         st = self._handle()
         data = {}
         for name, s in self._sel.items():
-            block = read_shard(st, name, shard)
-            data[name] = block if s is None else np.take(block, s, axis=1)
+            data[name] = read_shard(st, name, shard, axis1=s)
         self._cache[shard] = data
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

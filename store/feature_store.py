@@ -61,6 +61,9 @@ DIMENSION_NAMES = {
     "flow": ("clip", "block", "view", "frame", "head", "token"),
     "cls": ("clip", "view", "feature"),
 }
+# Shard files side by side (``<array>/c.<shard>.0.0.0``), not nested folders (``c/<shard>/0/0/0``): a
+# commit then makes one new file durable with two fsyncs (file, folder) instead of one per new folder.
+FLAT_CHUNK_KEYS = {"name": "default", "separator": "."}
 ADDED_PROVENANCE_KEYS = ("amflow_version", "created", "schema_version")
 
 
@@ -324,6 +327,7 @@ def build_empty_store(
             compressors=compressors,
             fill_value=np.nan,
             dimension_names=DIMENSION_NAMES[name],
+            chunk_key_encoding=FLAT_CHUNK_KEYS,
         )
     table_chunk = min(layout.num_clips, TABLE_CHUNK)
     group.create_array(
@@ -339,9 +343,16 @@ def build_empty_store(
         chunks=(layout.shard_clips,),
         fill_value=0,
         compressors=None,
+        chunk_key_encoding=FLAT_CHUNK_KEYS,
     )
     for name in ("failure_type", "failure_message"):
-        group.create_array(name, shape=(layout.num_clips,), dtype=str, chunks=(layout.shard_clips,))
+        group.create_array(
+            name,
+            shape=(layout.num_clips,),
+            dtype=str,
+            chunks=(layout.shard_clips,),
+            chunk_key_encoding=FLAT_CHUNK_KEYS,
+        )
     (root / LOCK_DIR).mkdir(exist_ok=True)
     group.attrs.put({ATTRS_KEY: dict(attrs)})
     fsync_tree(root)

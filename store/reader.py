@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from zarr.core.buffer.cpu import NDBuffer
 
+from store.fastio import is_raw, read_raw_rows
 from store.feature_store import STATUS_DONE, FeatureStore, StoreError
 
 
@@ -78,13 +79,29 @@ def selections(
     return sel
 
 
-def read_shard(store: FeatureStore, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Reads one whole shard of an array, into ``out`` when given (saves a copy)."""
+def read_shard(
+    store: FeatureStore,
+    name: str,
+    shard: int,
+    out: np.ndarray | None = None,
+    axis1: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Reads one whole shard of an array (only positions ``axis1`` of axis 1 when given), into ``out``
+    when given. Plain-bytes shard files are read straight into the array (``store.fastio``)."""
     clips = store.clips_in_shard(shard)
     arr = store.array(name)
     if out is None:
-        return np.asarray(arr[clips.start : clips.stop])
-    arr.get_basic_selection((slice(clips.start, clips.stop),), out=NDBuffer.from_numpy_array(out))
+        shape = [len(clips), *arr.shape[1:]]
+        if axis1 is not None:
+            shape[1] = len(axis1)
+        out = np.empty(shape, dtype=arr.dtype)
+    if is_raw(arr):
+        path = store.chunk_file(name, shard)
+        return read_raw_rows(path, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1)
+    if axis1 is None:
+        arr.get_basic_selection((slice(clips.start, clips.stop),), out=NDBuffer.from_numpy_array(out))
+    else:
+        out[...] = arr.get_orthogonal_selection((slice(clips.start, clips.stop), list(axis1)))
     return out
 
 
@@ -125,11 +142,10 @@ def load_arrays(
         local = done[clips.start : clips.stop]
         rows = slice(int(starts[shard]), int(starts[shard + 1]))
         for name, s in sel.items():
-            if s is None and local.all():
-                read_shard(st, name, shard, out=out[name][rows])
+            if local.all():
+                read_shard(st, name, shard, out=out[name][rows], axis1=s)
             else:
-                block = read_shard(st, name, shard)[local]
-                out[name][rows] = block if s is None else np.take(block, s, axis=1)
+                out[name][rows] = read_shard(st, name, shard, axis1=s)[local]
 
     bar = tqdm(
         total=len(shards),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from store.atomic import fsync_path
+from store.fastio import is_raw, write_raw_chunk
+from store.reader import read_shard
 from store.schema import (
     LOCK_DIR,
     STATUS_DONE,
@@ -99,7 +102,7 @@ class ShardWriter:
         done = self._status == STATUS_DONE
         if not done.any():
             return np.full((self.stop - self.start, *arr.shape[1:]), np.nan, dtype=arr.dtype)
-        data = np.array(arr[self.start : self.stop])
+        data = read_shard(self.store, name, self.shard)
         data[~done] = np.nan
         return data
 
@@ -135,28 +138,31 @@ class ShardWriter:
         given = {"embeddings": embeddings, "cls": cls, "flow": flow}
         if flow is not None and "flow" not in self._shapes:
             raise ValueError(f"{self.store.path}: clip {index}: flow given but the store has no flow array")
-        converted = {}
+        values = {}
         for name, shape in self._shapes.items():
             if given[name] is None:
                 raise ValueError(f"{self.store.path}: clip {index}: {name} missing (expected shape {shape})")
-            value = np.asarray(given[name])
+            value = values[name] = np.asarray(given[name])
             if value.shape != shape:
                 raise ValueError(
                     f"{self.store.path}: clip {index}: {name} has shape {value.shape}, expected {shape}"
                 )
+        # Cast straight into the shard buffer (no temporary per clip); a rejected clip's rows are restored.
+        before = {n: self._data[n][k].copy() for n in values} if self._status[k] == STATUS_DONE else None
+        for name, value in values.items():
+            row = self._data[name][k]
             with np.errstate(over="ignore", invalid="ignore"):
-                value = value.astype(self._dtype)
-            bad_mask = nonfinite_mask(value)
+                np.copyto(row, value, casting="unsafe")
+            bad_mask = nonfinite_mask(row)
             if bad_mask.any():
+                for n in values:
+                    self._data[n][k] = np.nan if before is None else before[n]
                 bad = int(bad_mask.sum())
                 raise ValueError(
                     f"{self.store.path}: clip {index} ({self.store.clip_ids[index]!s}): {name} has {bad} "
                     f"non-finite value(s) in {self._dtype} (NaN/inf, or beyond the dtype's range); "
                     "record it with fail()"
                 )
-            converted[name] = value
-        for name, value in converted.items():
-            self._data[name][k] = value
         self._status[k] = STATUS_DONE
         self._types[k] = ""
         self._messages[k] = ""
@@ -190,17 +196,15 @@ class ShardWriter:
         if not changed and not self._data_dirty:
             self._uncommitted = 0
             return 0
-        store, sl = self.store, slice(self.start, self.stop)
-        if self._data_dirty:
-            for name, buf in self._data.items():
-                store.array(name)[sl] = buf
-                self._sync(name)
+        if self._data_dirty:  # the arrays' files are written and fsync'd concurrently (both release the GIL)
+            with ThreadPoolExecutor(max_workers=len(self._data)) as pool:
+                list(pool.map(self._write_and_sync, self._data))
         # Clips going failed -> done keep their old failure text until their status says done.
         revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
         types = np.where(revived, self._committed_texts[0], self._types)
         messages = np.where(revived, self._committed_texts[1], self._messages)
         self._write_texts(types, messages)
-        store.array("status")[sl] = self._status
+        self._write("status", self._status)
         self._sync("status")
         if revived.any():
             self._write_texts(self._types, self._messages)
@@ -208,6 +212,19 @@ class ShardWriter:
         self._uncommitted = 0
         self._data_dirty = False
         return changed
+
+    def _write_and_sync(self, name: str) -> None:
+        self._write(name, self._data[name])
+        self._sync(name)
+
+    def _write(self, name: str, buf: np.ndarray) -> None:
+        """Writes the shard's rows of an array: one plain write for a raw chunk file, else through Zarr."""
+        arr = self.store.array(name)
+        if is_raw(arr):
+            chunk_rows = self.store.shard_clips
+            write_raw_chunk(self.store.chunk_file(name, self.shard), buf, chunk_rows, arr.fill_value, False)
+        else:
+            arr[self.start : self.stop] = buf
 
     def _write_texts(self, types: np.ndarray, messages: np.ndarray) -> None:
         sl = slice(self.start, self.stop)

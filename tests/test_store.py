@@ -289,7 +289,8 @@ def test_partial_commit_failure_retry_and_partial_file_cleanup(tmp_path: Path) -
         assert st.status()[0] == 0
         w.put(1, **clip_data(1))
         assert list(st.status()[:2]) == [STATUS_FAILED, STATUS_DONE]  # committed after 2 clips
-    stale = st.chunk_file("embeddings", 0).with_suffix(".0123abcd.partial")
+    chunk = st.chunk_file("embeddings", 0)
+    stale = chunk.with_name(chunk.name + ".0123abcd.partial")
     stale.write_bytes(b"half a shard")
     with st.shard_writer(0) as w:  # retry the failed clip
         assert not stale.exists()

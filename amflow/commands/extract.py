@@ -58,6 +58,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any video failed to decode")
     p.add_argument(
+        "--train-views",
+        type=int,
+        default=0,
+        metavar="K",
+        help="store K augmented training views per clip (random frames/start, random crop, --train-flip), "
+        "seeded; stage 2 draws one per clip per epoch (default: the test-time views)",
+    )
+    p.add_argument(
+        "--train-flip",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="flip probability of a training view (0.5 where left/right does not change the class)",
+    )
+    p.add_argument("--train-views-seed", type=int, default=0, help="seed of the training views")
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -88,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         decode_device=args.decode_device,
         decode_threads=args.decode_threads,
         compile=args.compile,
+        train_views=args.train_views,
+        train_flip=args.train_flip,
+        train_views_seed=args.train_views_seed,
     )
     plan, store = plan_extraction(
         args.dataset,

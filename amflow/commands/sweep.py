@@ -37,6 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scheduler", metavar="ADDR", help="address of an existing dask scheduler")
     p.add_argument("--force", action="store_true", help="accept stores made with other feature settings")
+    p.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
+        "available RAM such as 0.25; default half the available RAM), else stream them from the store",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides",
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         args.force,
         not args.quiet,
         overrides=args.overrides,
+        memory_budget=args.memory_budget,
     )
     lines = result.leaderboard_md.read_text().splitlines()
     print("\n".join(lines[:12]) + ("\n..." if len(lines) > 12 else ""))

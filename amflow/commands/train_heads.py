@@ -33,6 +33,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="use a validation store made with other feature settings (warns, naming them)",
     )
     p.add_argument("--overwrite", action="store_true", help="retrain into a RUN_DIR holding a finished run")
+    p.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
+        "available RAM such as 0.25; default half the available RAM), else stream them from the store",
+    )
+    p.add_argument(
+        "--features-on-device",
+        action="store_true",
+        help="with device=cuda: hold the selected features on the GPU when they fit (half its free memory)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides",
@@ -58,7 +69,16 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.out}: already holds a finished run (metrics.json); "
             "pass --overwrite to retrain it or choose another directory"
         )
-    m = train_heads_from_stores(args.store, args.val_store, cfg, args.out, args.force, not args.quiet)
+    m = train_heads_from_stores(
+        args.store,
+        args.val_store,
+        cfg,
+        args.out,
+        args.force,
+        not args.quiet,
+        args.memory_budget,
+        args.features_on_device,
+    )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "
         f"{m['seconds']:.1f} s, {m['trainable_parameters']:,} trainable parameters"

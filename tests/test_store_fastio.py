@@ -1,0 +1,93 @@
+"""Direct shard-file reads and writes agree byte for byte with Zarr's own codec pipeline."""
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store import FeatureStore, load_arrays
+from store.fastio import is_raw, read_raw_rows
+from store.reader import read_shard
+
+
+def make(path: Path, num_clips: int, compression: str = "none") -> FeatureStore:
+    return FeatureStore.create(
+        path,
+        clip_ids=[f"c{i}.mp4" for i in range(num_clips)],
+        labels=np.arange(num_clips) % 3,
+        num_adapters=5,
+        num_views=2,
+        num_frames=3,
+        embed_dim=4,
+        cls_dim=6,
+        shard_clips=4,
+        compression=compression,
+        provenance={},
+        fingerprint_fields={},
+    )
+
+
+def data(i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return {"embeddings": rng.standard_normal((5, 2, 3, 4)), "cls": rng.standard_normal((2, 6))}
+
+
+def test_raw_writes_read_back_through_zarr_and_raw_reads_match_zarr(tmp_path):
+    st = make(tmp_path / "s.zarr", 10)  # last shard partial (2 of 4 clips): Zarr pads the edge chunk
+    assert is_raw(st.array("embeddings")) and is_raw(st.array("status"))
+    for shard in range(st.num_shards):
+        with st.shard_writer(shard) as w:
+            for i in w.pending():
+                if i != 5:
+                    w.put(int(i), **data(int(i)))
+    # Zarr's own reader decodes the files written by the direct path (padding included).
+    plain = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    emb = np.asarray(plain["embeddings"][:])
+    for i in range(10):
+        want = np.full((5, 2, 3, 4), np.nan) if i == 5 else data(i)["embeddings"].astype(np.float16)
+        np.testing.assert_array_equal(emb[i], want)
+    assert list(np.asarray(plain["status"][:])) == [1] * 5 + [0] + [1] * 4
+    # The direct reader, with and without a selection on axis 1, equals Zarr's selection.
+    for shard in range(st.num_shards):
+        clips = st.clips_in_shard(shard)
+        for sel in (None, [0, 1, 3], [4, 2]):
+            got = read_shard(st, "embeddings", shard, axis1=sel)
+            want = plain["embeddings"].get_orthogonal_selection(
+                (slice(clips.start, clips.stop), sel or slice(None))
+            )
+            np.testing.assert_array_equal(got, want)
+    out = load_arrays(st, adapters=[3, 0], progress=False)
+    np.testing.assert_array_equal(out.embeddings, emb[out.indices][:, [3, 0]])
+    # A shard nobody wrote reads as the fill value.
+    missing = np.zeros((2, 6), np.float16)
+    read_raw_rows(tmp_path / "nowhere", missing, row_shape=(2, 6), fill_value=np.nan)
+    assert np.isnan(missing).all()
+
+
+def test_compressed_store_goes_through_zarr(tmp_path):
+    st = make(tmp_path / "z.zarr", 4, compression="zstd:1")
+    assert not is_raw(st.array("embeddings"))
+    with st.shard_writer(0) as w:
+        for i in w.pending():
+            w.put(int(i), **data(int(i)))
+    got = read_shard(st, "embeddings", 0, axis1=[1])
+    np.testing.assert_array_equal(
+        got[:, 0], np.stack([data(i)["embeddings"][1] for i in range(4)]).astype(np.float16)
+    )
+
+
+def test_rejected_put_leaves_the_buffered_clip_as_it_was(tmp_path):
+    st = make(tmp_path / "s.zarr", 4)
+    with st.shard_writer(0) as w:
+        w.put(0, **data(0))
+        bad = data(9)
+        bad["cls"][1, 2] = 1e6  # beyond float16: rejected after the embeddings were already cast
+        for i in (0, 1):
+            try:
+                w.put(i, **bad)
+            except ValueError as e:
+                assert "non-finite" in str(e)
+            else:
+                raise AssertionError("a float16 overflow must be rejected")
+    np.testing.assert_array_equal(st.read_clip(0)["embeddings"], data(0)["embeddings"].astype(np.float16))
+    assert np.isnan(st.read_clip(1)["embeddings"]).all() and list(st.status()) == [1, 0, 0, 0]
