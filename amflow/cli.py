@@ -15,13 +15,15 @@ from amflow.commands import (
     finetune,
     merge,
     model_info,
+    predict,
     store,
     sweep,
     train_heads,
     visualize,
 )
 
-# In the order a newcomer meets them: demo, stage 1, the store, stage 2, finetuning, ZeroI2V, pictures.
+# In the order a newcomer meets them: demo, stage 1, the store, stage 2, finetuning, ZeroI2V, using a
+# trained model, pictures.
 COMMANDS = (
     demo,
     model_info,
@@ -33,6 +35,7 @@ COMMANDS = (
     evaluate,
     finetune,
     merge,
+    predict,
     visualize,
 )
 

@@ -333,5 +333,7 @@ def train_heads_from_stores(
         "val_store": str(Path(val_store).resolve()),
         "fingerprint_fields": fields,
         "forced_differences": differences,
+        # what ``amflow predict`` rebuilds stage 1 from: the model and dataset configs, weights, checkpoint
+        "features": {k: st.provenance.get(k) for k in ("config", "weights", "checkpoint", "classes")},
     }
     return train_heads(train, val, cfg, out_dir, progress=progress, provenance=provenance)
