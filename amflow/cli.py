@@ -11,6 +11,7 @@ from amflow.commands import (
     datasets,
     demo,
     evaluate,
+    export,
     extract,
     finetune,
     merge,
@@ -36,6 +37,7 @@ COMMANDS = (
     finetune,
     merge,
     predict,
+    export,
     visualize,
 )
 

@@ -252,6 +252,8 @@ def merge_checkpoint(
         "merged_from": str(checkpoint_path),
         "merged_from_sha256": file_sha256(checkpoint_path) or "",
     }
+    if "class_names" in read_metadata(checkpoint_path):  # a finetuning checkpoint names its classes
+        meta["class_names"] = read_metadata(checkpoint_path)["class_names"]
     save_merged(model, out, meta)
     return MergeSummary(
         out_path=out,

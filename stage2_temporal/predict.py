@@ -68,6 +68,8 @@ class Predictor:
     heads_info: HeadsInfo | None = None
     feature_dtype: str = "float32"  # heads: the cache dtype the heads were trained on
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    pixel_mean: list[float] | None = None  # input normalisation; None = the backbone's pretrained_cfg
+    pixel_std: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -76,6 +78,10 @@ class Predictor:
         if self.heads is not None:
             self.heads.eval().to(self.device)
         self.mean, self.std = pixel_stats(self.model.vit, self.device)
+        if self.pixel_mean is not None and self.pixel_std is not None:
+            self.mean = torch.tensor(self.pixel_mean, device=self.device).view(3, 1, 1)
+            self.std = torch.tensor(self.pixel_std, device=self.device).view(3, 1, 1)
+        self.pixel_mean, self.pixel_std = self.mean.flatten().tolist(), self.std.flatten().tolist()
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +195,7 @@ def load_heads_predictor(
         model,
         data,
         names,
-        config_to_dict(model_cfg),
+        config_to_dict(model.cfg),  # with a merged backbone's head offsets
         heads=heads,
         heads_info=info,
         feature_dtype=fields.get("dtype") or "float32",

@@ -95,3 +95,91 @@ def test_predict_errors_name_the_argument(heads_run, tmp_path, capsys):
     assert "--weights" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "missing.mp4"), "--run", str(run), "--decode-workers", "0"]) == 1
     assert "missing.mp4" in capsys.readouterr().err
+
+
+def all_probs(lines):
+    """{video: {label: prob}} from predict's JSON lines."""
+    return {line["video"]: {t["label"]: t["prob"] for t in line["top5"]} for line in lines}
+
+
+def assert_same_predictions(a, b, atol):
+    assert a.keys() == b.keys()
+    for video in a:
+        assert a[video].keys() == b[video].keys()
+        for label in a[video]:
+            assert a[video][label] == pytest.approx(b[video][label], abs=atol), (video, label)
+
+
+def test_export_predicts_as_the_run_without_it(heads_run, capsys, tmp_path):
+    videos, store, run = heads_run
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 2  # no silent overwrite
+    assert "exists" in capsys.readouterr().err
+    # the run directory and the store are gone: the file alone predicts
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    try:
+        from_file, _ = predict_json(capsys, str(videos / "train"), "--model", str(out))
+    finally:
+        moved.rename(run)
+    from_run, _ = predict_json(capsys, str(videos / "train"), "--run", str(run))
+    assert len(from_file) == 6
+    assert_same_predictions(all_probs(from_file), all_probs(from_run), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def zeroi2v_run(tmp_path_factory):
+    """One epoch of ZeroI2V finetuning on generated videos (12 train, 6 val clips)."""
+    from stage2_temporal.finetune import finetune, plan_finetune
+
+    tmp = tmp_path_factory.mktemp("zeroi2v")
+    videos = tmp / "videos"
+    make_folder_dataset(videos, ["left", "right", "up"], {"train": 4, "val": 2}, 32, 8, seed=1)
+    overrides = ["model.backbone.img_size=32", "model.backbone.timm_kwargs.depth=2", "data.num_frames=4"]
+    plan = plan_finetune(
+        "folder",
+        videos,
+        "configs/models/zeroi2v_tiny.yaml",
+        recipe="configs/finetune/tiny.yaml",
+        overrides=[*overrides, "epochs=1", "data.num_crops=3"],
+    )
+    finetune(plan, tmp / "run", progress=False)
+    return videos, plan, tmp / "run"
+
+
+def test_finetune_run_merged_model_and_export_agree(zeroi2v_run, capsys, tmp_path):
+    import torch
+
+    from stage1_extract.video import VideoClipDataset
+    from stage2_temporal.finetune import Distributed, evaluate_clips
+    from stage2_temporal.predict import load_predictor
+
+    videos, plan, run = zeroi2v_run
+    lines, _ = predict_json(capsys, str(videos / "val"), "--run", str(run))
+    from_run = all_probs(lines)
+    # the finetuning's own validation code on the same clips (3 crops per clip, averaged)
+    predictor = load_predictor(run, device="cpu")
+    dataset = VideoClipDataset(plan.val.records, videos, plan.data, plan.crop_size)
+    probs, decoded = evaluate_clips(predictor.model, dataset, 3, 4, torch.device("cpu"), None, Distributed())
+    assert decoded.all() and predictor.num_views == 3
+    names = plan.train.classes
+    expected = {str(videos / r.path): dict(zip(names, p)) for r, p in zip(plan.val.records, probs)}
+    assert_same_predictions(from_run, expected, atol=1e-5)
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(run / "best.safetensors"), "--out", str(merged)]) == 0
+    # a merged model knows no sampling beyond its frames: one centre view, as the run's single-view clip
+    single = VideoClipDataset(plan.val.records, videos, predictor.data.__class__(num_frames=4), 32)
+    one_view, _ = evaluate_clips(predictor.model, single, 3, 4, torch.device("cpu"), None, Distributed())
+    lines, _ = predict_json(capsys, str(videos / "val"), "--model", str(merged))
+    from_merged = all_probs(lines)
+    assert set(next(iter(from_merged.values()))) == set(names)  # the class names travel with the merge
+    one = {str(videos / r.path): dict(zip(names, p)) for r, p in zip(plan.val.records, one_view)}
+    assert_same_predictions(from_merged, one, atol=1e-4)
+
+    for source, reference in ((run, from_run), (merged, from_merged)):
+        out = tmp_path / f"{source.stem}.export.safetensors"
+        assert main(["export", str(source), "--out", str(out)]) == 0
+        lines, _ = predict_json(capsys, str(videos / "val"), "--model", str(out))
+        assert_same_predictions(all_probs(lines), reference, atol=1e-6)
