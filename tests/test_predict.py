@@ -183,3 +183,45 @@ def test_finetune_run_merged_model_and_export_agree(zeroi2v_run, capsys, tmp_pat
         assert main(["export", str(source), "--out", str(out)]) == 0
         lines, _ = predict_json(capsys, str(videos / "val"), "--model", str(out))
         assert_same_predictions(all_probs(lines), reference, atol=1e-6)
+
+
+def test_windows_of_a_long_video_are_sampled_as_clips(heads_run, capsys, tmp_path):
+    """A 3 s video (left, right, up motions, 1 s each at 12 fps) scored in 1 s windows every 0.5 s."""
+    import torch
+    from PIL import Image
+
+    from stage1_extract.synthetic import make_motion_clip, write_video
+    from stage1_extract.video import open_video
+    from stage2_temporal.predict import load_predictor
+
+    videos, store, run = heads_run
+    rng = np.random.default_rng(0)
+    parts = [make_motion_clip(m, size=32, num_frames=12, rng=rng) for m in ("left", "right", "up")]
+    long = write_video(tmp_path / "long.mp4", np.concatenate(parts), fps=12)
+    out = tmp_path / "timeline.csv"
+    argv = ["predict", str(long), "--run", str(run), "--window", "1", "--stride", "0.5", "--out", str(out)]
+    assert main([*argv, "--decode-workers", "0", "--device", "cpu", "--quiet", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(w["start"], w["end"]) for w in lines] == [
+        (0.0, 1.0),
+        (0.5, 1.5),
+        (1.0, 2.0),
+        (1.5, 2.5),
+        (2.0, 3.0),
+    ]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["start"]) for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [r["label1"] for r in rows] == [w["top5"][0]["label"] for w in lines]
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.size[0] > 100 and png.size[1] > 100
+
+    # Window 3 is frames [12, 24): the run samples 2 clips of 4 frames (uniform, K=2), by hand the
+    # frames 12+{0, 3, 6, 9} and 12+{2, 5, 8, 11}.
+    predictor = load_predictor(run, device="cpu")
+    frames = open_video(long).get_batch(list(range(36))).asnumpy()
+    views = [frames[[12, 15, 18, 21]], frames[[14, 17, 20, 23]]]
+    video = torch.from_numpy(np.stack(views)).permute(0, 1, 4, 2, 3).unsqueeze(0).contiguous()
+    expected = dict(zip(predictor.class_names, predictor.probabilities(video)[0]))
+    got = {t["label"]: t["prob"] for t in lines[2]["top5"]}
+    assert got == pytest.approx(expected, abs=1e-6)
