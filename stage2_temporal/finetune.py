@@ -66,6 +66,7 @@ from stage1_extract.zeroi2v import ZeroI2VModel
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
+from stage2_temporal.tensorboard import EpochLogger
 from stage2_temporal.train import cosine_with_warmup
 
 log = logging.getLogger(__name__)
@@ -531,6 +532,7 @@ def finetune(
     overwrite: bool = False,
     stop_after_steps: int | None = None,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> FinetuneResult:
     """Trains ``plan``'s model end to end, validating every epoch; writes RUN_DIR (rank 0 only).
 
@@ -544,7 +546,8 @@ def finetune(
     try:
         run = FinetuneRun(plan, Path(out_dir), dist_, device, progress and dist_.is_main)
         run.start(resume, overwrite)
-        return run.train(stop_after_steps)
+        with EpochLogger(out_dir, enabled=tensorboard and dist_.is_main, fresh=not resume) as run.board:
+            return run.train(stop_after_steps)
     finally:
         if dist_.owns_group:
             dist.destroy_process_group()
@@ -601,6 +604,7 @@ class FinetuneRun:
             "failed_train_clips": 0,
         }
         self.step_rows: list[dict[str, Any]] = []
+        self.board = EpochLogger(out, enabled=False)  # TensorBoard scalars per epoch (set by ``finetune``)
 
     def start(self, resume: bool, overwrite: bool) -> None:
         """Checks RUN_DIR, then writes config.yaml (new run) or loads the last save point (``resume``)."""
@@ -790,6 +794,7 @@ class FinetuneRun:
             "seconds": train_seconds + time.perf_counter() - clock,
         }
         state["curve"].append(row)
+        self.board.log(row, epoch + 1)
         state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0, 0.0, 0.0])
         if row["val_mean_class_acc"] > state["best_score"]:
             state.update(best_score=row["val_mean_class_acc"], best_epoch=epoch + 1, best_metrics=val)
@@ -870,6 +875,7 @@ def finetune_from_args(
     overwrite: bool = False,
     stop_after_steps: int | None = None,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> FinetuneResult:
     """``plan_finetune`` then ``finetune``: what ``amflow finetune`` runs."""
     plan = plan_finetune(
@@ -882,4 +888,5 @@ def finetune_from_args(
         overwrite=overwrite,
         stop_after_steps=stop_after_steps,
         progress=progress,
+        tensorboard=tensorboard,
     )

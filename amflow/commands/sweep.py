@@ -38,6 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", metavar="ADDR", help="address of an existing dask scheduler")
     p.add_argument("--force", action="store_true", help="accept stores made with other feature settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
+    )
     p.set_defaults(func=run)
 
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         args.scheduler,
         args.force,
         not args.quiet,
+        tensorboard=args.tensorboard,
     )
     lines = result.leaderboard_md.read_text().splitlines()
     print("\n".join(lines[:12]) + ("\n..." if len(lines) > 12 else ""))

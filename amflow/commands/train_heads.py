@@ -35,6 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="retrain into a RUN_DIR holding a finished run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. heads.hidden=256"
     )
     p.set_defaults(func=run)
@@ -54,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.out}: already holds a finished run (metrics.json); "
             "pass --overwrite to retrain it or choose another directory"
         )
-    m = train_heads_from_stores(args.store, args.val_store, cfg, args.out, args.force, not args.quiet)
+    m = train_heads_from_stores(
+        args.store, args.val_store, cfg, args.out, args.force, not args.quiet, tensorboard=args.tensorboard
+    )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "
         f"{m['seconds']:.1f} s, {m['trainable_parameters']:,} trainable parameters"
