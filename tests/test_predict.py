@@ -225,3 +225,19 @@ def test_windows_of_a_long_video_are_sampled_as_clips(heads_run, capsys, tmp_pat
     expected = dict(zip(predictor.class_names, predictor.probabilities(video)[0]))
     got = {t["label"]: t["prob"] for t in lines[2]["top5"]}
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_runs_without_recorded_features_rebuild_stage1_from_the_fingerprint(heads_run, capsys, tmp_path):
+    """Sweep runs (and runs from before ``features`` was recorded) hold only the feature fingerprint."""
+    import shutil
+
+    videos, store, run = heads_run
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    record = json.loads((bare / "fingerprint.json").read_text())
+    assert record.pop("features")["config"]["model"]["backbone"]["name"] == "vit_tiny_patch16_224"
+    (bare / "fingerprint.json").write_text(json.dumps(record))
+    a, _ = predict_json(capsys, str(videos / "train" / "left"), "--run", str(run))
+    b, _ = predict_json(capsys, str(videos / "train" / "left"), "--run", str(bare))
+    assert len(a) == 2
+    assert_same_predictions(all_probs(a), all_probs(b), atol=1e-7)
