@@ -273,6 +273,8 @@ def load_predictor(
         raise FileNotFoundError(
             f"--run {run}: neither {HEADS_FILE} (amflow train-heads) nor {FINETUNE_BEST} (amflow finetune)"
         )
+    if weights or checkpoint:
+        raise ValueError("--weights and --checkpoint go with --run; a --model file holds its own weights")
     meta = read_metadata(model)
     from stage2_temporal.export import EXPORT_FORMAT, load_export
 

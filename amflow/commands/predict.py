@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "stage 1 in memory and the run's heads (or the finetuned / merged model) on every view, averages "
         "the views' softmax probabilities and prints the top-5 classes. Undecodable videos are reported "
         "and skipped. --window/--stride score sliding windows of a long video instead: a timeline CSV "
-        "(start, end, top-5) and a PNG of the top classes' probabilities over time.",
+        "(start, end, top-5) and a PNG of the top classes' probabilities over time. Exit status 1 when no "
+        "video could be scored.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
