@@ -13,17 +13,20 @@ from amflow.commands import (
     datasets,
     demo,
     evaluate,
+    export,
     extract,
     finetune,
     merge,
     model_info,
+    predict,
     store,
     sweep,
     train_heads,
     visualize,
 )
 
-# In the order a newcomer meets them: demo, stage 1, the store, stage 2, finetuning, ZeroI2V, pictures.
+# In the order a newcomer meets them: demo, stage 1, the store, stage 2, finetuning, ZeroI2V, using a
+# trained model, pictures.
 COMMANDS = (
     demo,
     model_info,
@@ -36,6 +39,8 @@ COMMANDS = (
     finetune,
     merge,
     convert,
+    predict,
+    export,
     visualize,
 )
 

@@ -138,9 +138,42 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         "timings": timings,
         "clips_per_class": cfg.clips_per_class,
         "chance": 1.0 / len(MOTIONS),
+        "predictions": demo_predictions(out, cfg),
     }
     write_json_atomic(result, out / "results.json")
     return result
+
+
+PREDICT_RUN = ("static", 2)  # the AM-flow map heads (row c) on the static camera
+PREDICT_VIDEOS = ("left", "up")  # the first test video of these classes
+
+
+def demo_predictions(out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """``amflow predict`` on two test videos with the AM-flow map heads run: the command and its top-5."""
+    from stage2_temporal.predict import load_predictor, predict_videos, top_k
+
+    camera, row = PREDICT_RUN
+    run_dir = out / "runs" / camera / f"row{row}"
+    videos = [str(out / f"videos_{camera}" / "test" / m / f"{m}_0000.mp4") for m in PREDICT_VIDEOS]
+    predictor = load_predictor(run_dir, device="cpu")
+    scored = predict_videos(predictor, videos, decode_workers=cfg.decode_workers, progress=False)
+    return {
+        "command": f"amflow predict {' '.join(videos)} --run {run_dir}",
+        "videos": [
+            {"video": p.video, "top5": top_k(p.probs, predictor.class_names)}
+            for p in scored
+            if p.probs is not None
+        ],
+    }
+
+
+def format_predictions(result: dict[str, Any]) -> str:
+    """The demo's closing ``amflow predict``: the command, then each video's top-5 classes."""
+    lines = [f"$ {result['predictions']['command']}"]
+    for p in result["predictions"]["videos"]:
+        lines.append(p["video"])
+        lines.extend(f"  {r + 1}. {t['label']:<8}{100 * t['prob']:6.2f}%" for r, t in enumerate(p["top5"]))
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

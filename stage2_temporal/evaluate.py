@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from stage1_extract.backbone import resolve_device
 from stage2_temporal.data import CachedFeatures, check_same_features, store_name
 from stage2_temporal.metrics import write_confusion
+from stage2_temporal.predictions import average_runs, write_predictions
 from stage2_temporal.run_dir import (
     FINGERPRINT_FILE,
     HEADS_FILE,
@@ -35,15 +39,23 @@ def check_matches_heads(data: CachedFeatures, info: HeadsInfo) -> None:
         raise ValueError(f"{data.source} does not fit the trained heads:\n  " + "\n  ".join(bad))
 
 
-def evaluate_heads(
+def heads_probabilities(
     run_dir: str | Path, data: CachedFeatures, batch_size: int = 256, device: str = "cpu"
-) -> dict[str, Any]:
-    """Metrics (with confusion matrix) of a run's heads on in-memory cached clips, views averaged."""
+) -> np.ndarray:
+    """A run's class probabilities (clips, C) on in-memory cached clips, softmax averaged over views."""
     classifier, info = load_heads(run_dir)
     data = select_for_heads(data, info)
     check_matches_heads(data, info)
     dev = resolve_device(device)
-    return score(predict_proba(classifier.to(dev), data, batch_size, dev), data.labels, data.num_classes)
+    return predict_proba(classifier.to(dev), data, batch_size, dev)
+
+
+def evaluate_heads(
+    run_dir: str | Path, data: CachedFeatures, batch_size: int = 256, device: str = "cpu"
+) -> dict[str, Any]:
+    """Metrics (with confusion matrix) of a run's heads on in-memory cached clips, views averaged."""
+    probs = heads_probabilities(run_dir, data, batch_size, device)
+    return score(probs, data.labels, data.num_classes)
 
 
 def evaluate_store(
@@ -54,11 +66,24 @@ def evaluate_store(
     progress: bool = True,
     memory_budget: int | str | None = None,
 ) -> dict[str, Any]:
-    """Scores a run on a store; writes ``eval_<store>.json`` and ``confusion_<store>.csv/png`` in the run.
+    """Scores a run on a store; writes ``eval_<store>.json``, ``confusion_<store>.csv/png`` and
+    ``predictions_<store>.csv`` (per clip) in the run.
 
     Refuses a store whose features were made with other settings than the training store (the differing
     fields are named); ``force`` only warns.
     """
+    return _evaluate_store(run_dir, store, force, device, progress, memory_budget)[0]
+
+
+def _evaluate_store(
+    run_dir: str | Path,
+    store: str | Path,
+    force: bool,
+    device: str,
+    progress: bool,
+    memory_budget: int | str | None = None,
+) -> tuple[dict[str, Any], np.ndarray, CachedFeatures]:
+    """``evaluate_store``'s work; also returns the probabilities and the clips they score."""
     run_dir = Path(run_dir)
     record = run_dir / FINGERPRINT_FILE
     if not record.is_file():
@@ -68,11 +93,41 @@ def evaluate_store(
     data = open_features(  # in memory when it fits memory_budget, else streamed
         store, info.adapter_names, info.flow_block_names, info.heads.flow_maps, memory_budget, progress
     )
-    metrics = evaluate_heads(run_dir, data, device=device)
+    probs = heads_probabilities(run_dir, data, device=device)
+    metrics = score(probs, data.labels, data.num_classes)
     name = store_name(store)
     write_confusion(metrics.pop("confusion"), run_dir / f"confusion_{name}", data.class_names)
+    write_predictions(
+        run_dir / f"predictions_{name}.csv", data.clip_ids, data.labels, probs, data.class_names
+    )
     metrics.update(
         store=str(Path(store).resolve()), class_names=data.class_names, forced_differences=differences
     )
     write_json_atomic(metrics, run_dir / f"eval_{name}.json")
-    return metrics
+    return metrics, probs, data
+
+
+def evaluate_ensemble(
+    run_dirs: Sequence[str | Path],
+    store: str | Path,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    memory_budget: int | str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scores each run on the store (writing its own files) and the ensemble: their probabilities averaged.
+
+    Returns (the ensemble's metrics, each run's metrics).
+    """
+    results, single = [], []
+    for run_dir in run_dirs:
+        metrics, probs, data = _evaluate_store(run_dir, store, force, device, progress, memory_budget)
+        single.append(metrics)
+        results.append((str(run_dir), data.clip_ids, data.class_names, probs))
+    probs = average_runs(results)
+    ensemble = score(probs, data.labels, data.num_classes)
+    ensemble.pop("confusion")
+    ensemble.update(
+        store=str(Path(store).resolve()), class_names=data.class_names, runs=list(map(str, run_dirs))
+    )
+    return ensemble, single

@@ -82,6 +82,7 @@ from stage2_temporal.metrics import write_confusion
 from stage2_temporal.optim import adamw
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.schedule import WarmupCosine, cosine_with_warmup
+from stage2_temporal.tensorboard import EpochLogger
 from stage2_temporal.train import score
 from store.atomic import write_text_atomic
 
@@ -107,6 +108,7 @@ def finetune(
     overwrite: bool = False,
     stop_after_steps: int | None = None,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> FinetuneResult:
     """Trains ``plan``'s model end to end, validating every epoch; writes RUN_DIR (rank 0 only).
 
@@ -120,7 +122,8 @@ def finetune(
     try:
         run = FinetuneRun(plan, Path(out_dir), dist_, device, progress and dist_.is_main)
         run.start(resume, overwrite)
-        return run.train(stop_after_steps)
+        with EpochLogger(out_dir, enabled=tensorboard and dist_.is_main, fresh=not resume) as run.board:
+            return run.train(stop_after_steps)
     finally:
         if dist_.owns_group:
             dist.destroy_process_group()
@@ -165,6 +168,7 @@ class FinetuneRun:
         self.val_set = VideoClipDataset(plan.val.records, plan.root, plan.data, plan.crop_size, train=False)
         self.state = FinetuneState()
         self.step_rows: list[dict[str, Any]] = []
+        self.board = EpochLogger(out, enabled=False)  # TensorBoard scalars per epoch (set by ``finetune``)
 
     def start(self, resume: bool, overwrite: bool) -> None:
         """Checks RUN_DIR, then writes config.yaml (new run) or loads the last save point (``resume``)."""
@@ -356,6 +360,7 @@ class FinetuneRun:
             "seconds": train_seconds + time.perf_counter() - clock,
         }
         state.curve.append(row)
+        self.board.log(row, epoch + 1)
         state.start_epoch()
         if row["val_mean_class_acc"] > state.best_score:
             state.best_score, state.best_epoch, state.best_metrics = row["val_mean_class_acc"], epoch + 1, val
@@ -429,6 +434,7 @@ def finetune_from_args(
     overwrite: bool = False,
     stop_after_steps: int | None = None,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> FinetuneResult:
     """``plan_finetune`` then ``finetune``: what ``amflow finetune`` runs."""
     plan = plan_finetune(
@@ -441,4 +447,5 @@ def finetune_from_args(
         overwrite=overwrite,
         stop_after_steps=stop_after_steps,
         progress=progress,
+        tensorboard=tensorboard,
     )

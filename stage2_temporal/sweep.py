@@ -211,6 +211,7 @@ def train_one(
     combination: dict[str, Any],
     run_dir: str,
     threads: int | None = None,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
     """Trains one run of a sweep (in a worker); a failure is recorded in ``error.txt``, not raised."""
     import torch
@@ -227,7 +228,7 @@ def train_one(
     write_json_atomic(combination, out / COMBO_FILE)
     try:
         cfg = build_config(TrainConfig, config, str(out / "config.yaml"))
-        metrics = train_heads(train, val, cfg, out, progress=False)
+        metrics = train_heads(train, val, cfg, out, progress=False, tensorboard=tensorboard)
     except Exception as e:  # one bad combination must not stop the sweep
         (out / ERROR_FILE).write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         return {"run_dir": run_dir, "status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -335,6 +336,7 @@ def run_sweep(
     force: bool = False,
     progress: bool = True,
     source: str = "<grid>",
+    tensorboard: bool = True,
 ) -> SweepResult:
     """Trains every unfinished combination of ``grid`` and writes the leaderboard.
 
@@ -359,7 +361,7 @@ def run_sweep(
 
     if todo and workers == 0 and scheduler is None:
         for args in jobs():
-            results.append(train_one(train, val, *args))
+            results.append(train_one(train, val, *args, tensorboard=tensorboard))
             bar.update()
     elif todo:
         from distributed import Client, LocalCluster, as_completed
@@ -390,7 +392,14 @@ def run_sweep(
                 val_f = client.scatter(val, broadcast=True, hash=False)
             futures = [
                 client.submit(
-                    train_one, train_f, val_f, *args, threads, key=f"heads-{Path(args[2]).name}", pure=False
+                    train_one,
+                    train_f,
+                    val_f,
+                    *args,
+                    threads,
+                    tensorboard,
+                    key=f"heads-{Path(args[2]).name}",
+                    pure=False,
                 )
                 for args in jobs()
             ]
@@ -437,6 +446,7 @@ def run_sweep_from_stores(
     progress: bool = True,
     overrides: Sequence[str] = (),
     memory_budget: int | str | None = None,
+    tensorboard: bool = True,
 ) -> SweepResult:
     """Checks the stores hold the same features and sweeps; every worker opens the stores itself (flow maps
     if any run needs them), in memory when they fit ``memory_budget`` (per worker), else streamed.
@@ -455,4 +465,6 @@ def run_sweep_from_stores(
     val = StoreRef(str(Path(val_store).resolve()), flow, budget)
     if not grid.grid:
         raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
-    return run_sweep(train, val, grid, sweep_dir, workers, scheduler, force, progress, source)
+    return run_sweep(
+        train, val, grid, sweep_dir, workers, scheduler, force, progress, source, tensorboard=tensorboard
+    )

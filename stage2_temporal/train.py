@@ -40,6 +40,7 @@ from stage2_temporal.run_dir import (
     write_json_atomic,
 )
 from stage2_temporal.schedule import WarmupCosine
+from stage2_temporal.tensorboard import EpochLogger
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,13 @@ def train_heads(
     out_dir: str | Path,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
     """Trains the averaging classifier's heads on ``train_data``, early-stopped on validation mean class
     accuracy, and writes the run directory (``metrics.json`` last). Returns the metrics.
 
-    ``provenance`` (e.g. the stores' paths and fingerprint fields) is written to ``fingerprint.json``.
+    ``provenance`` (e.g. the stores' paths and fingerprint fields) is written to ``fingerprint.json``;
+    ``tensorboard`` also logs each epoch's curve row as TensorBoard scalars (when installed).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +224,7 @@ def train_heads(
     best_score, best_epoch, best_state, waited = -1.0, 0, None, 0
     start_time = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc="train heads", unit="epoch", disable=not progress, leave=False)
+    board = EpochLogger(out, enabled=tensorboard)
     for epoch in bar:
         lr = optimiser.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
@@ -241,6 +245,7 @@ def train_heads(
             "seconds": time.perf_counter() - epoch_start,
         }
         curve.append(row)
+        board.log(row, epoch)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_mca=f"{row['val_mean_class_acc']:.3f}")
         if row["val_mean_class_acc"] > best_score:
             best_score, best_epoch, waited = row["val_mean_class_acc"], epoch, 0
@@ -253,6 +258,7 @@ def train_heads(
                 )
                 break
     bar.close()
+    board.close()
     seconds = time.perf_counter() - start_time
 
     classifier.load_state_dict(best_state)
@@ -307,6 +313,7 @@ def train_heads_from_stores(
     progress: bool = True,
     memory_budget: int | str | None = None,
     features_on_device: bool = False,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
     """Checks that the validation store holds the same features, loads both once, trains (train_heads).
 
@@ -333,5 +340,9 @@ def train_heads_from_stores(
         "val_store": str(Path(val_store).resolve()),
         "fingerprint_fields": fields,
         "forced_differences": differences,
+        # what ``amflow predict`` rebuilds stage 1 from: the model and dataset configs, weights, checkpoint
+        "features": {k: st.provenance.get(k) for k in ("config", "weights", "checkpoint", "classes")},
     }
-    return train_heads(train, val, cfg, out_dir, progress=progress, provenance=provenance)
+    return train_heads(
+        train, val, cfg, out_dir, progress=progress, provenance=provenance, tensorboard=tensorboard
+    )

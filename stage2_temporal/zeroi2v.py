@@ -103,7 +103,7 @@ class ZeroI2VHead(nn.Module):
     def add_time_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Adds frame t's embedding to every token (CLS included) of tokens (B·T, N, D)."""
         clips = tokens.unflatten(0, (-1, self.num_frames))
-        return (clips + self.time_embed.unsqueeze(2)).flatten(0, 1)
+        return (clips + self.time_embed.unsqueeze(2)).reshape(tokens.shape)  # batch kept symbolic in ONNX
 
     def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) from per-frame pooled features (B, T, D)."""
@@ -219,6 +219,8 @@ def merge_checkpoint(
         "merged_from": str(checkpoint_path),
         "merged_from_sha256": file_sha256(checkpoint_path) or "",
     }
+    if "class_names" in read_metadata(checkpoint_path):  # a finetuning checkpoint names its classes
+        meta["class_names"] = read_metadata(checkpoint_path)["class_names"]
     save_merged(model, out, meta)
     return MergeSummary(
         out_path=out,

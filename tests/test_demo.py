@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def amflow_executable() -> str:
     found = shutil.which("amflow") or str(Path(sys.executable).with_name("amflow"))
@@ -37,3 +39,10 @@ def test_quick_demo_prints_the_table_and_am_flow_beats_the_frame_baseline(tmp_pa
     # Every stage's output exists: stores of both cameras and map kinds, run directories of every row.
     assert len(list((out / "stores").glob("*.zarr"))) == 2 * 2 * 3
     assert len(list((out / "runs").glob("*/row*/metrics.json"))) == 2 * 5
+    # It ends with amflow predict on two test videos: the top-5 of each, as results.json records them.
+    predicted = result["predictions"]["videos"]
+    assert [Path(p["video"]).name for p in predicted] == ["left_0000.mp4", "up_0000.mp4"]
+    tail = done.stdout[done.stdout.index("$ amflow predict") :]
+    for p in predicted:
+        assert len(p["top5"]) == 4 and sum(t["prob"] for t in p["top5"]) == pytest.approx(1.0, abs=1e-6)
+        assert f"  1. {p['top5'][0]['label']:<8}{100 * p['top5'][0]['prob']:6.2f}%" in tail

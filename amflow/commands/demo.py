@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import warnings
 
-    from stage2_temporal.demo import DemoConfig, format_table, run_demo
+    from stage2_temporal.demo import DemoConfig, format_predictions, format_table, run_demo
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = dataclasses.replace(cfg, seed=args.seed)
@@ -36,5 +36,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
         result = run_demo(args.out, cfg)
     print(format_table(result))
+    print("\npredicting on two test videos with the AM-flow map heads:")
+    print(format_predictions(result))
     print(f"\nresults: {args.out}/results.json; runs (metrics, curves, confusion matrices): {args.out}/runs")
     return 0

@@ -1,4 +1,4 @@
-"""``amflow evaluate``: score a trained run of ``train-heads`` on another store (e.g. the test split)."""
+"""``amflow evaluate``: score trained runs of ``train-heads`` on another store (e.g. the test split)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score trained heads on a store: top-1, top-5, mean class accuracy, per-class accuracy",
         description="Scores the heads of a train-heads run on a feature store (softmax probabilities "
-        "averaged over views), prints the table and writes eval_<store>.json and "
-        "confusion_<store>.csv/png into the run directory.",
-        epilog="example:\n  amflow evaluate --store runs/cs/test.zarr --run runs/cs/lstm",
+        "averaged over views), prints the table and writes eval_<store>.json, confusion_<store>.csv/png "
+        "and predictions_<store>.csv (per clip: clip_id,label,prediction,confidence, then one "
+        "probability per class) into the run directory. Several --run: each is scored, then the "
+        "ensemble (their probabilities averaged).",
+        epilog="examples:\n  amflow evaluate --store runs/cs/test.zarr --run runs/cs/lstm\n"
+        "  amflow evaluate --store runs/cs/test.zarr --run runs/cs/lstm --run runs/cs/tcn   (ensemble)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--store", required=True, metavar="TEST.zarr", help="feature store to score")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory of amflow train-heads")
+    p.add_argument(
+        "--run",
+        required=True,
+        action="append",
+        metavar="RUN_DIR",
+        help="run directory of amflow train-heads (repeat for an ensemble)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument(
         "--force",
@@ -35,12 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluates and prints the table."""
+    """Evaluates and prints the table (per run, then the ensemble's)."""
     from stage2_temporal.data import store_name
-    from stage2_temporal.evaluate import evaluate_store
+    from stage2_temporal.evaluate import evaluate_ensemble
     from stage2_temporal.metrics import format_table
 
-    m = evaluate_store(
+    ensemble, single = evaluate_ensemble(
         args.run,
         args.store,
         force=args.force,
@@ -48,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         memory_budget=args.memory_budget,
     )
-    print(format_table(m, m["class_names"], f"{args.run} on {args.store}"))
-    print(f"\nwritten: {args.run}/eval_{store_name(args.store)}.json")
+    name = store_name(args.store)
+    for run_dir, m in zip(args.run, single):
+        print(format_table(m, m["class_names"], f"{run_dir} on {args.store}"))
+        print(f"\nwritten: {run_dir}/eval_{name}.json, {run_dir}/predictions_{name}.csv\n")
+    if len(args.run) > 1:
+        title = f"ensemble of {len(args.run)} runs (probabilities averaged) on {args.store}"
+        print(format_table(ensemble, ensemble["class_names"], title))
     return 0

@@ -70,6 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stop_after_steps=args.stop_after_steps,
         progress=not args.quiet,
+        tensorboard=args.tensorboard,
     )
     if not result.is_main:
         return 0

@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "rebuilds the model on its frozen backbone, folds every linear adapter into the linear layer it "
         "wraps (paper 002, eq. 11) and writes the plain timm ViT state dict plus the ZeroI2V head "
         "(keys 'zeroi2v_head.*'): the image model's parameter count and cost, with STDHA attention.",
-        epilog="example: amflow merge runs/k400/best.safetensors --out runs/k400/merged.safetensors",
+        epilog="example: amflow merge runs/k400/best.safetensors --out runs/k400/merged.safetensors "
+        "--onnx runs/k400/model.onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="trainable-only ZeroI2V checkpoint (.safetensors)")
@@ -22,6 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--config", default=None, help="model YAML to use instead of the checkpoint's stored config"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="also export the merged classifier to ONNX (input: normalised video (batch, T, 3, H, W))",
+    )
     p.set_defaults(func=run)
 
 
@@ -37,6 +43,17 @@ def run(args: argparse.Namespace) -> int:
         ("head offsets", str(summary.head_offsets)),
         ("written", str(summary.out_path)),
     ]
+    if args.onnx:
+        import json
+
+        from stage1_extract.checkpoint import read_metadata
+        from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
+        from stage2_temporal.zeroi2v_onnx import export_onnx
+
+        names = json.loads(read_metadata(summary.out_path).get("class_names", "null"))
+        rows.append(
+            ("ONNX", str(export_onnx(ZeroI2VModel(*load_merged(summary.out_path)), args.onnx, names)))
+        )
     for name, value in rows:
         print(f"{name:<18}{value}")
     return 0

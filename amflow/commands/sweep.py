@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         not args.quiet,
         overrides=args.overrides,
         memory_budget=args.memory_budget,
+        tensorboard=args.tensorboard,
     )
     lines = result.leaderboard_md.read_text().splitlines()
     print("\n".join(lines[:12]) + ("\n..." if len(lines) > 12 else ""))

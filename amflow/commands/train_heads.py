@@ -46,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         not args.quiet,
         args.memory_budget,
         args.features_on_device,
+        tensorboard=args.tensorboard,
     )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "

@@ -1,0 +1,112 @@
+"""``amflow predict``: which action a video shows, with a trained run or an exported model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  amflow predict clip.mp4 more_clips/ --run runs/cs_lstm
+  amflow predict clip.mp4 --run runs/cs_finetune --json
+  amflow predict clip.mp4 --model model.safetensors --out predictions.csv
+  amflow predict long.mp4 --run runs/cs_lstm --window 4 --stride 1 --out long_timeline.csv
+
+--json prints one line per video: {"video": "<path as given>", "top5": [{"label": "<class>", "prob": 0.83},
+...]} (most probable first; windows add "start" and "end" in seconds)."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``predict``."""
+    p = subparsers.add_parser(
+        "predict",
+        help="top-5 actions of videos with a trained run (train-heads, finetune) or a model file",
+        description="Decodes each video as the run's clips were decoded (frames, clips, crops), runs "
+        "stage 1 in memory and the run's heads (or the finetuned / merged model) on every view, averages "
+        "the views' softmax probabilities and prints the top-5 classes. Undecodable videos are reported "
+        "and skipped. --window/--stride score sliding windows of a long video instead: a timeline CSV "
+        "(start, end, top-5) and a PNG of the top classes' probabilities over time. Exit status 1 when no "
+        "video could be scored.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("videos", nargs="+", metavar="VIDEO|DIR", help="video files, or folders of videos")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a train-heads or finetune run directory")
+    source.add_argument(
+        "--model", metavar="FILE", help="an exported model (amflow export) or a merged ZeroI2V model"
+    )
+    p.add_argument("--weights", help="local backbone weights, if the run's recorded path has moved")
+    p.add_argument("--checkpoint", help="stage-1 checkpoint (heads runs) or the finetune checkpoint to use")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=8, help="videos (or windows) per forward (default 8)")
+    p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
+    p.add_argument("--json", action="store_true", help="one JSON object per video per line")
+    p.add_argument("--out", metavar="FILE.csv", help="also write the top-5 (or the timeline) as CSV")
+    p.add_argument("--window", type=float, metavar="SECONDS", help="score sliding windows of this length")
+    p.add_argument(
+        "--stride", type=float, metavar="SECONDS", help="seconds between windows (default: window)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the predictor, scores the videos (or windows), prints and writes the results."""
+    from pathlib import Path
+
+    from stage2_temporal.predict import (
+        expand_videos,
+        format_prediction,
+        load_predictor,
+        predict_videos,
+        prediction_json,
+        write_top_k_csv,
+    )
+
+    if args.batch_size < 1 or args.decode_workers < 0:
+        raise ValueError("--batch-size must be >= 1 and --decode-workers >= 0")
+    if args.stride is not None and args.window is None:
+        raise ValueError("--stride needs --window")
+    videos = expand_videos(args.videos)
+    predictor = load_predictor(
+        args.run, args.model, weights=args.weights, checkpoint=args.checkpoint, device=args.device
+    )
+    names = predictor.class_names
+    if args.window is not None:
+        from stage2_temporal.timeline import predict_timeline, write_timeline
+
+        if args.out and len(videos) > 1:
+            raise ValueError("--out with --window takes one video (each video gets its own timeline)")
+        results = []
+        for video in videos:
+            windows = predict_timeline(
+                predictor,
+                video,
+                args.window,
+                args.stride or args.window,
+                args.batch_size,
+                args.decode_workers,
+                not args.quiet,
+            )
+            results.extend(windows)
+            if all(w.probs is None for w in windows):
+                continue
+            out = Path(args.out) if args.out else Path(f"{Path(video).stem}_timeline.csv")
+            csv_path, png_path = write_timeline(windows, names, out)
+            print(f"timeline: {csv_path}, {png_path}", file=sys.stderr)
+    else:
+        results = predict_videos(predictor, videos, args.batch_size, args.decode_workers, not args.quiet)
+        if args.out:
+            write_top_k_csv(results, names, args.out)
+    failed = [r for r in results if r.probs is None]
+    for r in results:
+        if r.probs is None:
+            continue
+        print(prediction_json(r, names) if args.json else format_prediction(r, names) + "\n")
+    for r in failed:
+        print(f"amflow predict: skipped {r.video}: {r.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(results) - len(failed)} scored, {len(failed)} skipped", file=sys.stderr)
+    if args.out and args.window is None:
+        print(f"written: {args.out}", file=sys.stderr)
+    return 1 if failed and len(failed) == len(results) else 0

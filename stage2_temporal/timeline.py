@@ -1,0 +1,100 @@
+"""Long videos scored over time: sliding windows, each sampled as the run's clips were, as a timeline.
+
+A window ``[start, start + window)`` seconds becomes the frame segment ``[round(start * fps),
+round((start + window) * fps))`` of the video, which the run's sampling (uniform or dense, its clips and
+crops) reads exactly as it read a trimmed clip. Windows start every ``stride`` seconds; the last one ends
+at or before the video's end (a video shorter than one window is one window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stage1_extract.datasets import ClipRecord
+from stage1_extract.video import DECODE_ERRORS, open_video
+from stage2_temporal.predict import Predictor, VideoPrediction, predict_records, write_top_k_csv
+
+
+def video_duration(path: str | Path) -> tuple[int, float]:
+    """(frame count, frames per second) of a video, from decord's index (nothing decoded)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    reader = open_video(path)
+    frames, fps = len(reader), float(reader.get_avg_fps())
+    if frames < 1 or not fps > 0:
+        raise ValueError(f"{path}: no frames or no frame rate ({frames} frames, {fps} fps)")
+    return frames, fps
+
+
+def window_starts(duration: float, window: float, stride: float) -> np.ndarray:
+    """Start times (seconds) of the windows over ``duration``: every ``stride``, the last ending in time."""
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"--window and --stride must be > 0 seconds, got {window} and {stride}")
+    if duration <= window:
+        return np.zeros(1)
+    count = int(np.floor((duration - window) / stride + 1e-9)) + 1
+    return np.arange(count) * stride
+
+
+def predict_timeline(
+    predictor: Predictor,
+    video: str,
+    window: float,
+    stride: float,
+    batch_size: int = 8,
+    decode_workers: int = 2,
+    progress: bool = True,
+) -> list[VideoPrediction]:
+    """Scores the sliding windows of one video; returns one prediction per window, in time order."""
+    try:
+        frames, fps = video_duration(video)
+    except DECODE_ERRORS as e:
+        return [VideoPrediction(video, error=f"{type(e).__name__}: {e}")]
+    duration = frames / fps
+    starts = window_starts(duration, window, stride)
+    spans = [(float(s), float(min(s + window, duration))) for s in starts]
+    records = [
+        ClipRecord(video, -1, int(round(s * fps)), max(int(round(e * fps)), int(round(s * fps)) + 1))
+        for s, e in spans
+    ]
+    results = predict_records(predictor, records, batch_size, decode_workers, progress, desc="windows")
+    return [VideoPrediction(video, probs, err, s, e) for (s, e), (probs, err) in zip(spans, results)]
+
+
+def plot_timeline(
+    windows: Sequence[VideoPrediction], class_names: Sequence[str], path: str | Path, top: int = 5
+) -> Path:
+    """The probabilities over time (window centres) of the ``top`` classes most probable in any window."""
+    from stage2_temporal.plots import _pyplot
+
+    plt = _pyplot()
+    scored = [w for w in windows if w.probs is not None]
+    if not scored:
+        raise ValueError(f"{windows[0].video if windows else '?'}: no window could be decoded")
+    probs = np.stack([w.probs for w in scored])
+    centres = [(w.start + w.end) / 2 for w in scored]
+    shown = np.argsort(-probs.max(axis=0), kind="stable")[:top]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for c in shown:
+        ax.plot(centres, probs[:, c], marker="o", markersize=3, label=class_names[c])
+    ax.set_xlabel("time (s, window centre)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.set_title(Path(scored[0].video).name)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_timeline(
+    windows: Sequence[VideoPrediction], class_names: Sequence[str], csv_path: str | Path
+) -> tuple[Path, Path]:
+    """The timeline CSV (``video,start,end,label1,prob1,...``) and its PNG beside it (same stem)."""
+    csv_path = Path(csv_path)
+    write_top_k_csv(windows, class_names, csv_path)
+    return csv_path, plot_timeline(windows, class_names, csv_path.with_suffix(".png"))

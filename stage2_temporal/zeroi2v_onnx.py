@@ -1,0 +1,63 @@
+"""A merged ZeroI2V classifier as ONNX: plain ViT (STDHA) + head, any batch size, for non-PyTorch runtimes.
+
+Input ``video``: float32 ``(batch, T, 3, H, W)``, frames already scaled to [0, 1] and normalised with the
+model's mean and std; output ``logits`` ``(batch, num_classes)``. The graph's metadata records the
+normalisation, the frame count and the class names (``amflow merge ... --onnx model.onnx``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from stage1_extract.backbone import pixel_stats
+from stage2_temporal.zeroi2v import ZeroI2VModel
+
+ONNX_OPSET = 17
+
+
+def export_onnx(
+    model: ZeroI2VModel, path: str | Path, class_names: Sequence[str] | None = None, opset: int = ONNX_OPSET
+) -> Path:
+    """Writes ``model`` (merged, in eval mode) as an ONNX graph with a dynamic batch axis, atomically."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise ValueError("--onnx needs the onnx package: pip install 'amflow[onnx]'") from e
+    model = model.eval()
+    size = model.vit.patch_embed.img_size
+    example = torch.zeros(2, model.num_frames, 3, *size)
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks that hold for every batch
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["video"],
+            output_names=["logits"],
+            dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    graph = onnx.load(str(tmp))
+    mean, std = pixel_stats(model.vit)
+    meta = {
+        "amflow": "zeroi2v-merged",
+        "num_frames": str(model.num_frames),
+        "input": "video (batch, T, 3, H, W): RGB in [0, 1], minus mean, over std",
+        "mean": json.dumps(mean.flatten().tolist()),
+        "std": json.dumps(std.flatten().tolist()),
+        "class_names": json.dumps(list(class_names) if class_names else None),
+    }
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(tmp))
+    os.replace(tmp, out)
+    return out
