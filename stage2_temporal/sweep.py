@@ -257,11 +257,13 @@ def run_sweep(
     force: bool = False,
     progress: bool = True,
     source: str = "<grid>",
+    dashboard: bool = False,
 ) -> SweepResult:
     """Trains every unfinished combination of ``grid`` and writes the leaderboard.
 
     ``workers=0`` trains in this process (no dask); otherwise a ``LocalCluster`` of ``workers`` processes
-    (one thread each), or the dask scheduler at ``scheduler``.
+    (one thread each, TLS with temporary credentials, a dashboard only with ``dashboard``), or the dask
+    scheduler at ``scheduler``.
     """
     start = time.perf_counter()
     sweep_dir = Path(sweep_dir)
@@ -282,21 +284,14 @@ def run_sweep(
             results.append(train_one(train, val, *args))
             bar.update()
     elif todo:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import as_completed
 
-        cluster = None
-        threads = None
-        if scheduler is None:
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                memory_limit=0,
-                silence_logs=logging.ERROR,
-            )
-            threads = max(1, (os.cpu_count() or 1) // workers)
-        client = Client(scheduler if scheduler else cluster)
+        from stage1_extract.cluster import client_for
+
+        threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
+        client, cluster = client_for(
+            workers, scheduler, dashboard=dashboard, memory_limit=0, silence_logs=logging.ERROR
+        )
         try:
             train_f = client.scatter(train, broadcast=True, hash=False)
             val_f = client.scatter(val, broadcast=True, hash=False)
@@ -347,16 +342,30 @@ def run_sweep_from_stores(
     scheduler: str | None = None,
     force: bool = False,
     progress: bool = True,
+    allow_incomplete: bool = False,
+    dashboard: bool = False,
 ) -> SweepResult:
-    """Checks the stores hold the same features, loads them once (flow maps if any run needs them), sweeps."""
-    from stage2_temporal.data import check_same_features, load_store, store_fingerprint_fields
+    """Checks the stores (complete, undamaged, same features and classes) and ``sweep_dir`` before
+    anything is written, loads them once (flow maps if any run needs them), sweeps."""
+    from stage2_temporal.checks import check_out_dir, check_store_pair, check_store_usable, make_run_dir
+    from stage2_temporal.data import check_same_features, load_store
 
     grid = load_grid(grid_path)
     source = str(resolve_config_path(grid_path))
-    check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
-    flow = sweep_needs_flow(grid, sweep_dir, source)
-    train = load_store(train_store, with_flow=flow, progress=progress)
-    val = load_store(val_store, with_flow=flow, progress=progress)
     if not grid.grid:
         raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
-    return run_sweep(train, val, grid, sweep_dir, workers, scheduler, force, progress, source)
+    check_out_dir(sweep_dir)
+    if workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {workers}")
+    flow = sweep_needs_flow(grid, sweep_dir, source)
+    arrays = ("embeddings", "cls", "flow") if flow else ("embeddings", "cls")
+    train_st = check_store_usable(train_store, arrays, allow_incomplete)
+    val_st = check_store_usable(val_store, arrays, allow_incomplete)
+    check_same_features(val_store, train_st.fingerprint_fields, force=force)
+    check_store_pair(train_st, val_st)
+    train = load_store(train_store, with_flow=flow, progress=progress)
+    val = load_store(val_store, with_flow=flow, progress=progress)
+    make_run_dir(sweep_dir)
+    return run_sweep(
+        train, val, grid, sweep_dir, workers, scheduler, force, progress, source, dashboard=dashboard
+    )

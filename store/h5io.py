@@ -20,6 +20,7 @@ from store.feature_store import (
     StoreError,
     StoreLayout,
     build_empty_store,
+    check_free_space,
     fsync_tree,
     is_store,
 )
@@ -51,16 +52,26 @@ def export_h5(
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if out.is_dir():
+        raise StoreError(f"{out}: is a folder; expected the path of an HDF5 file")
     comp = _h5_compression(compression)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{out}: cannot create its folder: {e.strerror or e}") from e
+    arrays = {name: st.array(name) for name in st.array_names}
+    # Uncompressed size (text arrays: their length in bytes at most); compressed output may be smaller.
+    needed = sum(a.nbytes for n, a in arrays.items() if n in st.data_arrays) + 64 * st.num_clips
+    per_shard = max(1, needed // st.num_shards)
+    if not comp:
+        check_free_space(out, needed)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["fingerprint"] = st.fingerprint
-            for name in st.array_names:
-                arr = st.array(name)
+            for name, arr in arrays.items():
                 is_text = name in ("clip_ids", "failure_type", "failure_message")
                 dtype = h5py.string_dtype() if is_text else arr.dtype
                 chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
@@ -71,10 +82,14 @@ def export_h5(
                 unit="shard",
                 disable=not progress or st.num_shards < 8,
             ):
+                # h5py can crash the process when the disk fills mid-write: stop before that happens.
+                check_free_space(out, per_shard)
                 sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
-                for name in st.array_names:
-                    f[name][sl] = st.array(name)[sl]
+                for name, arr in arrays.items():
+                    f[name][sl] = arr[sl]
         os.replace(tmp, out)
+    except OSError as e:  # h5py's write errors are OSErrors too
+        raise StoreError(f"{out}: export failed ({e.strerror or e}); the partial file was removed") from e
     finally:
         tmp.unlink(missing_ok=True)
     return out

@@ -24,6 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="score a store made with other feature settings (warns, naming them)",
     )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use a store whose extraction has not finished (only its done clips; says how many)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -34,7 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from stage2_temporal.evaluate import evaluate_store
     from stage2_temporal.metrics import format_table
 
-    m = evaluate_store(args.run, args.store, force=args.force, device=args.device, progress=not args.quiet)
+    m = evaluate_store(
+        args.run,
+        args.store,
+        force=args.force,
+        device=args.device,
+        progress=not args.quiet,
+        allow_incomplete=args.allow_incomplete,
+    )
     print(format_table(m, m["class_names"], f"{args.run} on {args.store}"))
     print(f"\nwritten: {args.run}/eval_{store_name(args.store)}.json")
     return 0

@@ -39,7 +39,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-clips", type=int, help="clips per shard (default: ~32 MB shards)")
     p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
     p.add_argument("--workers", type=int, default=1, help="extraction workers on a dask LocalCluster")
-    p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
+    p.add_argument(
+        "--scheduler",
+        help="address of an existing dask scheduler (tcp:// or tls://host:port; TLS credentials from dask's "
+        "config, see README)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the dask dashboard of the local cluster on 127.0.0.1:8787",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 if any video failed to decode")
     p.add_argument(
         "overrides",
@@ -51,7 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stage1_extract.cluster import check_reachable
     from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
+
+    if args.workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    if args.scheduler:
+        check_reachable(args.scheduler)  # before any store is created
 
     model_overrides = [o[len("model.") :] for o in args.overrides if o.startswith("model.")]
     data_overrides = [o for o in args.overrides if not o.startswith("model.")]
@@ -66,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         shard_clips=args.shard_clips,
         compression=args.compression,
         strict=args.strict,
+        dashboard=args.dashboard,
     )
     plan, store = plan_extraction(
         args.dataset,

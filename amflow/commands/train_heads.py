@@ -32,7 +32,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use a validation store made with other feature settings (warns, naming them)",
     )
-    p.add_argument("--overwrite", action="store_true", help="retrain into a RUN_DIR holding a finished run")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain into a RUN_DIR holding a run (the old one is first moved to RUN_DIR.replaced-<time>)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use a store whose extraction has not finished (only its done clips; says how many)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. heads.hidden=256"
@@ -54,7 +63,16 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.out}: already holds a finished run (metrics.json); "
             "pass --overwrite to retrain it or choose another directory"
         )
-    m = train_heads_from_stores(args.store, args.val_store, cfg, args.out, args.force, not args.quiet)
+    m = train_heads_from_stores(
+        args.store,
+        args.val_store,
+        cfg,
+        args.out,
+        args.force,
+        not args.quiet,
+        allow_incomplete=args.allow_incomplete,
+        overwrite=args.overwrite,
+    )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "
         f"{m['seconds']:.1f} s, {m['trainable_parameters']:,} trainable parameters"
