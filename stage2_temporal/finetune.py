@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,7 @@ from stage1_extract.models import ModelConfig, build_model, load_model_config, m
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import ZeroI2VModel
 from stage2_temporal.augment import AugmentConfig, AugmentedClips, derived_seed
+from stage2_temporal.checks import check_out_dir
 from stage2_temporal.metrics import classification_metrics, write_confusion
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE, write_curve, write_json_atomic
 from stage2_temporal.train import cosine_with_warmup
@@ -399,7 +401,14 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resume state (the run never finished an epoch or a save point)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # never weights_only=False
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a resume state amflow wrote (refused to load: {first[:200]}); start the run "
+            "again with --overwrite"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"{path}: not an amflow finetune resume state (format {RESUME_FORMAT})")
     return state
@@ -434,6 +443,7 @@ def _write_steps(rows: list[dict[str, Any]], path: Path) -> None:
 
 def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool) -> None:
     """Checks RUN_DIR: empty (or ``overwrite``) for a new run; unfinished and same config to ``resume``."""
+    check_out_dir(out)
     if resume:
         if (out / METRICS_FILE).is_file():
             raise ValueError(f"--out {out}: the run already finished (metrics.json); nothing to resume")
@@ -872,6 +882,7 @@ def finetune_from_args(
     progress: bool = True,
 ) -> FinetuneResult:
     """``plan_finetune`` then ``finetune``: what ``amflow finetune`` runs."""
+    check_out_dir(out_dir)
     plan = plan_finetune(
         dataset, root, model_config, protocol=protocol, recipe=recipe or DEFAULT_RECIPE, overrides=overrides
     )

@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = run_extraction(plan, store, workers=args.workers, scheduler=args.scheduler)
     if summary.already_complete:
-        print(f"{args.out}: already complete ({summary.done} done, {summary.failed} failed): nothing to do")
+        print(
+            f"{args.out}: already complete ({summary.done} done, {summary.failed} failed): nothing to do "
+            f"(`amflow store verify {args.out}` checks its data; `store repair`, then this, redo bad clips)"
+        )
     else:
         print(f"extracted {args.dataset} {args.split} -> {args.out}")
         print(summary.table())
