@@ -357,6 +357,10 @@ def run_sweep_from_stores(
     check_out_dir(sweep_dir)
     if workers < 0:
         raise ValueError(f"--workers: expected >= 0, got {workers}")
+    if scheduler:
+        from stage1_extract.cluster import check_reachable
+
+        check_reachable(scheduler)
     flow = sweep_needs_flow(grid, sweep_dir, source)
     arrays = ("embeddings", "cls", "flow") if flow else ("embeddings", "cls")
     train_st = check_store_usable(train_store, arrays, allow_incomplete)

@@ -355,6 +355,7 @@ def train_heads_from_stores(
     flow = cfg.heads.flow_maps
     train = load_store(train_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
     val = load_store(val_store, cfg.adapters, cfg.flow_blocks, with_flow=flow, progress=progress)
+    check_compatible(select_for_heads(train, cfg), select_for_heads(val, cfg), "validation cache")
     make_run_dir(out_dir, overwrite)
     provenance = {
         "train_store": str(Path(train_store).resolve()),

@@ -433,6 +433,15 @@ def test_12_a_malicious_resume_state_is_refused_in_one_line(tmp_path):
     assert not Path("/tmp/amflow_payload_ran").exists()
 
 
+def test_11_force_with_unfit_stores_leaves_no_run_directory(stores, tmp_path, capsys):
+    train_store, _ = stores
+    cache = dataclasses.replace(synthetic_cache(8, seed=3, flow_blocks=0, embed_dim=4), class_names=CLASSES)
+    narrow = write_store(cache, tmp_path / "narrow.zarr", {**FIELDS, "frames": 5})
+    run = tmp_path / "run"
+    code, _, err = train(capsys, train_store, narrow, run, "--force")
+    assert code == 2 and "embed_dim" in err and not run.exists()
+
+
 def test_12_a_missing_device_for_stage_2(stores, tmp_path, capsys):
     train_store, val_store = stores
     code, _, err = train(capsys, train_store, val_store, tmp_path / "run", "device=cuda:7")
