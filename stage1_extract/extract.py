@@ -9,6 +9,7 @@ it is; an interrupted one resumes with only its missing clips.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,7 +42,7 @@ from stage1_extract.decode_plan import resolve_decode_device
 from stage1_extract.models import check_matches_dataset, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
-from store.feature_store import STATUS_MISSING, FeatureStore
+from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
 from store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,23 @@ class ExtractOptions:
     train_views: int = 0  # K > 0: K augmented training views per clip instead of the test views
     train_flip: float = 0.0  # probability of a horizontal flip of a training view
     train_views_seed: int = 0
+    dashboard: bool = False  # serve the dask dashboard of a local cluster (workers > 1)
+
+    def validate(self) -> None:
+        """One-line errors for impossible settings, before any store is created."""
+        checks = {
+            "--batch-size": (self.batch_size, 1),
+            "--decode-workers": (self.decode_workers, 0),
+            "--shard-clips": (self.shard_clips, 1),
+            "commit_every": (self.commit_every, 1),
+            "threads": (self.threads, 1),
+        }
+        for arg, (value, low) in checks.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{arg}: expected an integer >= {low}, got {value!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"--dtype: expected float16 or float32, got {self.dtype!r}")
+        resolve_device(self.device)
 
 
 @dataclasses.dataclass
@@ -300,14 +318,22 @@ def extract_shards(
                             flow=features["flow"][j] if opts.store_flow else None,
                         )
                         counts["done"] += 1
-                    except ValueError as e:  # non-finite features (e.g. a float16 overflow)
+                    except NonFiniteFeaturesError as e:  # e.g. a float16 overflow; other errors stop
                         writer.fail(todo[idx], "NonFiniteFeatures", str(e))
                         counts["failed"] += 1
             if progress is not None:
                 progress(len(batch["index"]) + len(batch["failed"]))
-    finally:
         if writer is not None:
             writer.close()
+    except OSError as e:  # a full disk or a store gone read-only: finished shards are kept
+        raise StoreError(
+            f"{plan.store_path}: cannot write ({e.strerror or e}); shards committed so far are kept: free "
+            "space and run the same command again to resume"
+        ) from e
+    finally:
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()  # commits what fits; the lock is released in any case
     return counts
 
 
@@ -357,6 +383,7 @@ def plan_extraction(
     to the model config, a bare key to the one that has it (``num_frames`` to both).
     """
     options = options or ExtractOptions()
+    options.validate()
     if options.train_views < 0 or not 0 <= options.train_flip <= 1:
         raise ValueError(
             f"--train-views {options.train_views} / --train-flip {options.train_flip}: expected K >= 0 "
@@ -384,6 +411,7 @@ def plan_extraction(
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_amflow_extractor(model_cfg)
+    check_input_size(meta, data_cfg.crop_size, model_config)
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {
@@ -448,6 +476,21 @@ def plan_extraction(
     return plan, store
 
 
+def check_input_size(model: Any, crop_size: int, model_config: str | Path) -> None:
+    """The dataset's crop must be the size the ViT was built for (timm asserts it mid-forward otherwise)."""
+    patch_embed = model.vit.patch_embed
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is None or getattr(model.vit, "dynamic_img_size", False):
+        return
+    if not getattr(patch_embed, "strict_img_size", True):
+        return
+    if tuple(img_size) != (crop_size, crop_size):
+        raise ConfigError(
+            f"crop_size={crop_size}: the model of {model_config} takes {img_size[0]}x{img_size[1]} frames; "
+            f"set crop_size={img_size[0]} (or model.backbone.img_size={crop_size})"
+        )
+
+
 def run_extraction(
     plan: ExtractionPlan, store: FeatureStore, workers: int = 1, scheduler: str | None = None
 ) -> ExtractSummary:
@@ -482,15 +525,13 @@ def _run_distributed(
     bar: tqdm,
 ) -> None:
     """One dask task per shard; each worker process keeps its model between tasks."""
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
+    from stage1_extract.cluster import client_for
+
+    client, cluster = client_for(workers, scheduler, dashboard=plan.options.dashboard)
     try:
-        with Client(scheduler or cluster) as client:
+        with client:
             plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, decode_workers=0))
             plan_future = client.scatter(plan, broadcast=True)
             per_shard = np.bincount(store.missing() // store.shard_clips, minlength=store.num_shards)

@@ -10,12 +10,15 @@ heads on frame-to-frame differences of the block's token features).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
 from stage1_extract.synthetic import make_folder_dataset
@@ -40,6 +43,7 @@ class DemoConfig:
     epochs: int = 40
     seed: int = 0
     decode_workers: int = 1
+    threads: int = 2  # torch CPU threads for every stage: float reductions depend on the thread count
     model_overrides: list[str] = field(default_factory=list)
 
     @classmethod
@@ -80,9 +84,35 @@ def demo_rows(epochs: int, seed: int) -> list[Row]:
     ]
 
 
+@contextlib.contextmanager
+def deterministic_torch(threads: int) -> Iterator[None]:
+    """A fixed thread count and deterministic kernels, whatever the environment; restored afterwards.
+
+    The demo's numbers must not depend on how many cores a machine has, on ``OMP_NUM_THREADS``, or on
+    whether an earlier stage ran in this process (extraction sets the thread count when it runs, so a
+    re-run that reuses the stores would otherwise train with another one).
+    """
+    if threads < 1:
+        raise ValueError(f"--threads: expected >= 1, got {threads}")
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Runs the demo end to end under ``out``; returns and writes (``results.json``) the table."""
+    """Runs the demo end to end under ``out``; returns the table and timings, and writes them
+    (``results.json``: the same bytes on every run for a seed and thread count; ``timings.json``)."""
     cfg = cfg or DemoConfig()
+    with deterministic_torch(cfg.threads):
+        return _run_demo(Path(out), cfg)
+
+
+def _run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = demo_rows(cfg.epochs, cfg.seed)
@@ -116,7 +146,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
                         store_flow=True,
                         decode_workers=cfg.decode_workers,
                         batch_size=32,
-                        threads=os.cpu_count(),  # small clips decode fast: the model gets every core
+                        threads=cfg.threads,
                     ),
                 )
                 run_extraction(plan, store)
@@ -135,13 +165,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
 
     result = {
         "rows": [{"name": r.name, **{c: r.scores[c] for c in CAMERAS}} for r in rows],
-        "timings": timings,
         "clips_per_class": cfg.clips_per_class,
         "chance": 1.0 / len(MOTIONS),
         "predictions": demo_predictions(out, cfg),
+        "seed": cfg.seed,
+        "threads": cfg.threads,
     }
     write_json_atomic(result, out / "results.json")
-    return result
+    write_json_atomic(timings, out / "timings.json")
+    return {**result, "timings": timings}
 
 
 PREDICT_RUN = ("static", 2)  # the AM-flow map heads (row c) on the static camera

@@ -10,6 +10,12 @@ from typing import Any
 import numpy as np
 
 from stage1_extract.backbone import resolve_device
+from stage2_temporal.checks import (
+    check_class_names,
+    check_finished_run,
+    check_store_usable,
+    store_class_names,
+)
 from stage2_temporal.data import CachedFeatures, check_same_features, store_name
 from stage2_temporal.metrics import write_confusion
 from stage2_temporal.predictions import average_runs, write_predictions
@@ -37,6 +43,7 @@ def check_matches_heads(data: CachedFeatures, info: HeadsInfo) -> None:
     bad = [f"{k}: heads {a}, cache {b}" for k, (a, b) in pairs.items() if a != b]
     if bad:
         raise ValueError(f"{data.source} does not fit the trained heads:\n  " + "\n  ".join(bad))
+    check_class_names(info.class_names, data.class_names, "the trained heads", data.source)
 
 
 def heads_probabilities(
@@ -65,6 +72,7 @@ def evaluate_store(
     device: str = "cpu",
     progress: bool = True,
     memory_budget: int | str | None = None,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Scores a run on a store; writes ``eval_<store>.json``, ``confusion_<store>.csv/png`` and
     ``predictions_<store>.csv`` (per clip) in the run.
@@ -72,7 +80,7 @@ def evaluate_store(
     Refuses a store whose features were made with other settings than the training store (the differing
     fields are named); ``force`` only warns.
     """
-    return _evaluate_store(run_dir, store, force, device, progress, memory_budget)[0]
+    return _evaluate_store(run_dir, store, force, device, progress, memory_budget, allow_incomplete)[0]
 
 
 def _evaluate_store(
@@ -82,14 +90,19 @@ def _evaluate_store(
     device: str,
     progress: bool,
     memory_budget: int | str | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, CachedFeatures]:
     """``evaluate_store``'s work; also returns the probabilities and the clips they score."""
-    run_dir = Path(run_dir)
+    run_dir = check_finished_run(run_dir)
+    resolve_device(device)
     record = run_dir / FINGERPRINT_FILE
     if not record.is_file():
         raise FileNotFoundError(f"{record}: not found; {run_dir} is not a run of amflow train-heads")
     differences = check_same_features(store, json.loads(record.read_text())["fingerprint_fields"], force)
     info = read_heads_info(run_dir / HEADS_FILE)
+    arrays = ("embeddings", "cls", "flow") if info.heads.flow_maps else ("embeddings", "cls")
+    st = check_store_usable(store, arrays, allow_incomplete)
+    check_class_names(info.class_names, store_class_names(st), f"run {run_dir}", f"store {store}")
     data = open_features(  # in memory when it fits memory_budget, else streamed
         store, info.adapter_names, info.flow_block_names, info.heads.flow_maps, memory_budget, progress
     )
@@ -114,6 +127,7 @@ def evaluate_ensemble(
     device: str = "cpu",
     progress: bool = True,
     memory_budget: int | str | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Scores each run on the store (writing its own files) and the ensemble: their probabilities averaged.
 
@@ -121,7 +135,9 @@ def evaluate_ensemble(
     """
     results, single = [], []
     for run_dir in run_dirs:
-        metrics, probs, data = _evaluate_store(run_dir, store, force, device, progress, memory_budget)
+        metrics, probs, data = _evaluate_store(
+            run_dir, store, force, device, progress, memory_budget, allow_incomplete
+        )
         single.append(metrics)
         results.append((str(run_dir), data.clip_ids, data.class_names, probs))
     probs = average_runs(results)

@@ -55,6 +55,7 @@ from stage1_extract.checkpoint import (
 from stage1_extract.config import ConfigError, config_to_dict
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage2_temporal.augment import AugmentedClips, derived_seed
+from stage2_temporal.checks import check_out_dir
 from stage2_temporal.distributed import Distributed, StepBatches, epoch_order, init_distributed
 from stage2_temporal.finetune_model import (
     autocast,
@@ -437,6 +438,7 @@ def finetune_from_args(
     tensorboard: bool = True,
 ) -> FinetuneResult:
     """``plan_finetune`` then ``finetune``: what ``amflow finetune`` runs."""
+    check_out_dir(out_dir)
     plan = plan_finetune(
         dataset, root, model_config, protocol=protocol, recipe=recipe or DEFAULT_RECIPE, overrides=overrides
     )

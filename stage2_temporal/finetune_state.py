@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 
 from stage1_extract.checkpoint import CheckpointError
 from stage1_extract.config import ConfigError
+from stage2_temporal.checks import check_out_dir
 from stage2_temporal.finetune_plan import FinetunePlan, run_config_differences
 from stage2_temporal.heads import drop_ignored_head_keys
 from stage2_temporal.run_dir import CONFIG_FILE, METRICS_FILE
@@ -89,7 +91,14 @@ def load_resume_state(path: str | Path) -> tuple[FinetuneState, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resume state (the run never finished an epoch or a save point)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # never weights_only=False
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a resume state amflow wrote (refused to load: {first[:200]}); start the run "
+            "again with --overwrite"
+        ) from e
     fmt = saved.get("format") if isinstance(saved, dict) else None
     if fmt == RESUME_FORMAT:
         return FinetuneState.from_dict(saved["state"], path), saved["optimizer"]
@@ -165,6 +174,7 @@ def write_steps(rows: list[dict[str, Any]], path: Path) -> None:
 
 def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool) -> None:
     """Checks RUN_DIR: empty (or ``overwrite``) for a new run; unfinished and same config to ``resume``."""
+    check_out_dir(out)
     if resume:
         if (out / METRICS_FILE).is_file():
             raise ValueError(f"--out {out}: the run already finished (metrics.json); nothing to resume")

@@ -337,13 +337,15 @@ def run_sweep(
     progress: bool = True,
     source: str = "<grid>",
     tensorboard: bool = True,
+    dashboard: bool = False,
 ) -> SweepResult:
     """Trains every unfinished combination of ``grid`` and writes the leaderboard.
 
     ``workers=0`` trains in this process (no dask); otherwise a ``LocalCluster`` of ``workers`` processes
-    (one thread each), or the dask scheduler at ``scheduler``. In-memory caches are sent to every worker
-    once; with :class:`StoreRef` s each worker opens the stores itself (in memory only when they fit its
-    share of the budget, else streamed).
+    (one thread each, TLS with temporary credentials, a dashboard only with ``dashboard``), or the dask
+    scheduler at ``scheduler``. In-memory caches are sent to every worker once; with :class:`StoreRef` s
+    each worker opens the stores itself (in memory only when they fit its share of the budget, else
+    streamed).
     """
     start = time.perf_counter()
     sweep_dir = Path(sweep_dir)
@@ -364,21 +366,14 @@ def run_sweep(
             results.append(train_one(train, val, *args, tensorboard=tensorboard))
             bar.update()
     elif todo:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import as_completed
 
-        cluster = None
-        threads = None
-        if scheduler is None:
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                memory_limit=0,
-                silence_logs=logging.ERROR,
-            )
-            threads = max(1, (os.cpu_count() or 1) // workers)
-        client = Client(scheduler if scheduler else cluster)
+        from stage1_extract.cluster import client_for
+
+        threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
+        client, cluster = client_for(
+            workers, scheduler, dashboard=dashboard, memory_limit=0, silence_logs=logging.ERROR
+        )
         try:
             if isinstance(train, StoreRef):  # workers open the stores themselves
                 train_f, val_f = train, val
@@ -447,24 +442,50 @@ def run_sweep_from_stores(
     overrides: Sequence[str] = (),
     memory_budget: int | str | None = None,
     tensorboard: bool = True,
+    allow_incomplete: bool = False,
+    dashboard: bool = False,
 ) -> SweepResult:
-    """Checks the stores hold the same features and sweeps; every worker opens the stores itself (flow maps
-    if any run needs them), in memory when they fit ``memory_budget`` (per worker), else streamed.
+    """Checks the stores (complete, undamaged, same features and classes) and ``sweep_dir`` before
+    anything is written, then sweeps; every worker opens the stores itself (flow maps if any run needs
+    them), in memory when they fit ``memory_budget`` (per worker), else streamed.
 
     ``overrides`` (``KEY=V`` or ``train.KEY=V``) are fixed for every run, recorded in ``sweep.yaml``.
     """
-    from stage2_temporal.data import check_same_features, store_fingerprint_fields
+    from stage2_temporal.checks import check_out_dir, check_store_pair, check_store_usable, make_run_dir
+    from stage2_temporal.data import check_same_features
     from stage2_temporal.stream import parse_memory_budget
 
     source = str(resolve_config_path(grid_path))
     grid = with_overrides(load_grid(grid_path), overrides, source)
-    check_same_features(val_store, store_fingerprint_fields(train_store), force=force)
+    if not grid.grid:
+        raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
+    check_out_dir(sweep_dir)
+    if workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {workers}")
+    if scheduler:
+        from stage1_extract.cluster import check_reachable
+
+        check_reachable(scheduler)
     flow = sweep_needs_flow(grid, sweep_dir, source)
+    arrays = ("embeddings", "cls", "flow") if flow else ("embeddings", "cls")
+    train_st = check_store_usable(train_store, arrays, allow_incomplete)
+    val_st = check_store_usable(val_store, arrays, allow_incomplete)
+    check_same_features(val_store, train_st.fingerprint_fields, force=force)
+    check_store_pair(train_st, val_st)
     budget = None if memory_budget is None else parse_memory_budget(memory_budget)
     train = StoreRef(str(Path(train_store).resolve()), flow, budget)
     val = StoreRef(str(Path(val_store).resolve()), flow, budget)
-    if not grid.grid:
-        raise ConfigError(f"{source}: 'grid' is empty; nothing to sweep")
+    make_run_dir(sweep_dir)
     return run_sweep(
-        train, val, grid, sweep_dir, workers, scheduler, force, progress, source, tensorboard=tensorboard
+        train,
+        val,
+        grid,
+        sweep_dir,
+        workers,
+        scheduler,
+        force,
+        progress,
+        source,
+        tensorboard=tensorboard,
+        dashboard=dashboard,
     )

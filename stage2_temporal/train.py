@@ -24,6 +24,13 @@ from tqdm.auto import tqdm
 
 from stage1_extract.backbone import resolve_device
 from stage1_extract.config import dump_config
+from stage2_temporal.checks import (
+    check_class_names,
+    check_out_dir,
+    check_store_pair,
+    check_store_usable,
+    make_run_dir,
+)
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, check_same_features
 from stage2_temporal.heads import AveragingClassifier
@@ -44,6 +51,10 @@ from stage2_temporal.tensorboard import EpochLogger
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or inf; the run stops unfinished."""
 
 
 def heads_info(data: CachedFeatures, cfg: TrainConfig) -> HeadsInfo:
@@ -86,6 +97,9 @@ def check_compatible(train: CachedFeatures, other: CachedFeatures, what: str) ->
     bad = [f"{k}: {a} in {train.source}, {b} in {other.source}" for k, (a, b) in pairs.items() if a != b]
     if bad:
         raise ValueError(f"{what} {other.source} does not match the training cache:\n  " + "\n  ".join(bad))
+    check_class_names(
+        train.class_names, other.class_names, f"training cache {train.source}", f"{what} {other.source}"
+    )
 
 
 @torch.inference_mode()
@@ -196,13 +210,13 @@ def train_heads(
     ``tensorboard`` also logs each epoch's curve row as TensorBoard scalars (when installed).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).unlink(missing_ok=True)  # this directory is not a finished run until the end
     cfg.validate()
     train = select_for_heads(train_data, cfg)
     val = select_for_heads(val_data, cfg)
     check_compatible(train, val, "validation cache")
     device = resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).unlink(missing_ok=True)  # this directory is not a finished run until the end
     dump_config(cfg, out / CONFIG_FILE)
     write_json_atomic(
         provenance
@@ -230,6 +244,11 @@ def train_heads(
         epoch_start = time.perf_counter()
         train_loss, train_top1 = train_epoch(classifier, train, optimiser, schedule, cfg, generator, device)
         train_seconds = time.perf_counter() - epoch_start
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"{out}: the training loss is {train_loss} in epoch {epoch}; stopped, the run is unfinished "
+                "(no metrics.json); try a lower lr or check the stores with amflow store verify"
+            )
         probs = predict_proba(classifier, val, cfg.eval_batch_size, device)
         val_metrics = score(probs, val.labels, val.num_classes)
         row = {
@@ -314,19 +333,27 @@ def train_heads_from_stores(
     memory_budget: int | str | None = None,
     features_on_device: bool = False,
     tensorboard: bool = True,
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Checks that the validation store holds the same features, loads both once, trains (train_heads).
+    """Checks both stores (complete, undamaged, same features and classes) and the config before anything
+    is written, opens both once, trains (train_heads). ``overwrite`` moves an existing run aside first.
 
     The selected arrays are held in memory when they fit ``memory_budget`` (bytes, ``"1GB"``; default half
     the available RAM), else streamed from the stores (``stream.py``). ``features_on_device`` holds
     in-memory features on the CUDA device of ``cfg.device`` when they fit (``stream.hold_on_device``).
     """
     from stage2_temporal.stream import hold_on_device, open_pair
-    from store import FeatureStore
 
-    st = FeatureStore.open(train_store, mode="r")
+    cfg.validate()
+    resolve_device(cfg.device)
+    arrays = ("embeddings", "cls", "flow") if cfg.heads.flow_maps else ("embeddings", "cls")
+    st = check_store_usable(train_store, arrays, allow_incomplete)
+    val_st = check_store_usable(val_store, arrays, allow_incomplete)
     fields = st.fingerprint_fields
     differences = check_same_features(val_store, fields, force=force)
+    class_names = check_store_pair(st, val_st)
+    check_out_dir(out_dir)
     cfg = resolved_selection(cfg, st.adapter_names, st.flow_block_names)
     flow = cfg.heads.flow_maps
     train, val = open_pair(
@@ -335,6 +362,8 @@ def train_heads_from_stores(
     if features_on_device:
         device = resolve_device(cfg.device)
         train, val = hold_on_device(train, device), hold_on_device(val, device)
+    check_compatible(select_for_heads(train, cfg), select_for_heads(val, cfg), "validation cache")
+    make_run_dir(out_dir, overwrite)
     provenance = {
         "train_store": str(Path(train_store).resolve()),
         "val_store": str(Path(val_store).resolve()),
@@ -342,6 +371,7 @@ def train_heads_from_stores(
         "forced_differences": differences,
         # what ``amflow predict`` rebuilds stage 1 from: the model and dataset configs, weights, checkpoint
         "features": {k: st.provenance.get(k) for k in ("config", "weights", "checkpoint", "classes")},
+        "class_names": class_names,
     }
     return train_heads(
         train, val, cfg, out_dir, progress=progress, provenance=provenance, tensorboard=tensorboard

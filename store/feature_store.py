@@ -262,6 +262,19 @@ def default_shard_clips(clip_bytes: int) -> int:
     return int(min(MAX_SHARD_CLIPS, 2 ** int(math.log2(n))))
 
 
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuses (StoreError) to write about ``needed`` bytes at ``path`` when its filesystem has less free."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise StoreError(
+            f"{path}: not enough free space ({free / 2**20:.1f} MiB free on {parent}, about "
+            f"{needed / 2**20:.1f} MiB needed); nothing is left behind"
+        )
+
+
 def is_store(path: str | Path) -> bool:
     """True when ``path`` holds an amflow feature store (a Zarr group with our attributes)."""
     meta = Path(path) / "zarr.json"
@@ -478,6 +491,9 @@ class FeatureStore:
             else:
                 raise StoreError(f"{path}: exists and is not an amflow feature store; refusing to delete it")
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            needed = layout.num_clips * layout.clip_bytes()
+            if layout.compression == "none":
+                check_free_space(path, needed)
             prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
             attrs = {
                 "schema_version": SCHEMA_VERSION,
@@ -514,7 +530,19 @@ class FeatureStore:
     def _build_and_move(
         path: Path, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
     ) -> bool:
-        """Builds in a temp folder beside ``path``, then renames it into place (atomic; False if beaten)."""
+        """Builds in a temp folder beside ``path``, then renames it into place (atomic; False if beaten).
+
+        A filesystem error (full disk, read-only target) is a one-line StoreError; nothing is left behind.
+        """
+        try:
+            return FeatureStore._build_and_rename(path, layout, attrs, ids, labs)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the store ({e.strerror or e}); nothing was left") from e
+
+    @staticmethod
+    def _build_and_rename(
+        path: Path, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+    ) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in _stale_creation_dirs(path):
             shutil.rmtree(stale, ignore_errors=True)
@@ -551,7 +579,7 @@ class FeatureStore:
             raise FingerprintMismatch(
                 f"{self.path}: holds a store made with other settings ({len(diffs)} field(s) differ):\n  "
                 + "\n  ".join(diffs)
-                + "\n(pass overwrite=True / --overwrite to delete it and start again)"
+                + "\n(delete that store to start again, or write to another path)"
             )
         have, want = self.layout.to_dict(), layout.to_dict()
         if shard_clips_arg is None:

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from store.atomic import atomic_path, fsync_tree
+from store.atomic import fsync_tree
 from store.feature_store import (
     ATTRS_KEY,
     SCHEMA_VERSION,
@@ -21,6 +21,7 @@ from store.feature_store import (
     StoreError,
     StoreLayout,
     build_empty_store,
+    check_free_space,
     is_store,
 )
 
@@ -51,26 +52,46 @@ def export_h5(
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
+    if out.is_dir():
+        raise StoreError(f"{out}: is a folder; expected the path of an HDF5 file")
     comp = _h5_compression(compression)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["fingerprint"] = st.fingerprint
-        for name in st.array_names:
-            arr = st.array(name)
-            is_text = name in ("clip_ids", "failure_type", "failure_message")
-            dtype = h5py.string_dtype() if is_text else arr.dtype
-            chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
-            f.create_dataset(name, shape=arr.shape, dtype=dtype, chunks=chunks, **comp)
-        for shard in tqdm(
-            range(st.num_shards),
-            desc=f"exporting {st.path.name}",
-            unit="shard",
-            disable=not progress or st.num_shards < 8,
-        ):
-            sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
-            for name in st.array_names:
-                f[name][sl] = st.array(name)[sl]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{out}: cannot create its folder: {e.strerror or e}") from e
+    arrays = {name: st.array(name) for name in st.array_names}
+    # Uncompressed size (text arrays: their length in bytes at most); compressed output may be smaller.
+    needed = sum(a.nbytes for n, a in arrays.items() if n in st.data_arrays) + 64 * st.num_clips
+    per_shard = max(1, needed // st.num_shards)
+    if not comp:
+        check_free_space(out, needed)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["fingerprint"] = st.fingerprint
+            for name, arr in arrays.items():
+                is_text = name in ("clip_ids", "failure_type", "failure_message")
+                dtype = h5py.string_dtype() if is_text else arr.dtype
+                chunks = (1, *arr.shape[1:]) if name in st.data_arrays else True
+                f.create_dataset(name, shape=arr.shape, dtype=dtype, chunks=chunks, **comp)
+            for shard in tqdm(
+                range(st.num_shards),
+                desc=f"exporting {st.path.name}",
+                unit="shard",
+                disable=not progress or st.num_shards < 8,
+            ):
+                # h5py can crash the process when the disk fills mid-write: stop before that happens.
+                check_free_space(out, per_shard)
+                sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
+                for name, arr in arrays.items():
+                    f[name][sl] = arr[sl]
+        os.replace(tmp, out)
+    except OSError as e:  # h5py's write errors are OSErrors too
+        raise StoreError(f"{out}: export failed ({e.strerror or e}); the partial file was removed") from e
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -33,6 +33,10 @@ class ShardBusyError(StoreError):
     """Another writer holds the shard (two writers inside one shard would lose data)."""
 
 
+class NonFiniteFeaturesError(StoreError):
+    """A clip's features hold NaN/inf in the stored dtype (recorded as a failed clip by extraction)."""
+
+
 def nonfinite_mask(values: np.ndarray) -> np.ndarray:
     """Boolean mask of NaN/inf entries; for float16 via the exponent bits (np.isfinite is ~30x slower)."""
     if values.dtype == np.float16:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from store.feature_store import (
     STATUS_DONE,
@@ -17,9 +16,7 @@ from store.feature_store import (
     STRING_DTYPE,
     FeatureStore,
 )
-from store.schema import nonfinite_mask
-
-MAX_REPORTED_CLIPS = 20
+from store.repair import clips_text, scan_clips, scan_problems, scan_warnings
 
 
 def folder_bytes(path: Path) -> int:
@@ -126,61 +123,35 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _clips_text(store: FeatureStore, indices: np.ndarray) -> str:
-    shown = ", ".join(f"{int(i)} ({store.clip_ids[i]!s})" for i in indices[:MAX_REPORTED_CLIPS])
-    more = len(indices) - MAX_REPORTED_CLIPS
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def verify_store(store: FeatureStore | str | Path, *, progress: bool = True) -> list[str]:
+def verify_store(
+    store: FeatureStore | str | Path, *, progress: bool = True, warnings: list[str] | None = None
+) -> list[str]:
     """Checks that every done clip has complete, finite data and that the tables are consistent.
 
-    Returns one line per problem (empty when the store is sound).
+    Returns one line per problem (empty when the store is sound); lines about suspicious but legal data
+    (done clips that are all zeros) are appended to ``warnings`` when given.
     """
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     problems: list[str] = []
     status = st.status()
     bad_status = np.flatnonzero(~np.isin(status, [STATUS_MISSING, STATUS_DONE, STATUS_FAILED]))
     if len(bad_status):
-        problems.append(f"status: invalid value(s) at clip(s) {_clips_text(st, bad_status)}")
+        problems.append(f"status: invalid value(s) at clip(s) {clips_text(st, bad_status)}")
     labels = st.labels
     if (labels < -1).any():
-        problems.append(f"labels: values below -1 at clip(s) {_clips_text(st, np.flatnonzero(labels < -1))}")
+        problems.append(f"labels: values below -1 at clip(s) {clips_text(st, np.flatnonzero(labels < -1))}")
     ids = st.clip_ids
     if len(np.unique(ids)) != len(ids):
         problems.append("clip_ids: ids are not unique")
     if (np.strings.str_len(ids) == 0).any():
         empty = np.flatnonzero(np.strings.str_len(ids) == 0)
-        problems.append(f"clip_ids: empty id(s) at clip(s) {_clips_text(st, empty)}")
+        problems.append(f"clip_ids: empty id(s) at clip(s) {clips_text(st, empty)}")
     failures = st.failures()
     untyped = np.array([r["index"] for r in failures if not r["error_type"]], dtype=np.int64)
     if len(untyped):
-        problems.append(f"failures: failed clip(s) without an error type: {_clips_text(st, untyped)}")
-
-    done = status == STATUS_DONE
-    shards = [
-        s for s in range(st.num_shards) if done[st.clips_in_shard(s).start : st.clips_in_shard(s).stop].any()
-    ]
-    incomplete: dict[str, list[int]] = {name: [] for name in st.data_arrays}
-    for shard in tqdm(
-        shards, desc=f"verifying {st.path.name}", unit="shard", disable=not progress or len(shards) < 8
-    ):
-        clips = st.clips_in_shard(shard)
-        local = np.flatnonzero(done[clips.start : clips.stop])
-        for name in st.data_arrays:
-            try:
-                block = np.asarray(st.array(name)[clips.start : clips.stop])[local]
-            except Exception as e:  # a damaged shard file: report it, keep checking the others
-                problems.append(
-                    f"{name}: shard {shard} (clips {clips.start}..{clips.stop - 1}) unreadable: {e!r}"
-                )
-                continue
-            broken = nonfinite_mask(block).reshape(len(local), -1).any(axis=1)
-            incomplete[name].extend(int(clips.start + i) for i in local[broken])
-    for name, bad in incomplete.items():
-        if bad:
-            problems.append(
-                f"{name}: {len(bad)} done clip(s) with missing or non-finite values: "
-                f"{_clips_text(st, np.asarray(bad))}"
-            )
+        problems.append(f"failures: failed clip(s) without an error type: {clips_text(st, untyped)}")
+    scan = scan_clips(st, progress=progress)
+    problems += scan_problems(st, scan)
+    if warnings is not None:
+        warnings += scan_warnings(st, scan)
     return problems

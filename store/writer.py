@@ -20,6 +20,7 @@ from store.schema import (
     STATUS_FAILED,
     STATUS_MISSING,
     STRING_DTYPE,
+    NonFiniteFeaturesError,
     ShardBusyError,
     StoreError,
     nonfinite_mask,
@@ -158,7 +159,7 @@ class ShardWriter:
                 for n in values:
                     self._data[n][k] = np.nan if before is None else before[n]
                 bad = int(bad_mask.sum())
-                raise ValueError(
+                raise NonFiniteFeaturesError(
                     f"{self.store.path}: clip {index} ({self.store.clip_ids[index]!s}): {name} has {bad} "
                     f"non-finite value(s) in {self._dtype} (NaN/inf, or beyond the dtype's range); "
                     "record it with fail()"
@@ -181,6 +182,17 @@ class ShardWriter:
         self._status[k] = STATUS_FAILED
         self._types[k] = str(error_type)
         self._messages[k] = str(message)[:MAX_MESSAGE_CHARS]
+        self._count_and_maybe_commit()
+
+    def reset(self, index: int) -> None:
+        """Marks clip ``index`` missing again (data NaN, no failure text): the next extraction redoes it."""
+        k = self._local(int(index))
+        for buf in self._data.values():
+            buf[k] = np.nan
+        self._data_dirty = True
+        self._status[k] = STATUS_MISSING
+        self._types[k] = ""
+        self._messages[k] = ""
         self._count_and_maybe_commit()
 
     def _count_and_maybe_commit(self) -> None:

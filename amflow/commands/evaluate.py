@@ -39,6 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
         "available RAM such as 0.25; default half the available RAM), else stream them from the store",
     )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use a store whose extraction has not finished (only its done clips; says how many)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         memory_budget=args.memory_budget,
+        allow_incomplete=args.allow_incomplete,
     )
     name = store_name(args.store)
     for run_dir, m in zip(args.run, single):

@@ -55,7 +55,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-clips", type=int, help="clips per shard (default: ~32 MB shards)")
     p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
     p.add_argument("--workers", type=int, default=1, help="extraction workers on a dask LocalCluster")
-    p.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
+    p.add_argument(
+        "--scheduler",
+        help="address of an existing dask scheduler (tcp:// or tls://host:port; TLS credentials from dask's "
+        "config, see README)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the dask dashboard of the local cluster on 127.0.0.1:8787",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 if any video failed to decode")
     p.add_argument(
         "--train-views",
@@ -84,7 +93,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stage1_extract.cluster import check_reachable
     from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
+
+    if args.workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    if args.scheduler:
+        check_reachable(args.scheduler)  # before any store is created
 
     overrides = list(args.overrides)
     if args.annotations:
@@ -107,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         train_views=args.train_views,
         train_flip=args.train_flip,
         train_views_seed=args.train_views_seed,
+        dashboard=args.dashboard,
     )
     plan, store = plan_extraction(
         args.dataset,
@@ -121,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = run_extraction(plan, store, workers=args.workers, scheduler=args.scheduler)
     if summary.already_complete:
-        print(f"{args.out}: already complete ({summary.done} done, {summary.failed} failed): nothing to do")
+        print(
+            f"{args.out}: already complete ({summary.done} done, {summary.failed} failed): nothing to do "
+            f"(`amflow store verify {args.out}` checks its data; `store repair`, then this, redo bad clips)"
+        )
     else:
         print(f"extracted {args.dataset} {args.split} -> {args.out}")
         print(summary.table())

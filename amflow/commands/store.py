@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
-from store import StoreError, export_h5, format_info, import_h5, store_info, verify_store
+from store import FeatureStore, StoreError, export_h5, format_info, import_h5, store_info, verify_store
+from store.repair import clips_text, repair_store
 
 EPILOG = """examples:
   amflow store info runs/smarthome_cs/train.zarr
   amflow store info runs/smarthome_cs/train.zarr --json > info.json
   amflow store verify runs/smarthome_cs/train.zarr
+  amflow store repair runs/smarthome_cs/train.zarr   (then the same amflow extract command)
   amflow store export runs/smarthome_cs/train.zarr --h5 train.h5
   amflow store import train.h5 --out restored.zarr
 
@@ -27,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="store_command", required=True, metavar="{info,verify,export,import}")
+    sub = parser.add_subparsers(
+        dest="store_command", required=True, metavar="{info,verify,repair,export,import}"
+    )
     p = sub.add_parser(
         "info",
         help="arrays, shapes, sizes on disk, done/failed/missing counts and provenance",
@@ -39,6 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "verify",
         help="check every done clip is complete and finite; exit 1 listing the problems",
         epilog="example: amflow store verify runs/train.zarr",
+    )
+    p.add_argument("store", metavar="STORE", help="path of the store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser(
+        "repair",
+        help="mark damaged done clips (unreadable or non-finite data) missing, for extract to redo",
+        epilog="example: amflow store repair runs/train.zarr && amflow extract ... --out runs/train.zarr",
     )
     p.add_argument("store", metavar="STORE", help="path of the store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,17 +83,34 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_info(info))
             return 0
         if args.store_command == "verify":
-            problems = verify_store(args.store, progress=not args.quiet)
+            warnings: list[str] = []
+            problems = verify_store(args.store, progress=not args.quiet, warnings=warnings)
+            for line in warnings:
+                print(f"{args.store}: warning: {line}", file=sys.stderr)
             if problems:
                 print(f"{args.store}: {len(problems)} problem(s):", file=sys.stderr)
                 for line in problems:
                     print(f"  - {line}", file=sys.stderr)
+                print(
+                    f"damaged clips: `amflow store repair {args.store}` marks them missing, then the same "
+                    "`amflow extract` command re-extracts them",
+                    file=sys.stderr,
+                )
                 return 1
             info = store_info(args.store)
             print(
                 f"{args.store}: ok ({info['done']} done clips verified, {info['failed']} failed, "
                 f"{info['missing']} missing)"
             )
+            return 0
+        if args.store_command == "repair":
+            redo = repair_store(args.store, progress=not args.quiet)
+            if not redo:
+                print(f"{args.store}: no damaged clips; nothing to repair")
+            else:
+                listed = clips_text(FeatureStore.open(args.store), redo)
+                print(f"{args.store}: {len(redo)} damaged clip(s) marked missing: {listed}")
+                print("run the same `amflow extract` command again to re-extract them")
             return 0
         if args.store_command == "export":
             out = export_h5(

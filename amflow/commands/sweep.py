@@ -35,13 +35,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=2,
         help="local dask worker processes (default 2); 0 trains in this process",
     )
-    p.add_argument("--scheduler", metavar="ADDR", help="address of an existing dask scheduler")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="address of an existing dask scheduler (tcp:// or tls://; TLS credentials from dask's config)",
+    )
     p.add_argument("--force", action="store_true", help="accept stores made with other feature settings")
     p.add_argument(
         "--memory-budget",
         metavar="BYTES",
         help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
         "available RAM such as 0.25; default half the available RAM), else stream them from the store",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use a store whose extraction has not finished (only its done clips; says how many)",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the dask dashboard of the local cluster on 127.0.0.1:8787",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -77,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         memory_budget=args.memory_budget,
         tensorboard=args.tensorboard,
+        allow_incomplete=args.allow_incomplete,
+        dashboard=args.dashboard,
     )
     lines = result.leaderboard_md.read_text().splitlines()
     print("\n".join(lines[:12]) + ("\n..." if len(lines) > 12 else ""))

@@ -32,7 +32,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use a validation store made with other feature settings (warns, naming them)",
     )
-    p.add_argument("--overwrite", action="store_true", help="retrain into a RUN_DIR holding a finished run")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain into a RUN_DIR holding a run (the old one is first moved to RUN_DIR.replaced-<time>)",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use a store whose extraction has not finished (only its done clips; says how many)",
+    )
     p.add_argument(
         "--memory-budget",
         metavar="BYTES",
@@ -85,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         args.memory_budget,
         args.features_on_device,
         tensorboard=args.tensorboard,
+        allow_incomplete=args.allow_incomplete,
+        overwrite=args.overwrite,
     )
     title = (
         f"validation ({args.val_store}), best epoch {m['best_epoch']} of {m['epochs_run']}, "
