@@ -41,6 +41,7 @@ from store.schema import (
     StoreError,
 )
 from store.schema import ShardBusyError as ShardBusyError  # re-exported: its old home
+from store.schema import NonFiniteFeaturesError as NonFiniteFeaturesError
 from store.schema import nonfinite_mask as nonfinite_mask
 from store.writer import ShardWriter
 
