@@ -40,8 +40,8 @@ from store.schema import (
     ReadOnlyStoreError,
     StoreError,
 )
-from store.schema import ShardBusyError as ShardBusyError  # re-exported: its old home
 from store.schema import NonFiniteFeaturesError as NonFiniteFeaturesError
+from store.schema import ShardBusyError as ShardBusyError  # re-exported: its old home
 from store.schema import nonfinite_mask as nonfinite_mask
 from store.writer import ShardWriter
 
