@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from stage1_extract.heads import ClipFeatures
 
+from stage1_extract.amflow_model import ClipFeatures
 from stage2_temporal.data import CachedFeatures, load_store
 from store.reader import resolve_selection
 

@@ -6,11 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from stage1_extract.heads import HeadsConfig
 
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import load_store
 from stage2_temporal.evaluate import evaluate_store
+from stage2_temporal.heads import LSTMHeadsConfig
 from stage2_temporal.stream import (
     StreamedFeatures,
     open_features,
@@ -27,7 +27,7 @@ FIELDS = {"model": "tiny"}
 
 
 def cfg(**kw) -> TrainConfig:
-    heads = HeadsConfig(type="lstm", hidden=16, layers=1, flow_embed=8, flow_hidden=8)
+    heads = LSTMHeadsConfig(hidden=16, layers=1, flow_embed=8, flow_hidden=8)
     base = dict(epochs=12, batch_size=32, lr=1e-2, warmup_epochs=1, patience=None, weight_decay=0.0)
     return TrainConfig(heads=heads, **{**base, **kw})
 
