@@ -8,13 +8,13 @@ generated files use them; the pictures are ``make_motion_clip``'s textured scene
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import av
 import numpy as np
 
 from stage1_extract.synthetic import make_motion_clip
+from store.atomic import atomic_path
 
 
 def write_k400_like_video(
@@ -41,9 +41,7 @@ def write_k400_like_video(
     motion = ("left", "right", "up", "down")[seed % 4]
     frames = make_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=True)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with atomic_path(path, durable=False) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
@@ -55,5 +53,4 @@ def write_k400_like_video(
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    os.replace(tmp, path)
     return path

@@ -255,7 +255,7 @@ class VideoClipDataset(Dataset):
     def __init__(
         self,
         records: Sequence[ClipRecord],
-        root: str | Path,
+        root: str | Path | None,
         cfg: DatasetConfig,
         crop_size: int | None = None,
         train: bool = False,
@@ -267,7 +267,7 @@ class VideoClipDataset(Dataset):
         if crop_size is None:
             raise ValueError("VideoClipDataset: crop_size is not set (pass the model's img size)")
         self.records = list(records)
-        self.root = Path(root)
+        self.root = None if root is None else Path(root)  # None: paths as given (e.g. on the command line)
         self.cfg = cfg
         self.crop_size = int(crop_size)
         self.train = train
@@ -287,9 +287,10 @@ class VideoClipDataset(Dataset):
         record = self.records[index]
         item: dict[str, Any] = {"video": None, "label": record.label, "index": index, "path": record.path}
         rng = np.random.default_rng((self.seed, self.epoch, index)) if self.train else None
-        path = self.root / record.path
+        path = Path(record.path) if self.root is None else self.root / record.path
         try:
-            path = resolve_clip_path(self.root, record.path)  # refuses paths leaving the root
+            if self.root is not None:  # paths from annotation files: refused when they leave the root
+                path = resolve_clip_path(self.root, record.path)
             item["video"] = decode_views(
                 path,
                 self.cfg,

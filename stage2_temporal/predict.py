@@ -336,7 +336,8 @@ def predict_records(
     desc: str = "predict",
 ) -> list[tuple[np.ndarray | None, str | None]]:
     """(probabilities, None) or (None, error) per record, decoded as the run's clips were."""
-    dataset = VideoClipDataset(records, Path(""), predictor.data, crop_size=predictor.data.crop_size)
+    # the videos are the user's own paths, not an annotation file's: no dataset root confines them
+    dataset = VideoClipDataset(records, None, predictor.data, crop_size=predictor.data.crop_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -7,12 +7,13 @@ followed by one probability column per class name, so errors can be inspected an
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from store.atomic import atomic_path
 
 PREDICTIONS_HEADER = ("clip_id", "label", "prediction", "confidence")
 
@@ -35,16 +36,14 @@ def write_predictions(
     if len(clip_ids) != len(probs):
         raise ValueError(f"{path}: {len(clip_ids)} clip ids for {len(probs)} rows of probabilities")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     predicted = probs.argmax(axis=1)
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*PREDICTIONS_HEADER, *names])
         for i, clip in enumerate(clip_ids):
             label = "" if labels is None or labels[i] < 0 else names[int(labels[i])]
             p = int(predicted[i])
             writer.writerow([clip, label, names[p], f"{probs[i, p]:.8g}", *(f"{x:.8g}" for x in probs[i])])
-    os.replace(tmp, path)
     return path
 
 

@@ -8,7 +8,6 @@ normalisation, the frame count and the class names (``amflow merge ... --onnx mo
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from stage1_extract.backbone import pixel_stats
 from stage2_temporal.zeroi2v import ZeroI2VModel
+from store.atomic import atomic_path
 
 ONNX_OPSET = 17
 
@@ -33,31 +33,30 @@ def export_onnx(
     size = model.vit.patch_embed.img_size
     example = torch.zeros(2, model.num_frames, 3, *size)
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks that hold for every batch
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            input_names=["video"],
-            output_names=["logits"],
-            dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    graph = onnx.load(str(tmp))
-    mean, std = pixel_stats(model.vit)
-    meta = {
-        "amflow": "zeroi2v-merged",
-        "num_frames": str(model.num_frames),
-        "input": "video (batch, T, 3, H, W): RGB in [0, 1], minus mean, over std",
-        "mean": json.dumps(mean.flatten().tolist()),
-        "std": json.dumps(std.flatten().tolist()),
-        "class_names": json.dumps(list(class_names) if class_names else None),
-    }
-    for key, value in meta.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks that hold for every batch
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["video"],
+                output_names=["logits"],
+                dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        graph = onnx.load(str(tmp))
+        mean, std = pixel_stats(model.vit)
+        meta = {
+            "amflow": "zeroi2v-merged",
+            "num_frames": str(model.num_frames),
+            "input": "video (batch, T, 3, H, W): RGB in [0, 1], minus mean, over std",
+            "mean": json.dumps(mean.flatten().tolist()),
+            "std": json.dumps(std.flatten().tolist()),
+            "class_names": json.dumps(list(class_names) if class_names else None),
+        }
+        for key, value in meta.items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.save(graph, str(tmp))
     return out

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
+from zarr.core.buffer.cpu import NDBuffer
+
+from store.atomic import atomic_path
 
 _NATIVE = sys.byteorder  # "little" on every platform numpy ships wheels for
 
@@ -104,25 +107,46 @@ def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: f
     """Writes ``data`` (the first rows of a chunk of ``chunk_rows`` rows; the rest is ``fill_value``, as
     Zarr pads an edge chunk) as a raw chunk file: temp file, one write, optional fsync, atomic rename."""
     data = np.ascontiguousarray(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, memoryview(data).cast("B"))
-        if len(data) < chunk_rows:
-            pad = np.full((chunk_rows - len(data), *data.shape[1:]), fill_value, dtype=data.dtype)
-            _write_all(fd, memoryview(pad).cast("B"))
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:  # the caller fsyncs the folder once per commit
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, memoryview(data).cast("B"))
+            if len(data) < chunk_rows:
+                pad = np.full((chunk_rows - len(data), *data.shape[1:]), fill_value, dtype=data.dtype)
+                _write_all(fd, memoryview(pad).cast("B"))
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
     done = 0
     while done < len(view):
         done += os.write(fd, view[done:])
+
+
+def read_shard(
+    store: Any,  # a FeatureStore (this module imports no other of the store)
+    name: str,
+    shard: int,
+    out: np.ndarray | None = None,
+    axis1: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Reads one whole shard of an array (only positions ``axis1`` of axis 1 when given), into ``out``
+    when given. Plain-bytes shard files are read straight into the array (``store.fastio``)."""
+    clips = store.clips_in_shard(shard)
+    arr = store.array(name)
+    if out is None:
+        shape = [len(clips), *arr.shape[1:]]
+        if axis1 is not None:
+            shape[1] = len(axis1)
+        out = np.empty(shape, dtype=arr.dtype)
+    if is_raw(arr):
+        path = store.chunk_file(name, shard)
+        return read_raw_rows(path, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1)
+    if axis1 is None:
+        arr.get_basic_selection((slice(clips.start, clips.stop),), out=NDBuffer.from_numpy_array(out))
+    else:
+        out[...] = arr.get_orthogonal_selection((slice(clips.start, clips.stop), list(axis1)))
+    return out

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from store.atomic import fsync_tree
+from store.atomic import atomic_path, fsync_tree
 from store.feature_store import (
     ATTRS_KEY,
     SCHEMA_VERSION,
@@ -65,9 +65,8 @@ def export_h5(
     per_shard = max(1, needed // st.num_shards)
     if not comp:
         check_free_space(out, needed)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["fingerprint"] = st.fingerprint
@@ -87,11 +86,8 @@ def export_h5(
                 sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
                 for name, arr in arrays.items():
                     f[name][sl] = arr[sl]
-        os.replace(tmp, out)
     except OSError as e:  # h5py's write errors are OSErrors too
         raise StoreError(f"{out}: export failed ({e.strerror or e}); the partial file was removed") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -6,17 +6,13 @@ import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
-from zarr.core.buffer.cpu import NDBuffer
 
-from store.fastio import is_raw, read_raw_rows
+from store.fastio import read_shard as read_shard
+from store.feature_store import FeatureStore
 from store.schema import STATUS_DONE, StoreError
-
-if TYPE_CHECKING:  # the store's writer reads shards with this module: no import at load time
-    from store.feature_store import FeatureStore
 
 
 def resolve_selection(
@@ -83,32 +79,6 @@ def selections(
     return sel
 
 
-def read_shard(
-    store: FeatureStore,
-    name: str,
-    shard: int,
-    out: np.ndarray | None = None,
-    axis1: Sequence[int] | None = None,
-) -> np.ndarray:
-    """Reads one whole shard of an array (only positions ``axis1`` of axis 1 when given), into ``out``
-    when given. Plain-bytes shard files are read straight into the array (``store.fastio``)."""
-    clips = store.clips_in_shard(shard)
-    arr = store.array(name)
-    if out is None:
-        shape = [len(clips), *arr.shape[1:]]
-        if axis1 is not None:
-            shape[1] = len(axis1)
-        out = np.empty(shape, dtype=arr.dtype)
-    if is_raw(arr):
-        path = store.chunk_file(name, shard)
-        return read_raw_rows(path, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1)
-    if axis1 is None:
-        arr.get_basic_selection((slice(clips.start, clips.stop),), out=NDBuffer.from_numpy_array(out))
-    else:
-        out[...] = arr.get_orthogonal_selection((slice(clips.start, clips.stop), list(axis1)))
-    return out
-
-
 def load_arrays(
     store: FeatureStore | str | Path,
     *,
@@ -124,8 +94,6 @@ def load_arrays(
     ``adapters`` / ``flow_blocks`` select along those axes by name or index (default: all).
     ``read_threads`` shards are read at once (file reads overlap the copies; ~1.2x with 2 on 2 cores).
     """
-    from store.feature_store import FeatureStore
-
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     sel = selections(st, adapters, flow_blocks, with_flow)
     if not with_cls:

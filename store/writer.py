@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from store.atomic import fsync_path
-from store.fastio import is_raw, write_raw_chunk
-from store.reader import read_shard
+from store.fastio import is_raw, read_shard, write_raw_chunk
 from store.schema import (
     LOCK_DIR,
     STATUS_DONE,

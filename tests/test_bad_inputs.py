@@ -125,7 +125,7 @@ def test_2_non_finite_and_unreadable_clips_are_found_refused_and_repaired(stores
     path = synthetic_store(tmp_path / "bad.zarr", 0)
     st = FeatureStore.open(path, mode="r+")
     st.array("embeddings")[5, 0, 0, 0, 0] = np.inf  # one inf in one clip
-    (path / "cls" / "c" / "2" / "0" / "0").unlink()  # the shard file of clips 16..23 deleted
+    FeatureStore.open(path).chunk_file("cls", 2).unlink()  # the shard file of clips 16..23 deleted
     warn: list[str] = []
     problems = verify_store(path, progress=False, warnings=warn)
     assert any("embeddings: 1 done clip(s)" in p and f"5 ({st.clip_ids[5]})" in p for p in problems)

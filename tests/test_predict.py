@@ -136,7 +136,8 @@ def zeroi2v_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zeroi2v")
     videos = tmp / "videos"
     make_folder_dataset(videos, ["left", "right", "up"], {"train": 4, "val": 2}, 32, 8, seed=1)
-    overrides = ["model.backbone.img_size=32", "model.backbone.timm_kwargs.depth=2", "data.num_frames=4"]
+    overrides = ["model.backbone.img_size=32", "model.backbone.timm_kwargs.depth=2", "num_frames=4"]
+    overrides += ["model.num_classes=3"]
     plan = plan_finetune(
         "folder",
         videos,

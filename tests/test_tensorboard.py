@@ -119,7 +119,12 @@ def test_finetune_writes_events(tmp_path):
         "configs/models/zeroi2v_tiny.yaml",
     ]
     argv += ["--recipe", "configs/finetune/tiny.yaml", "--out", str(run), "--quiet", "epochs=2"]
-    argv += ["model.backbone.img_size=32", "model.backbone.timm_kwargs.depth=2", "data.num_frames=4"]
+    argv += [
+        "model.backbone.img_size=32",
+        "model.backbone.timm_kwargs.depth=2",
+        "num_frames=4",
+        "model.num_classes=2",
+    ]
     assert main(argv) == 0
     assert_matches_curve(run, COLUMNS)
     assert len(scalars(run)["val/top1"]) == 2
