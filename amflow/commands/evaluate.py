@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import add_allow_incomplete, add_memory_budget
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``evaluate``."""
@@ -33,17 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="score a store made with other feature settings (warns, naming them)",
     )
-    p.add_argument(
-        "--memory-budget",
-        metavar="BYTES",
-        help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
-        "available RAM such as 0.25; default half the available RAM), else stream them from the store",
-    )
-    p.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="use a store whose extraction has not finished (only its done clips; says how many)",
-    )
+    add_memory_budget(p)
+    add_allow_incomplete(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import add_weights_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -32,15 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
     p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
-    p.add_argument(
-        "--weights", help="local backbone weights (file or transformers folder); same as backbone.weights="
-    )
-    p.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="timm's pretrained weights of the backbone's tag (HF hub, or its cache offline); "
-        "same as backbone.pretrained=true",
-    )
+    add_weights_options(p)
     p.add_argument("--flow", action="store_true", help="also store AM-flow maps (needed by flow-map heads)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward (default 8)")
     p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import add_no_tensorboard
+
 EPILOG = """examples:
   amflow finetune --dataset smarthome --root data/smarthome --protocol cs \\
       --config configs/models/amflow_vitb14_dinov2_am2_lstm.yaml --out runs/cs_ft micro_batch_size=4
@@ -69,12 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop after N optimiser steps in all (schedule unchanged), resumable with --resume",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--no-tensorboard",
-        dest="tensorboard",
-        action="store_false",
-        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
-    )
+    add_no_tensorboard(p)
     p.add_argument(
         "overrides",
         nargs="*",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import add_allow_incomplete, add_memory_budget, add_no_tensorboard
+
 EPILOG = """examples:
   amflow sweep --store runs/cs/train.zarr --val-store runs/cs/val.zarr \\
       --grid configs/sweeps/smarthome.yaml --out sweeps/cs --workers 4
@@ -41,29 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="address of an existing dask scheduler (tcp:// or tls://; TLS credentials from dask's config)",
     )
     p.add_argument("--force", action="store_true", help="accept stores made with other feature settings")
-    p.add_argument(
-        "--memory-budget",
-        metavar="BYTES",
-        help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
-        "available RAM such as 0.25; default half the available RAM), else stream them from the store",
-    )
-    p.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="use a store whose extraction has not finished (only its done clips; says how many)",
-    )
+    add_memory_budget(p)
+    add_allow_incomplete(p)
     p.add_argument(
         "--dashboard",
         action="store_true",
         help="serve the dask dashboard of the local cluster on 127.0.0.1:8787",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--no-tensorboard",
-        dest="tensorboard",
-        action="store_false",
-        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
-    )
+    add_no_tensorboard(p)
     p.add_argument(
         "overrides",
         nargs="*",

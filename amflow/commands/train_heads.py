@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import add_allow_incomplete, add_memory_budget, add_no_tensorboard
+
 EPILOG = """example:
   amflow train-heads --store runs/cs/train.zarr --val-store runs/cs/val.zarr \\
       --config configs/heads/lstm.yaml --out runs/cs/lstm heads.hidden=256 lr=1e-3
@@ -37,29 +39,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="retrain into a RUN_DIR holding a run (the old one is first moved to RUN_DIR.replaced-<time>)",
     )
-    p.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="use a store whose extraction has not finished (only its done clips; says how many)",
-    )
-    p.add_argument(
-        "--memory-budget",
-        metavar="BYTES",
-        help="hold the selected features in memory up to this size (e.g. 1GB, 512MiB, or a fraction of the "
-        "available RAM such as 0.25; default half the available RAM), else stream them from the store",
-    )
+    add_allow_incomplete(p)
+    add_memory_budget(p)
     p.add_argument(
         "--features-on-device",
         action="store_true",
         help="with device=cuda: hold the selected features on the GPU when they fit (half its free memory)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--no-tensorboard",
-        dest="tensorboard",
-        action="store_false",
-        help="no TensorBoard event files in the run directory (written when tensorboard is installed)",
-    )
+    add_no_tensorboard(p)
     p.add_argument(
         "overrides",
         nargs="*",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from amflow.commands.options import add_weights_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,15 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("video", help="the video file to draw")
     p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
-    p.add_argument(
-        "--weights", help="local backbone weights (file or transformers folder); same as backbone.weights="
-    )
-    p.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="timm's pretrained weights of the backbone's tag (HF hub, or its cache offline); "
-        "same as backbone.pretrained=true",
-    )
+    add_weights_options(p)
     p.add_argument("--blocks", help="1-based AM-flow blocks to draw, comma-separated (default: all)")
     p.add_argument("--frames", type=int, help="frames to sample, >= 2 (default: the config's num_frames)")
     p.add_argument("--out", required=True, help="the figure to write (.png, .pdf, .svg or .jpg)")
