@@ -84,6 +84,11 @@ class ExtractOptions:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"--dtype: expected float16 or float32, got {self.dtype!r}")
         resolve_device(self.device)
+        if self.train_views < 0 or not 0 <= self.train_flip <= 1:
+            raise ValueError(
+                f"--train-views {self.train_views} / --train-flip {self.train_flip}: expected K >= 0 "
+                "(0 = test-time views) and a flip probability in [0, 1]"
+            )
 
 
 @dataclasses.dataclass
@@ -384,11 +389,6 @@ def plan_extraction(
     """
     options = options or ExtractOptions()
     options.validate()
-    if options.train_views < 0 or not 0 <= options.train_flip <= 1:
-        raise ValueError(
-            f"--train-views {options.train_views} / --train-flip {options.train_flip}: expected K >= 0 "
-            "(0 = test-time views) and a flip probability in [0, 1]"
-        )
     routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
@@ -476,18 +476,16 @@ def plan_extraction(
     return plan, store
 
 
-def check_input_size(model: Any, crop_size: int, model_config: str | Path) -> None:
+def check_input_size(model: AMFlowExtractor, crop_size: int, model_config: str | Path) -> None:
     """The dataset's crop must be the size the ViT was built for (timm asserts it mid-forward otherwise)."""
-    patch_embed = model.vit.patch_embed
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is None or getattr(model.vit, "dynamic_img_size", False):
+    vit = model.vit
+    if getattr(vit, "dynamic_img_size", False) or not getattr(vit.patch_embed, "strict_img_size", True):
         return
-    if not getattr(patch_embed, "strict_img_size", True):
-        return
-    if tuple(img_size) != (crop_size, crop_size):
+    height, width = model.family.input_size(vit)
+    if (height, width) != (crop_size, crop_size):
         raise ConfigError(
-            f"crop_size={crop_size}: the model of {model_config} takes {img_size[0]}x{img_size[1]} frames; "
-            f"set crop_size={img_size[0]} (or model.backbone.img_size={crop_size})"
+            f"crop_size={crop_size}: the model of {model_config} takes {height}x{width} frames; "
+            f"set crop_size={height} (or model.backbone.img_size={crop_size})"
         )
 
 
