@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import stage1_extract  # noqa: F401  (before timm)
+from stage1_extract.backbone import RANDOM_INIT_WARNING
 
 # isort: split
 from gpu_parts import (
@@ -150,7 +151,7 @@ PARTS = ("env", "cuda_tests", "backbone", "compile", "decode", "extract", "zeroi
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+    warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
     if args.cpu_smoke:
         sizes = smoke_sizes()
     elif torch.cuda.is_available():

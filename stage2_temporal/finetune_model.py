@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_extract.backbone import normalise_video, pixel_stats
+from stage1_extract.backbone import RANDOM_INIT_WARNING, normalise_video, pixel_stats
 from stage1_extract.config import ConfigError
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage2_temporal.distributed import Distributed
@@ -38,7 +38,7 @@ def use_gradient_checkpointing(model: FinetunableModel) -> int:
 def build_finetune_model(cfg: ModelConfig) -> FinetunableModel:
     """The model of ``cfg``: frozen backbone, trainable adapters (and aligners) and classifier."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_model(cfg)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameter")

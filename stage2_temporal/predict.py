@@ -225,7 +225,7 @@ def load_finetune_predictor(
     check_backbone_weights(ckpt, cfg)
     model_cfg = model_config_from_dict(cfg, f"{ckpt} (metadata 'config')")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_model(model_cfg)
     load_into(model, state, ckpt)
     data = _crop_size(build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)"), model_cfg)

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import warnings
 
+    from stage1_extract.backbone import RANDOM_INIT_WARNING
     from stage2_temporal.demo import DemoConfig, format_predictions, format_table, run_demo
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = dataclasses.replace(cfg, seed=args.seed, threads=args.threads)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         result = run_demo(args.out, cfg)
     print(format_table(result))
     print("\npredicting on two test videos with the AM-flow map heads:")
