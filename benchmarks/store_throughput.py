@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from store import FeatureDataset, FeatureStore, ShardOrderedSampler, load_arrays
+from store import BackgroundCommits, FeatureDataset, FeatureStore, ShardOrderedSampler, load_arrays
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,10 +108,12 @@ def main() -> None:
             )
             create_seconds.append(time.perf_counter() - t)
             t = time.perf_counter()
-            for shard in range(st.num_shards):
-                with st.shard_writer(shard) as w:
+            with BackgroundCommits() as commits:  # as extraction writes: a shard commits during the next
+                for shard in range(st.num_shards):
+                    w = st.shard_writer(shard)
                     for i in w.pending():
                         w.put(int(i), embeddings=emb[i], cls=cls[i])
+                    commits.close(w)
             return time.perf_counter() - t
 
         def numpy_write() -> None:

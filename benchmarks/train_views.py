@@ -50,8 +50,7 @@ def extract(videos: Path, split: str, out: Path, k: int, frames: int) -> float:
         split,
         MODEL_CONFIG,
         out,
-        dataset_overrides=[f"num_frames={frames}"],
-        model_overrides=["backbone.img_size=64"],
+        overrides=[f"num_frames={frames}", "model.backbone.img_size=64"],
         options=ExtractOptions(
             store_flow=True, decode_workers=0, batch_size=16, threads=os.cpu_count(), train_views=k
         ),

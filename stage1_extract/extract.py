@@ -43,7 +43,7 @@ from stage1_extract.models import check_matches_dataset, feature_config_from_dic
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
-from store.writer import ShardWriter
+from store.writer import BackgroundCommits, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +302,14 @@ def extract_shards(
     model = _cached_model(model_json, plan.checkpoint, device, opts.compile)
     mean, std = pixel_stats(model.vit, device)
     writer: ShardWriter | None = None
+    commits = BackgroundCommits()  # a finished shard is written to disk while the next one is computed
     try:
         for indices, batch in zip(sampler.batches, batches):  # in order: batch k is sampler.batches[k]
             shard = store.shard_of(todo[indices[0]])
             if writer is None or writer.shard != shard:
                 if writer is not None:
-                    writer.close()
+                    commits.close(writer)
+                    writer = None
                 writer = store.shard_writer(shard, commit_every=opts.commit_every)
             for item in batch["failed"]:
                 writer.fail(todo[item["index"]], item["error"][0], item["error"][1])
@@ -329,13 +331,16 @@ def extract_shards(
             if progress is not None:
                 progress(len(batch["index"]) + len(batch["failed"]))
         if writer is not None:
-            writer.close()
+            commits.close(writer)
+            writer = None
+        commits.wait()
     except OSError as e:  # a full disk or a store gone read-only: finished shards are kept
         raise StoreError(
             f"{plan.store_path}: cannot write ({e.strerror or e}); shards committed so far are kept: free "
             "space and run the same command again to resume"
         ) from e
     finally:
+        commits.shutdown()  # handed-over commits finish; a failed one was raised by close() or wait() above
         if writer is not None:
             with contextlib.suppress(OSError):
                 writer.close()  # commits what fits; the lock is released in any case

@@ -64,8 +64,11 @@ class Row:
 
 def demo_rows(epochs: int, seed: int) -> list[Row]:
     """(a) appearance baseline, (b) adapter-embedding heads, (c) AM-flow map heads, (d) all, (e) control."""
+    # flow_grid=4 pools the 8x8 patch grid's maps to 4x4 before the encoder: over seeds 0-2 the static
+    # AM-flow row went from 78.2% (8x8, i.e. no pooling) to 93.3%, the control from 90.5% to 95.2%;
+    # 2x2 loses where things move (47%). Measured on the same stores, one training per seed.
     heads = LSTMHeadsConfig(
-        hidden=64, layers=1, flow_maps=False, flow_embed=64, flow_hidden=64, last_frame=False
+        hidden=64, layers=1, flow_maps=False, flow_grid=4, flow_embed=64, flow_hidden=64, last_frame=False
     )
     base = TrainConfig(
         heads=heads, epochs=epochs, lr=3e-3, batch_size=32, warmup_epochs=2, patience=None, seed=seed

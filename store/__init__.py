@@ -28,7 +28,7 @@ from store.h5io import export_h5, import_h5
 from store.reader import StoreArrays, load_arrays
 from store.schema import ShardBusyError
 from store.summary import format_info, store_info, verify_store
-from store.writer import ShardWriter
+from store.writer import BackgroundCommits, ShardWriter
 
 _TORCH_READERS = ("FeatureDataset", "ShardOrderedSampler")
 
@@ -37,6 +37,7 @@ __all__ = [
     "STATUS_DONE",
     "STATUS_FAILED",
     "STATUS_MISSING",
+    "BackgroundCommits",
     "FeatureStore",
     "FingerprintMismatch",
     "NonFiniteFeaturesError",

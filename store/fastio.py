@@ -23,6 +23,7 @@ from zarr.codecs import BytesCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from store.atomic import atomic_path
+from store.schema import fill_nan
 
 _NATIVE = sys.byteorder  # "little" on every platform numpy ships wheels for
 
@@ -69,7 +70,7 @@ def read_raw_rows(
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        out[...] = fill_value
+        _fill(out, fill_value)
         return out
     try:
         flat = memoryview(out).cast("B") if out.nbytes else memoryview(b"")
@@ -112,12 +113,20 @@ def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: f
         try:
             _write_all(fd, memoryview(data).cast("B"))
             if len(data) < chunk_rows:
-                pad = np.full((chunk_rows - len(data), *data.shape[1:]), fill_value, dtype=data.dtype)
+                pad = _fill(np.empty((chunk_rows - len(data), *data.shape[1:]), dtype=data.dtype), fill_value)
                 _write_all(fd, memoryview(pad).cast("B"))
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fill(arr: np.ndarray, value: float) -> np.ndarray:
+    """``arr[...] = value``, with NaN written as its bit pattern (``schema.fill_nan``: ~10x faster)."""
+    if arr.dtype.kind == "f" and np.isnan(value):
+        return fill_nan(arr)
+    arr[...] = value
+    return arr
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -127,7 +136,7 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def read_shard(
-    store: Any,  # a FeatureStore (this module imports no other of the store)
+    store: Any,  # a FeatureStore (this module does not import feature_store)
     name: str,
     shard: int,
     out: np.ndarray | None = None,

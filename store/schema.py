@@ -42,3 +42,24 @@ def nonfinite_mask(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.float16:
         return (np.ascontiguousarray(values).view(np.uint16) & 0x7C00) == 0x7C00
     return ~np.isfinite(values)
+
+
+def has_nonfinite(values: np.ndarray) -> bool:
+    """Whether any entry is NaN/inf; for float16 one masked maximum of the bits (no boolean array):
+    a value is non-finite when its bits without the sign are at least inf's, 0x7C00."""
+    if values.dtype == np.float16:
+        bits = np.ascontiguousarray(values).view(np.uint16)
+        return bits.size > 0 and int(np.bitwise_and(bits, 0x7FFF).max()) >= 0x7C00
+    return not np.isfinite(values).all()
+
+
+def fill_nan(arr: np.ndarray, rows: np.ndarray | int | slice | None = None) -> np.ndarray:
+    """Sets ``arr`` (or ``arr[rows]``) to NaN in place by writing NaN's bit pattern as integers: filling a
+    float16 array with the float NaN converts the scalar per element (~10x slower); returns ``arr``."""
+    ints = arr.view(f"u{arr.itemsize}")
+    nan = np.array(np.nan, dtype=arr.dtype).view(ints.dtype)[()]
+    if rows is None:
+        ints.fill(nan)
+    else:
+        ints[rows] = nan
+    return arr

@@ -17,6 +17,7 @@ from amflow.cli import main
 from store import (
     STATUS_DONE,
     STATUS_FAILED,
+    BackgroundCommits,
     FeatureDataset,
     FeatureStore,
     FingerprintMismatch,
@@ -289,17 +290,66 @@ def test_partial_commit_failure_retry_and_partial_file_cleanup(tmp_path: Path) -
         assert st.status()[0] == 0
         w.put(1, **clip_data(1))
         assert list(st.status()[:2]) == [STATUS_FAILED, STATUS_DONE]  # committed after 2 clips
+    # The temp names a killed writer leaves: store.atomic's and Zarr LocalStore's (``with_suffix``).
     chunk = st.chunk_file("embeddings", 0)
-    stale = chunk.with_name(chunk.name + ".0123abcd.partial")
-    stale.write_bytes(b"half a shard")
+    stale = [chunk.with_name(f".{chunk.name}.4242.partial"), chunk.with_suffix(".0123abcd.partial")]
+    assert stale[1].name == "c.0.0.0.0.0123abcd.partial"  # Zarr's drops the chunk key's last ".0"
+    chunk1 = st.chunk_file("embeddings", 1)
+    other_shard = chunk1.with_name(f".{chunk1.name}.7.partial")
+    for p in [*stale, other_shard]:
+        p.write_bytes(b"half a shard")
     with st.shard_writer(0) as w:  # retry the failed clip
-        assert not stale.exists()
+        assert not any(p.exists() for p in stale) and other_shard.exists()
         assert list(w.pending()) == [2, 3]
         w.put(0, **clip_data(0))
     assert st.failures() == [] and list(st.done_mask()[:4]) == [True, True, False, False]
     np.testing.assert_array_equal(st.read_clip(0)["flow"], expected("flow", 0))
     np.testing.assert_array_equal(st.read_clip(1)["embeddings"], expected("embeddings", 1))
     assert np.isnan(st.read_clip(2)["embeddings"]).all()
+
+
+def chunk_bytes(st: FeatureStore) -> dict[str, bytes]:
+    return {str(p.relative_to(st.path)): p.read_bytes() for p in sorted(st.path.rglob("c.*")) if p.is_file()}
+
+
+def test_background_commits_write_the_same_files_and_reraise_a_failed_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inline = make_store(tmp_path / "inline.zarr")
+    fill(inline)
+    st = make_store(tmp_path / "bg.zarr")
+    with BackgroundCommits() as commits:
+        for shard in range(st.num_shards):
+            w = st.shard_writer(shard)
+            for i in w.pending():
+                if int(i) in FAILED:
+                    w.fail(int(i), *FAILED[int(i)])
+                else:
+                    w.put(int(i), **clip_data(int(i)))
+            commits.close(w)
+    # 3 shards x (embeddings, cls, flow, status) + failure type and message of the 2 shards with failures
+    assert chunk_bytes(st) == chunk_bytes(inline) and len(chunk_bytes(st)) == 3 * 4 + 2 * 2
+    assert st.counts() == inline.counts()
+
+    # A commit that fails on the background thread is raised by the next close (or wait); its lock is free.
+    broken = make_store(tmp_path / "broken.zarr")
+    calls = []
+
+    def full_disk(self):
+        calls.append(self.shard)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("store.writer.ShardWriter.commit", full_disk)
+    with pytest.raises(OSError, match="No space left"), BackgroundCommits() as commits:
+        w = broken.shard_writer(0)
+        w.put(0, **clip_data(0))
+        commits.close(w)
+        commits.close(broken.shard_writer(1))  # waits for shard 0's commit first: raises it
+    assert calls == [0]
+    monkeypatch.undo()
+    with broken.shard_writer(0), broken.shard_writer(1):  # both locks were released
+        pass
+    assert broken.counts()["done"] == 0
 
 
 def test_sampler_visits_shards_one_at_a_time(full_store: FeatureStore) -> None:
