@@ -1,0 +1,41 @@
+"""The benchmarks that have no test of their own run end to end at toy sizes, so an API change in the
+code they measure breaks a test instead of the next person who runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_store_throughput_prints_the_three_patterns(tmp_path):
+    out = run(
+        "store_throughput.py", "--clips", "12", "--adapters", "2", "--frames", "2", "--dim", "8",
+        "--cls-dim", "4", "--shard-clips", "4", "--batch-size", "4", "--repeats", "1", "--dir", str(tmp_path),
+    )  # fmt: skip
+    assert "3 shards of 4 clips" in out
+    for pattern in ("write (fsync'd)", "read whole store into memory", "shard-ordered batches of 4"):
+        assert pattern in out
+
+
+def test_train_views_prints_a_row_per_dataset_and_k(tmp_path):
+    out = run(
+        "train_views.py", "--out", str(tmp_path / "tv"), "--train-per-class", "1", "--val-per-class", "1",
+        "--frames", "4", "--video-frames", "8", "--epochs", "2", "--views", "0,2", "--seeds", "1",
+        "--rows", "c",
+    )  # fmt: skip
+    table = out[out.index("val mean acc") :].splitlines()[1:5]
+    assert [line.split()[:2] for line in table] == [["demo", "0"], ["demo", "2"], ["varied", "0"], ["varied", "2"]]
+    assert not (tmp_path / "tv").exists()  # removed without --keep
