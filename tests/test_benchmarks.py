@@ -37,5 +37,6 @@ def test_train_views_prints_a_row_per_dataset_and_k(tmp_path):
         "--rows", "c",
     )  # fmt: skip
     table = out[out.index("val mean acc") :].splitlines()[1:5]
-    assert [line.split()[:2] for line in table] == [["demo", "0"], ["demo", "2"], ["varied", "0"], ["varied", "2"]]
+    expected = [["demo", "0"], ["demo", "2"], ["varied", "0"], ["varied", "2"]]
+    assert [line.split()[:2] for line in table] == expected
     assert not (tmp_path / "tv").exists()  # removed without --keep
