@@ -5,9 +5,11 @@ Two generated datasets (stage1_extract/synthetic.py, the demo's motion-only clas
 ``demo`` is the demo's static-camera data (square 64 px videos: a random crop can only move along time);
 ``varied`` has more appearance variation: 64x96 px videos (random crops move sideways over the frame)
 and half of the clips with a panning camera. Flips stay off: they would swap the classes left and right.
-Example (about 10 minutes on 2 busy cores):
+Example (about 10 minutes on 2 busy cores), and the README's table (about 15 minutes):
 
     python benchmarks/train_views.py --out /tmp/train_views
+    python benchmarks/train_views.py --out /tmp/train_views --train-per-class 100 --val-per-class 25 \
+        --seeds 3 --rows c --epochs 40
 """
 
 from __future__ import annotations

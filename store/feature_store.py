@@ -24,6 +24,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from store.atomic import fsync_path
+from store.fastio import is_raw, read_shard
 from store.fingerprint import MISSING as MISSING
 from store.fingerprint import canonical_json, compute_fingerprint, fingerprint_differences, package_version
 from store.fingerprint import check_fingerprint as check_fingerprint
@@ -393,8 +394,16 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ status
     def status(self) -> np.ndarray:
-        """Per-clip status read from disk: 0 missing, 1 done, 2 failed (int8)."""
-        return np.asarray(self.array("status")[:], dtype=np.int8)
+        """Per-clip status read from disk: 0 missing, 1 done, 2 failed (int8). A raw status chunk per
+        shard (the layout since the first version) is read straight from its file, as data shards are."""
+        arr = self.array("status")
+        if not is_raw(arr) or tuple(arr.chunks) != (self.shard_clips,):
+            return np.asarray(arr[:], dtype=np.int8)
+        out = np.empty(self.num_clips, dtype=np.int8)
+        for shard in range(self.num_shards):
+            clips = self.clips_in_shard(shard)
+            read_shard(self, "status", shard, out=out[clips.start : clips.stop])
+        return out
 
     def done_mask(self) -> np.ndarray:
         """Boolean mask of clips whose data is complete on disk."""
