@@ -122,7 +122,7 @@ def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: f
 
 
 def _fill(arr: np.ndarray, value: float) -> np.ndarray:
-    """``arr[...] = value``, with NaN written as its bit pattern (``schema.fill_nan``: ~10x faster)."""
+    """``arr[...] = value``, with NaN written as its bit pattern (``schema.fill_nan``: ~3x faster)."""
     if arr.dtype.kind == "f" and np.isnan(value):
         return fill_nan(arr)
     arr[...] = value

@@ -404,3 +404,22 @@ def test_info_verify_and_cli(full_store: FeatureStore, tmp_path: Path, capsys: p
     capsys.readouterr()
     assert cli("store", "info", str(tmp_path)) == 2
     assert "not an amflow feature store" in capsys.readouterr().err
+
+
+def test_float16_bit_checks_agree_with_numpy() -> None:
+    from store.schema import fill_nan, has_nonfinite, nonfinite_mask
+
+    edge = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1.0, np.inf, -np.inf, np.nan], np.float16)
+    negative_nan = np.array([np.nan], np.float16).view(np.uint16) | 0x8000
+    values = np.concatenate([edge, negative_nan.view(np.float16)])
+    for i in range(len(values)):
+        one = values[i : i + 1]
+        assert has_nonfinite(one) == (not np.isfinite(one).all()), one
+        assert has_nonfinite(values[: i + 1]) == (not np.isfinite(values[: i + 1]).all())
+    np.testing.assert_array_equal(nonfinite_mask(values), ~np.isfinite(values))
+    assert not has_nonfinite(np.empty(0, np.float16))
+    for dtype in (np.float16, np.float32, np.float64):
+        rows = np.ones((3, 4), dtype)
+        fill_nan(rows, 1)
+        assert np.isnan(rows[1]).all() and not np.isnan(rows[[0, 2]]).any()
+        assert np.isnan(fill_nan(rows)).all()
