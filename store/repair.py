@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from store.fastio import read_shard
 from store.feature_store import STATUS_DONE, FeatureStore, nonfinite_mask
 
 MAX_REPORTED_CLIPS = 20
@@ -61,7 +62,7 @@ def scan_clips(
         local = np.flatnonzero(done[clips.start : clips.stop])
         for name in names:
             try:
-                block = np.asarray(st.array(name)[clips.start : clips.stop])[local]
+                block = read_shard(st, name, shard)[local]  # raw shard files straight from disk
             except Exception as e:  # a damaged shard file: report it, keep checking the others
                 unreadable[name].append((shard, repr(e)))
                 damaged.update(int(clips.start + i) for i in local)
