@@ -99,7 +99,7 @@ class ShardWriter:
         for name in (*self.store.data_arrays, "status", "failure_type", "failure_message"):
             chunk = self.store.chunk_file(name, self.shard)
             ours = f".{chunk.name}."
-            zarrs = f"{chunk.stem}." if chunk.stem.count(".") >= 1 else ours
+            zarrs = f"{chunk.stem}." if "." in chunk.stem else ours
             try:
                 entries = list(os.scandir(chunk.parent))
             except FileNotFoundError:

@@ -7,23 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from amflow.cli import main
 from stage1_extract.datasets import build_index
-from stage1_extract.synthetic import write_video
 from store.feature_store import FeatureStore
 
 TINY = "configs/models/amflow_tiny.yaml"
 FAST = ["model.backbone.timm_kwargs.depth=2", "model.backbone.img_size=32", "num_frames=4"]
-
-
-@pytest.fixture(scope="module")
-def clip_bytes(tmp_path_factory) -> bytes:
-    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames).read_bytes()
 
 
 def _put(path: Path, data: bytes | str) -> None:

@@ -9,7 +9,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
@@ -23,17 +22,9 @@ from stage1_extract.datasets import (
     build_index,
     load_dataset_config,
 )
-from stage1_extract.synthetic import write_video
 
 # The official Toyota Smarthome split lists (train/validation/test x CS/CV1/CV2), gzipped, in the repository.
 SPLITS_DIR = Path(__file__).resolve().parent / "data" / "smarthome_splits"
-
-
-@pytest.fixture(scope="module")
-def clip_bytes(tmp_path_factory) -> bytes:
-    """One real 32x32, 8-frame mp4 written with PyAV; copied under every file name a tree needs."""
-    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames).read_bytes()
 
 
 def _put(root: Path, rel: str, data: bytes) -> None:

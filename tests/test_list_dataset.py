@@ -16,12 +16,6 @@ from stage1_extract.synthetic import write_video
 from stage1_extract.video import VideoClipDataset
 
 
-@pytest.fixture(scope="module")
-def clip_bytes(tmp_path_factory) -> bytes:
-    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames).read_bytes()
-
-
 def _put(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
