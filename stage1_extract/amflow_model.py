@@ -23,8 +23,8 @@ from stage1_extract.am_flow import (
     feature_difference,
 )
 from stage1_extract.attention import attend, attention_probs, project_qkv
-from stage1_extract.backbone import create_vit, freeze
-from stage1_extract.backbones import family_of
+from stage1_extract.backbone import create_backbone, freeze
+from stage1_extract.families import family_of
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
 
@@ -350,7 +350,7 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
     """The AM-flow feature model of ``cfg``, initialised from the current RNG state (see the seeded
     ``build_amflow_extractor``); ``weights`` (or ``cfg.backbone.weights``) is a local timm checkpoint."""
     bcfg = cfg.backbone
-    vit = create_vit(
+    vit = create_backbone(
         bcfg.name, bcfg.img_size, weights or bcfg.weights, bcfg.pretrained and not weights, **bcfg.timm_kwargs
     )
     freeze(vit)

@@ -1,4 +1,5 @@
-"""The frozen image backbone: any timm ViT by name, weights from a local file or timm's pretrained tag.
+"""The frozen image backbone: a timm model of a registered family (``stage1_extract.families``) by name,
+weights from a local file or timm's pretrained tag.
 
 Local files may be in any format ``weight_formats`` recognises (timm, DINOv2, OpenAI CLIP / open_clip,
 transformers DINOv2 / CLIP); ``pretrained=True`` uses timm's own download of the named tag through the
@@ -19,7 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from stage1_extract.backbones import family_of
+from stage1_extract.families import FAMILIES, family_of, is_backbone
 from stage1_extract.weight_formats import architecture_name, check_architecture, read_weights, to_timm
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable, or does not fit the model."""
 
 
-def create_vit(
+def create_backbone(
     name: str,
     img_size: int | None = None,
     weights: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs: Any,
-) -> VisionTransformer:
-    """Creates timm's ViT ``name`` with no classifier (``num_classes=0``) and loads its weights.
+) -> nn.Module:
+    """Creates timm's model ``name`` (of a registered family) without classifier and loads its weights.
 
     ``weights``: a local file or transformers folder in any recognised format. ``pretrained``: timm's
     pretrained weights of the tag in ``name`` (e.g. ``vit_base_patch14_dinov2.lvd142m``), downloaded
@@ -65,8 +66,9 @@ def create_vit(
             f"or its cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, "
             "download them once on a machine with internet, or pass a local file with --weights"
         ) from e
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if not is_backbone(model):
+        names = ", ".join(f.model_class.__name__ for f in FAMILIES)
+        raise ValueError(f"backbone {name!r} is a {type(model).__name__}: amflow runs on {names}")
     if weights:
         load_vit_weights(model, weights)
     elif not pretrained:

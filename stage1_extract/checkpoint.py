@@ -17,11 +17,11 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbone import ADDED_KEY_MARKERS, file_sha256
 from stage1_extract.config import config_to_dict
+from stage1_extract.families import is_backbone
 from store.atomic import atomic_path
 
 CONFIG_KEY = "config"
@@ -35,10 +35,10 @@ class CheckpointError(ValueError):
 
 
 def _frozen_backbone_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the plain timm ViT(s) inside ``model``: the weights a checkpoint leaves out."""
+    """State-dict keys of the backbone model(s) inside ``model``: the weights a checkpoint leaves out."""
     keys: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, VisionTransformer):
+        if is_backbone(module):
             prefix = f"{name}." if name else ""
             keys |= {prefix + k for k in module.state_dict() if not any(m in k for m in ADDED_KEY_MARKERS)}
     return keys

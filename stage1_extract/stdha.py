@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.attention import attend, project_qkv
-from stage1_extract.backbones import family_of
+from stage1_extract.families import family_of
 
 HeadOffsets = Sequence[int] | Mapping[int, int]
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from stage1_extract.backbone import create_vit, freeze
+from stage1_extract.backbone import create_backbone, freeze
 from stage1_extract.checkpoint import (
     CONFIG_KEY,
     FORMAT_KEY,
@@ -79,7 +79,7 @@ def build_zeroi2v_backbone(
     Returns the ViT and the explicit per-head offset list (None without STDHA).
     """
     b = backbone
-    vit = freeze(create_vit(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
+    vit = freeze(create_backbone(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
     offsets = None
     if backbone.head_offsets is not None:
         try:

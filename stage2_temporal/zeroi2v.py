@@ -25,7 +25,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbone import file_sha256
-from stage1_extract.backbones import family_of
 from stage1_extract.checkpoint import (
     CONFIG_KEY,
     FORMAT_KEY,
@@ -38,6 +37,7 @@ from stage1_extract.checkpoint import (
     write_safetensors,
 )
 from stage1_extract.config import build_config, config_to_dict, load_config
+from stage1_extract.families import family_of
 from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import stdha_modules, use_stdha

@@ -74,12 +74,12 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
         f"""
         import warnings, torch
         import stage1_extract
-        from stage1_extract.backbone import WeightsError, create_vit
+        from stage1_extract.backbone import WeightsError, create_backbone
         from stage2_temporal.models import build_model, load_model_config
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no random-init warning: the weights are timm's tag
-            vit = create_vit({TAG!r}, 32, pretrained=True, patch_size=8, depth=2).eval()
+            vit = create_backbone({TAG!r}, 32, pretrained=True, patch_size=8, depth=2).eval()
         with torch.no_grad():
             features = vit.forward_features(torch.load({str(tmp_path / "x.pt")!r}))
         torch.save(features, {str(tmp_path / "f.pt")!r})
@@ -90,7 +90,7 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
         )
         torch.save(build_model(cfg).vit.pos_embed.detach(), {str(tmp_path / "pos.pt")!r})
         try:  # a tag that is not in the cache cannot be downloaded offline: one clear error
-            create_vit("vit_small_patch16_224.augreg_in21k", 32, pretrained=True, depth=1)
+            create_backbone("vit_small_patch16_224.augreg_in21k", 32, pretrained=True, depth=1)
         except WeightsError as e:
             print("ERROR:", e)
         """,

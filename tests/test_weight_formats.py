@@ -2,7 +2,7 @@
 
 Each test builds a tiny random model with the format's own library (timm, a facebookresearch-layout
 DINOv2 module written here, open_clip, transformers), saves it as that library saves it, loads it with
-``create_vit(weights=...)`` and compares features in float32 at the model's native size (<= 1e-4
+``create_backbone(weights=...)`` and compares features in float32 at the model's native size (<= 1e-4
 relative). Parameters are perturbed first so that a swapped norm or projection cannot hide behind the
 libraries' ones/zeros initialisations.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from stage1_extract.backbone import WeightsError, create_vit
+from stage1_extract.backbone import WeightsError, create_backbone
 
 TOL = 1e-4
 
@@ -55,7 +55,7 @@ def test_timm_own_format(tmp_path):
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "timm.pth")
     x = images(32)
     for name in ("timm.safetensors", "timm.pth"):
-        vit = create_vit("vit_small_patch16_224", 32, tmp_path / name, **kw).eval()
+        vit = create_backbone("vit_small_patch16_224", 32, tmp_path / name, **kw).eval()
         with torch.no_grad():
             d = rel_diff(vit.forward_features(x), ref.forward_features(x))
         assert d <= TOL, (name, d)
@@ -105,7 +105,7 @@ def test_original_dinov2_release(tmp_path):
     torch.manual_seed(0)
     ref = perturb(ReleaseDinoV2())
     torch.save(ref.state_dict(), tmp_path / "dinov2_vits14.pth")
-    vit = create_vit(
+    vit = create_backbone(
         "vit_small_patch14_dinov2", 56, tmp_path / "dinov2_vits14.pth", embed_dim=64, depth=2, num_heads=2
     ).eval()
     x = images(56)
@@ -141,7 +141,9 @@ def test_openai_clip_and_open_clip_full_and_visual_tower(tmp_path):
     for name in ("clip_full.pt", "clip_visual.safetensors", "ViT-B-16.pt"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a QuickGELU model takes OpenAI's weights without a warning
-            vit = create_vit("vit_base_patch16_clip_quickgelu_224", 32, tmp_path / name, **CLIP_KW).eval()
+            vit = create_backbone(
+                "vit_base_patch16_clip_quickgelu_224", 32, tmp_path / name, **CLIP_KW
+            ).eval()
         with torch.no_grad():
             d = rel_diff(vit.forward_features(x)[:, 0] @ model.visual.proj, ref)
         assert d <= TOL, (name, d)
@@ -151,7 +153,7 @@ def test_clip_weights_into_a_gelu_model_warn_naming_the_quickgelu_model(tmp_path
     model = _open_clip_model()
     torch.save(model.state_dict(), tmp_path / "clip_full.pt")
     with pytest.warns(UserWarning, match="vit_base_patch16_clip_quickgelu_224"):
-        vit = create_vit("vit_base_patch16_clip_224", 32, tmp_path / "clip_full.pt", **CLIP_KW).eval()
+        vit = create_backbone("vit_base_patch16_clip_224", 32, tmp_path / "clip_full.pt", **CLIP_KW).eval()
     x = images(32)
     with torch.no_grad():
         d = rel_diff(vit.forward_features(x)[:, 0] @ model.visual.proj, model.encode_image(x))
@@ -171,7 +173,7 @@ def test_hf_dinov2_save_pretrained_folder_and_file(tmp_path):
     with torch.no_grad():
         expected = ref(pixel_values=x).last_hidden_state
     for path in (tmp_path / "dinov2_hf", tmp_path / "dinov2_hf" / "model.safetensors"):
-        vit = create_vit("vit_small_patch14_dinov2", 56, path, embed_dim=64, depth=2, num_heads=2).eval()
+        vit = create_backbone("vit_small_patch14_dinov2", 56, path, embed_dim=64, depth=2, num_heads=2).eval()
         with torch.no_grad():
             d = rel_diff(vit.forward_features(x), expected)
         assert d <= TOL, (path, d)
@@ -207,7 +209,7 @@ def test_hf_clip_vision_model(tmp_path):
     ref = perturb(CLIPVisionModel(_hf_clip_vision_config()))
     ref.save_pretrained(tmp_path / "clip_vision_hf")
     for path in (tmp_path / "clip_vision_hf", tmp_path / "clip_vision_hf" / "model.safetensors"):
-        vit = create_vit("vit_base_patch16_clip_quickgelu_224", 32, path, **CLIP_KW).eval()
+        vit = create_backbone("vit_base_patch16_clip_quickgelu_224", 32, path, **CLIP_KW).eval()
         _check_hf_clip_vision(vit, ref)
 
 
@@ -221,19 +223,19 @@ def test_hf_clip_model_and_its_config_checks(tmp_path):
     )
     ref = perturb(CLIPModel(cfg))
     ref.save_pretrained(tmp_path / "clip_hf")
-    vit = create_vit("vit_base_patch16_clip_quickgelu_224", 32, tmp_path / "clip_hf", **CLIP_KW).eval()
+    vit = create_backbone("vit_base_patch16_clip_quickgelu_224", 32, tmp_path / "clip_hf", **CLIP_KW).eval()
     _check_hf_clip_vision(vit, ref.vision_model)
     # config.json says quick_gelu: a GELU backbone is warned about, naming the QuickGELU model
     with pytest.warns(UserWarning, match="hidden_act='quick_gelu'.*vit_base_patch16_clip_quickgelu_224"):
-        create_vit("vit_base_patch16_clip_224", 32, tmp_path / "clip_hf", **CLIP_KW)
+        create_backbone("vit_base_patch16_clip_224", 32, tmp_path / "clip_hf", **CLIP_KW)
 
 
 def test_a_file_of_another_width_is_refused_naming_the_format(tmp_path):
     model = _open_clip_model()
     torch.save(model.state_dict(), tmp_path / "clip_full.pt")
     with pytest.raises(WeightsError, match="OpenAI CLIP / open_clip.*do not fit"):
-        create_vit(
+        create_backbone(
             "vit_base_patch16_clip_quickgelu_224", 32, tmp_path / "clip_full.pt", depth=2, patch_size=8
         )
     with pytest.raises(WeightsError, match="without weights"):
-        create_vit("vit_base_patch16_clip_quickgelu_224", 32, tmp_path, **CLIP_KW)
+        create_backbone("vit_base_patch16_clip_quickgelu_224", 32, tmp_path, **CLIP_KW)

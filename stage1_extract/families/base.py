@@ -1,0 +1,66 @@
+"""The backbone seam: what AM flow and STDHA need from an image backbone; one module per family.
+
+AM flow (paper 000) and STDHA (paper 002) touch a backbone in a few places only. ``BackboneFamily``
+names them; ``families.vit.TimmViT`` is the first family. A new family (Hiera, Swin) is one new module
+in this package with a class that provides every method of ``BackboneFamily``, and its line in
+``FAMILIES`` below; the AM-flow block, STDHA, extraction, checkpoints and the pictures then run on it
+unchanged:
+
+- ``embed``: frames (B·T, 3, H, W) -> tokens (B·T, N, D) before the first block (patches, prefix tokens,
+  position embeddings, then ``extra``, e.g. ZeroI2V's temporal embedding, then any pre-norm);
+- ``blocks``: the ``nn.ModuleList`` of transformer blocks, each replaceable in place by index;
+- ``wrappable``: whether a block has the pre-norm layout an ``AMFlowBlock`` takes over (``norm1``,
+  ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``);
+- ``attention``: the attention class whose q, k, v ``stage1_extract.attention`` splits out
+  (``project_qkv`` / ``attend``) and STDHA subclasses;
+- ``final_norm``: tokens after the last block -> the normed tokens whose CLS is cached;
+- ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
+- ``pixel_stats``: the input normalisation (mean, std) the weights were trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class BackboneFamily(Protocol):
+    """What AM flow and STDHA use of a backbone model (see the module docstring); one class a family."""
+
+    model_class: type[nn.Module]
+    attention: type[nn.Module]
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool: ...
+
+    @staticmethod
+    def embed(
+        model: nn.Module, frames: torch.Tensor, extra: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor: ...
+
+    @staticmethod
+    def blocks(model: nn.Module) -> nn.ModuleList: ...
+
+    @staticmethod
+    def wrappable(block: nn.Module) -> bool: ...
+
+    @staticmethod
+    def final_norm(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @staticmethod
+    def num_prefix_tokens(model: nn.Module) -> int: ...
+
+    @staticmethod
+    def patch_grid(model: nn.Module) -> tuple[int, int]: ...
+
+    @staticmethod
+    def embed_dim(model: nn.Module) -> int: ...
+
+    @staticmethod
+    def input_size(model: nn.Module) -> tuple[int, int]: ...
+
+    @staticmethod
+    def pixel_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]: ...

@@ -1,0 +1,65 @@
+"""timm's ``VisionTransformer`` as a backbone family (DINOv2, CLIP, AugReg, ... by name)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+
+class TimmViT:
+    """timm's ``VisionTransformer`` (DINOv2, CLIP, AugReg, ... by name): the first backbone family."""
+
+    model_class = VisionTransformer
+    attention = Attention
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, cls.model_class)
+
+    @staticmethod
+    def embed(
+        model: VisionTransformer,
+        frames: torch.Tensor,
+        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = model._pos_embed(model.patch_embed(frames))
+        if extra is not None:
+            x = extra(x)
+        return model.norm_pre(model.patch_drop(x))
+
+    @staticmethod
+    def blocks(model: VisionTransformer) -> nn.ModuleList:
+        return model.blocks
+
+    @staticmethod
+    def wrappable(block: nn.Module) -> bool:
+        return type(block) is Block
+
+    @staticmethod
+    def final_norm(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        return model.norm(tokens)
+
+    @staticmethod
+    def num_prefix_tokens(model: VisionTransformer) -> int:
+        return model.num_prefix_tokens
+
+    @staticmethod
+    def patch_grid(model: VisionTransformer) -> tuple[int, int]:
+        return tuple(model.patch_embed.grid_size)
+
+    @staticmethod
+    def embed_dim(model: VisionTransformer) -> int:
+        return model.embed_dim
+
+    @staticmethod
+    def input_size(model: VisionTransformer) -> tuple[int, int]:
+        return tuple(int(s) for s in model.patch_embed.img_size)
+
+    @staticmethod
+    def pixel_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg = model.pretrained_cfg
+        return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
