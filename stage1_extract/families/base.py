@@ -15,16 +15,40 @@ unchanged:
   (``project_qkv`` / ``attend``) and STDHA subclasses;
 - ``final_norm``: tokens after the last block -> the normed tokens whose CLS is cached;
 - ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
-- ``pixel_stats``: the input normalisation (mean, std) the weights were trained with.
+- ``pixel_stats``: the input normalisation (mean, std) the weights were trained with;
+- ``block_geometry``: per block, its token grid, heads, width, prefix tokens, attention window and whether
+  it pools (changes its token set): hierarchical families change these from stage to stage;
+- ``pooled``: final normed tokens -> one feature per frame (the CLS for a ViT; the family's own pooling,
+  e.g. the token mean, for families without a CLS token).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """What one block sees: ``grid`` (rows, cols) of its patch tokens, ``heads`` and ``width`` of its
+    attention, ``prefix_tokens`` (CLS, registers) before the patches, ``window`` (rows, cols) of its local
+    attention (None: global), and ``pools`` (its output token set differs from its input's)."""
+
+    grid: tuple[int, int]
+    heads: int
+    width: int
+    prefix_tokens: int = 0
+    window: tuple[int, int] | None = None
+    pools: bool = False
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per frame at the block's input: prefix tokens, then the patch grid."""
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
 
 
 class BackboneFamily(Protocol):
@@ -64,3 +88,9 @@ class BackboneFamily(Protocol):
 
     @staticmethod
     def pixel_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]: ...
+
+    @staticmethod
+    def block_geometry(model: nn.Module) -> list[BlockGeometry]: ...
+
+    @staticmethod
+    def pooled(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...

@@ -9,6 +9,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from stage1_extract.families.base import BlockGeometry
+
 
 class TimmViT:
     """timm's ``VisionTransformer`` (DINOv2, CLIP, AugReg, ... by name): the first backbone family."""
@@ -63,3 +65,15 @@ class TimmViT:
     def pixel_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
         cfg = model.pretrained_cfg
         return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+    @staticmethod
+    def block_geometry(model: VisionTransformer) -> list[BlockGeometry]:
+        grid = tuple(model.patch_embed.grid_size)
+        return [
+            BlockGeometry(grid, b.attn.num_heads, model.embed_dim, model.num_prefix_tokens)
+            for b in model.blocks
+        ]
+
+    @staticmethod
+    def pooled(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]
