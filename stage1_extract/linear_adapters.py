@@ -1,7 +1,8 @@
 """ZeroI2V linear adapters (paper 002, sec. 3.3): serial, no activation, merged exactly (eq. 11).
 
 ``A(x) = x + s · W_up(dropout(W_down x))``. An adapter sits before or after one of a block's linear
-layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). The adapted layer stays an ``nn.Linear``
+layers (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``: the same paths in every backbone family's
+blocks, found through ``stage1_extract.families``). The adapted layer stays an ``nn.Linear``
 owning the same ``weight``/``bias`` (an ``AdaptedLinear``), so timm's state-dict keys are unchanged and
 the adapter's keys read ``...attn.qkv.adapter.down.weight``.
 
@@ -17,12 +18,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from tqdm import tqdm
 
+from stage1_extract.families import family_of
+
 Position = Literal["before", "after"]
-# Where an adapter may sit: "<before|after>_<layer>", layer one of these (path inside a timm Block).
+# Where an adapter may sit: "<before|after>_<layer>", layer one of these (path inside a timm block).
 ADAPTED_LAYERS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 DEFAULT_PLACES = ("before_qkv", "after_proj", "before_fc1", "after_fc2")
 # Separate input adapters of the query, key and value rows of attn.qkv (rows [0, D), [D, 2D), [2D, 3D)).
@@ -229,24 +231,25 @@ def check_places(places: Sequence[str]) -> None:
 
 
 def add_linear_adapters(
-    vit: VisionTransformer,
+    model: nn.Module,
     ratio: float = 0.25,
     scale: float = 0.5,
     dropout: float = 0.1,
     places: Sequence[str] = DEFAULT_PLACES,
-) -> VisionTransformer:
-    """Puts a LinearAdapter (bottleneck ``round(ratio · D)``) at each place of every block, in place.
+) -> nn.Module:
+    """Puts a LinearAdapter (bottleneck ``round(ratio · D)``, D the block's width) at each place of every
+    block of ``model`` (any backbone family), in place.
 
-    A layer without bias gets an adapter without biases, so the merge needs no new bias. Returns ``vit``.
+    A layer without bias gets an adapter without biases, so the merge needs no new bias. Returns ``model``.
     """
     if ratio <= 0:
         raise ValueError(f"add_linear_adapters: ratio must be > 0, got {ratio}")
     check_places(places)
     parts = [QKV_PARTS[p] for p in places if p in QKV_PARTS]
     places = [p for p in places if p not in QKV_PARTS]
-    bottleneck = max(1, round(ratio * vit.embed_dim))
     parsed = [parse_place(p) for p in places]
-    for i, block in enumerate(vit.blocks):
+    for i, block in enumerate(family_of(model).blocks(model)):
+        bottleneck = max(1, round(ratio * block.attn.qkv.in_features))
         if parts:
             qkv = block.attn.qkv
             if type(qkv) is not nn.Linear:
@@ -270,7 +273,7 @@ def add_linear_adapters(
             adapter = LinearAdapter(width, bottleneck, scale, dropout, bias=linear.bias is not None)
             adapter.to(device=linear.weight.device, dtype=linear.weight.dtype)
             setattr(parent, name, AdaptedLinear(linear, adapter, position))
-    return vit
+    return model
 
 
 def linear_adapter_modules(module: nn.Module) -> list[AdaptedLinear]:
@@ -279,14 +282,14 @@ def linear_adapter_modules(module: nn.Module) -> list[AdaptedLinear]:
 
 
 @torch.no_grad()
-def merge_linear_adapters(vit: VisionTransformer) -> VisionTransformer:
-    """Folds every adapter of ``vit`` into its linear layer and removes it, in place (eq. 11).
+def merge_linear_adapters(model: nn.Module) -> nn.Module:
+    """Folds every adapter of ``model`` into its linear layer and removes it, in place (eq. 11).
 
-    Returns ``vit``, now holding exactly the plain timm model's keys and parameter count (its attention
+    Returns ``model``, now holding exactly the plain timm model's keys and parameter count (its attention
     stays STDHA where it was).
     """
-    targets = [(name, m) for name, m in vit.named_modules() if isinstance(m, AdaptedLinear)]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLinear)]
     for name, module in tqdm(targets, desc="merging linear adapters", unit="layer", disable=None):
         parent_name, _, attr = name.rpartition(".")
-        setattr(vit.get_submodule(parent_name), attr, module.merged())
-    return vit
+        setattr(model.get_submodule(parent_name), attr, module.merged())
+    return model

@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass
 class BackboneConfig:
-    """The frozen timm ViT: name, input size, its weights, extra ``timm.create_model`` arguments.
+    """The frozen timm backbone (ViT, Swin): name, input size, its weights, extra ``timm.create_model``
+    arguments.
 
     Weights come from ``weights`` (a local file or transformers folder, any format
     ``stage1_extract.weight_formats`` reads) or, with ``pretrained: true``, from timm's pretrained tag in
@@ -20,8 +21,10 @@ class BackboneConfig:
     weights: str | None = None
     pretrained: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    # STDHA head -> frame offset (explicit list or multiset {offset: count}); None = plain attention.
-    head_offsets: list[int] | dict[int, int] | None = None
+    # STDHA head -> frame offset (explicit list or multiset {offset: count}) for every block; or a list of
+    # those, one per stage (Swin); or the temporal fraction of each stage's heads (0.25: offsets -1, +1,
+    # -2, +2, ... in turn); None = plain attention. ZeroI2V resolves it to explicit lists.
+    head_offsets: list[int] | dict[int, int] | list[list[int] | dict[int, int]] | float | None = None
 
     def validate(self) -> None:
         if self.weights and self.pretrained:

@@ -32,6 +32,9 @@ import torch
 from timm.layers import QuickGELU
 from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from stage1_extract.families import family_of
 
 StateDict = dict[str, torch.Tensor]
 
@@ -183,13 +186,18 @@ def detect_format(state: StateDict) -> WeightFormat:
     return next(f for f in FORMATS if f.detect(state))
 
 
-def to_timm(state: StateDict, model: VisionTransformer) -> tuple[StateDict, WeightFormat]:
-    """``state`` in ``model``'s timm keys (position embeddings resampled to its grid), and its format."""
+def to_timm(state: StateDict, model: nn.Module) -> tuple[StateDict, WeightFormat]:
+    """``state`` in ``model``'s timm keys (position tables resampled to its size), and its format.
+
+    The formats other than ``timm`` are ViT releases (a ViT's keys do not fit another family: the load
+    then fails naming the model); every result passes the family's timm filter (which also reads
+    Microsoft's original Swin files).
+    """
     state = _unwrap(state)
     fmt = detect_format(state)
     if fmt.convert is not None:
         state = fmt.convert(state, model)
-    return timm_vit.checkpoint_filter_fn(state, model), fmt
+    return family_of(model).checkpoint_filter(state, model), fmt
 
 
 def read_weights(path: str | Path, read_file: Callable[[Path], StateDict]) -> WeightsFile:
@@ -231,7 +239,7 @@ def _hf_json(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return out[0], out[1]
 
 
-def architecture_name(model: VisionTransformer) -> str:
+def architecture_name(model: nn.Module) -> str:
     """timm's name of ``model``'s architecture (for messages)."""
     return str(model.pretrained_cfg.get("architecture") or "the backbone")
 
@@ -243,7 +251,7 @@ def quickgelu_name(architecture: str) -> str | None:
     return name if "quickgelu" in name and name in timm.list_models(name) else None
 
 
-def check_architecture(model: VisionTransformer, fmt: WeightFormat, file: WeightsFile) -> list[str]:
+def check_architecture(model: nn.Module, fmt: WeightFormat, file: WeightsFile) -> list[str]:
     """Warns (and returns the messages) where ``model`` does not compute what the file's weights expect.
 
     QuickGELU vs GELU: OpenAI's CLIP weights (and transformers configs saying ``quick_gelu``) need
@@ -251,7 +259,8 @@ def check_architecture(model: VisionTransformer, fmt: WeightFormat, file: Weight
     """
     messages = []
     arch = architecture_name(model)
-    quick = isinstance(model.blocks[0].mlp.act, QuickGELU) if len(model.blocks) else False
+    blocks = family_of(model).blocks(model)
+    quick = isinstance(getattr(blocks[0].mlp, "act", None), QuickGELU) if len(blocks) else False
     fix = quickgelu_name(arch)
     fix_text = f"use {fix}" if fix else "set backbone.timm_kwargs.act_layer: quick_gelu"
     vision_cfg = file.hf_config.get("vision_config", file.hf_config)

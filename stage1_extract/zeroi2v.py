@@ -1,10 +1,10 @@
-"""ZeroI2V's backbone side (paper 002): a frozen timm ViT with STDHA and linear adapters, and the merged
-file format stage 1 reads back as a backbone.
+"""ZeroI2V's backbone side (paper 002): a frozen timm backbone (ViT, Swin) with STDHA and linear adapters,
+and the merged file format stage 1 reads back as a backbone.
 
 ``build_zeroi2v_backbone`` makes the training backbone; stage 2 (``stage2_temporal.zeroi2v``) adds the
 ZeroI2V classifier, trains, and merges the adapters into the frozen weights (eq. 11).
 
-Merged file layout: the plain timm ViT's own keys (``num_classes=0``), plus the classifier's tensors under
+Merged file layout: the plain timm model's own keys (``num_classes=0``), plus the classifier's tensors under
 ``zeroi2v_head.`` (``time_embed``, ``fc.weight``, ``fc.bias``); the metadata holds the resolved config.
 Drop the ``zeroi2v_head.`` keys (``split_merged_state``) and the rest loads strictly into
 ``timm.create_model(name, num_classes=0)``.
@@ -21,7 +21,6 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbone import create_backbone, freeze
@@ -41,7 +40,7 @@ from stage1_extract.linear_adapters import (
     merge_linear_adapters,
 )
 from stage1_extract.model_config import BackboneConfig
-from stage1_extract.stdha import expand_head_offsets, use_stdha
+from stage1_extract.stdha import StageOffsets, use_stage_stdha
 
 HEAD_PREFIX = "zeroi2v_head."
 MERGED_FORMAT = "amflow-zeroi2v-merged-1"
@@ -71,37 +70,51 @@ class LinearAdapterConfig:
             raise ValueError(f"key 'adapter.places': {e}") from e
 
 
+ResolvedOffsets = list[int] | list[list[int]]
+
+
+def apply_stdha(
+    model: nn.Module, spec: StageOffsets | None, num_frames: int, name: str
+) -> ResolvedOffsets | None:
+    """STDHA on every block of ``model`` as ``spec`` (``backbone.head_offsets``) assigns the heads.
+
+    Returns the explicit offsets a resolved config records: one per-head list for a one-stage backbone
+    (ViT), one list per stage otherwise (Swin); None without STDHA. Errors name the backbone ``name``.
+    """
+    if spec is None:
+        return None
+    try:
+        offsets = use_stage_stdha(model, spec, num_frames)
+    except ValueError as e:
+        raise ValueError(f"backbone {name!r}: key 'backbone.head_offsets': {e}") from e
+    return offsets[0] if len(offsets) == 1 else offsets
+
+
 def build_zeroi2v_backbone(
     backbone: BackboneConfig, num_frames: int, adapter: LinearAdapterConfig
-) -> tuple[VisionTransformer, list[int] | None]:
-    """Frozen ViT + STDHA (``backbone.head_offsets``) + linear adapters, from the current RNG state.
+) -> tuple[nn.Module, ResolvedOffsets | None]:
+    """Frozen backbone + STDHA (``backbone.head_offsets``) + linear adapters, from the current RNG state.
 
-    Returns the ViT and the explicit per-head offset list (None without STDHA).
+    Returns the backbone and its explicit STDHA offsets (``apply_stdha``; None without STDHA).
     """
     b = backbone
-    vit = freeze(create_backbone(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
-    offsets = None
-    if backbone.head_offsets is not None:
-        try:
-            offsets = expand_head_offsets(backbone.head_offsets, vit.blocks[0].attn.num_heads)
-        except ValueError as e:
-            raise ValueError(f"backbone {backbone.name!r}: {e}") from e
-        use_stdha(vit, offsets, num_frames)
-    add_linear_adapters(vit, adapter.ratio, adapter.scale, adapter.dropout, adapter.places)
-    return vit, offsets
+    model = freeze(create_backbone(b.name, b.img_size, b.weights, b.pretrained, **b.timm_kwargs))
+    offsets = apply_stdha(model, b.head_offsets, num_frames, b.name)
+    add_linear_adapters(model, adapter.ratio, adapter.scale, adapter.dropout, adapter.places)
+    return model, offsets
 
 
 def split_merged_state(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(plain timm ViT state, head state without the ``zeroi2v_head.`` prefix) of a merged file's tensors."""
+    """(plain timm model state, head state without the ``zeroi2v_head.`` prefix) of a merged file."""
     vit = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
     head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     return vit, head
 
 
-def plain_vit(backbone: BackboneConfig) -> VisionTransformer:
-    """timm's plain ViT class of ``backbone`` with no classifier, weights to be loaded by the caller."""
+def plain_vit(backbone: BackboneConfig) -> nn.Module:
+    """timm's plain model of ``backbone`` with no classifier, weights to be loaded by the caller."""
     kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, **backbone.timm_kwargs)
     if backbone.img_size is not None:
         kwargs["img_size"] = backbone.img_size
@@ -116,8 +129,8 @@ def is_zeroi2v_file(path: str | Path, metadata: dict[str, str] | None = None) ->
     return CONFIG_KEY in meta and (yaml.safe_load(meta[CONFIG_KEY]) or {}).get("kind") == "zeroi2v"
 
 
-def merged_backbone(path: str | Path) -> tuple[str, list[int] | None, dict[str, torch.Tensor]]:
-    """(backbone name, STDHA head offsets, plain timm ViT state) of a merged ZeroI2V file, or of a
+def merged_backbone(path: str | Path) -> tuple[str, ResolvedOffsets | None, dict[str, torch.Tensor]]:
+    """(backbone name, STDHA head offsets, plain timm model state) of a merged ZeroI2V file, or of a
     trainable ZeroI2V checkpoint whose adapters are merged here, in memory (its classifier is not read)."""
     meta = read_metadata(path)
     if meta.get(FORMAT_KEY) == MERGED_FORMAT:

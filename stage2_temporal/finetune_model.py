@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from stage1_extract.backbone import RANDOM_INIT_WARNING, normalise_video, pixel_stats
 from stage1_extract.config import ConfigError
+from stage1_extract.families import family_of
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage2_temporal.distributed import Distributed
 from stage2_temporal.models import AMFlowModel, ModelConfig, build_model
@@ -32,7 +33,7 @@ def use_gradient_checkpointing(model: FinetunableModel) -> int:
     ``torch.utils.checkpoint`` while gradients are on. Returns the number of blocks checkpointed.
     """
     model.vit.set_grad_checkpointing(True)
-    return len(model.vit.blocks)
+    return len(family_of(model.vit).blocks(model.vit))
 
 
 def build_finetune_model(cfg: ModelConfig) -> FinetunableModel:

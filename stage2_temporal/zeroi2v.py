@@ -1,12 +1,13 @@
 """ZeroI2V (paper 002) end to end: the STDHA + linear-adapter backbone of stage 1 and the ZeroI2V
 classifier, and the zero-cost merge.
 
-Training model: frozen ViT, STDHA attention, four linear adapters per block, and a classifier made of a
-learned temporal position embedding (1×T×D, added to every token after the ViT's position embedding),
-the mean over frames of the ViT's pooled feature (the final normed CLS for CLIP/DINOv2 ViTs) and a
-linear layer. After training, ``merge_checkpoint`` folds the adapters into the frozen linear layers
-(eq. 11) and writes a plain timm ViT state dict (layout: ``stage1_extract.zeroi2v``); ``load_merged``
-turns it back into a runnable model.
+Training model: frozen backbone (a timm ViT or Swin, through ``stage1_extract.families``), STDHA
+attention, four linear adapters per block, and a classifier made of a learned temporal position embedding
+(1×T×D, added to every token after the ViT's position embedding, after Swin's patch embedding), the mean
+over frames of the backbone's pooled feature (the final normed CLS for CLIP/DINOv2 ViTs, the mean of the
+final normed tokens for Swin) and a linear layer. After training, ``merge_checkpoint`` folds the adapters
+into the frozen linear layers (eq. 11) and writes a plain timm state dict (layout:
+``stage1_extract.zeroi2v``); ``load_merged`` turns it back into a runnable model.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Literal
 import torch
 import yaml
 from safetensors.torch import load_file
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.backbone import file_sha256
@@ -40,11 +39,13 @@ from stage1_extract.config import build_config, config_to_dict, load_config
 from stage1_extract.families import family_of
 from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
 from stage1_extract.model_config import BackboneConfig
-from stage1_extract.stdha import stdha_modules, use_stdha
+from stage1_extract.stdha import stdha_modules
 from stage1_extract.zeroi2v import (
     HEAD_PREFIX,
     MERGED_FORMAT,
     LinearAdapterConfig,
+    ResolvedOffsets,
+    apply_stdha,
     build_zeroi2v_backbone,
     plain_vit,
     split_merged_state,
@@ -75,35 +76,48 @@ class ZeroI2VConfig:
         spec = self.backbone.head_offsets
         if spec is None:
             return
-        offsets = list(spec) if isinstance(spec, list) else [o for o, n in spec.items() if n]
-        far = [o for o in offsets if abs(o) >= self.num_frames]
-        if far:
-            raise ValueError(
-                f"key 'backbone.head_offsets': offsets {far} reach outside every {self.num_frames}-frame "
-                "clip (such a head would never see another frame)"
-            )
-        if isinstance(spec, dict) and any(n < 0 for n in spec.values()):
-            raise ValueError(f"key 'backbone.head_offsets': head counts must be >= 0, got {spec}")
+        if isinstance(spec, float):
+            if not 0 < spec <= 1:
+                raise ValueError(
+                    f"key 'backbone.head_offsets': a fraction of each stage's heads in (0, 1], got {spec}"
+                )
+            return  # its offsets are checked once resolved, against each stage's head count
+        stages = spec if spec and all(isinstance(s, (list, dict)) for s in spec) else [spec]
+        for stage in stages:
+            offsets = list(stage) if isinstance(stage, list) else [o for o, n in stage.items() if n]
+            far = [o for o in offsets if abs(o) >= self.num_frames]
+            if far:
+                raise ValueError(
+                    f"key 'backbone.head_offsets': offsets {far} reach outside every {self.num_frames}-frame "
+                    "clip (such a head would never see another frame)"
+                )
+            if isinstance(stage, dict) and any(n < 0 for n in stage.values()):
+                raise ValueError(f"key 'backbone.head_offsets': head counts must be >= 0, got {stage}")
 
 
 class ZeroI2VHead(nn.Module):
-    """Temporal position embedding (added before the blocks), mean over frames, linear classifier."""
+    """Temporal position embedding (added before the blocks), mean over frames, linear classifier.
 
-    def __init__(self, num_frames: int, dim: int, num_classes: int):
+    ``dim``: the width of the tokens before the first block; ``feature_dim``: of the pooled feature
+    (the same for a ViT; Swin's final stage is 8x its first).
+    """
+
+    def __init__(self, num_frames: int, dim: int, num_classes: int, feature_dim: int | None = None):
         super().__init__()
         self.num_frames = num_frames
         # Zero-initialised: at initialisation the backbone sees exactly what the image model sees.
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(feature_dim or dim, num_classes)
 
     def no_weight_decay(self) -> set[str]:
         """Trained without weight decay (timm's convention): the temporal position embedding."""
         return {"time_embed"}
 
     def add_time_embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Adds frame t's embedding to every token (CLS included) of tokens (B·T, N, D)."""
+        """Adds frame t's embedding to every token (CLS included) of tokens (B·T, N, D) or (B·T, H, W, D)."""
         clips = tokens.unflatten(0, (-1, self.num_frames))
-        return (clips + self.time_embed.unsqueeze(2)).reshape(tokens.shape)  # batch kept symbolic in ONNX
+        embed = self.time_embed.view(1, self.num_frames, *[1] * (tokens.dim() - 2), -1)
+        return (clips + embed).reshape(tokens.shape)  # batch kept symbolic in ONNX
 
     def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) from per-frame pooled features (B, T, D)."""
@@ -111,9 +125,10 @@ class ZeroI2VHead(nn.Module):
 
 
 class ZeroI2VModel(nn.Module):
-    """Video classifier: ``vit`` (STDHA, with or without linear adapters) and a ZeroI2V ``head``."""
+    """Video classifier: ``vit``, the backbone of any family (STDHA, with or without linear adapters), and
+    a ZeroI2V ``head``."""
 
-    def __init__(self, vit: VisionTransformer, head: ZeroI2VHead):
+    def __init__(self, vit: nn.Module, head: ZeroI2VHead):
         super().__init__()
         for attn in stdha_modules(vit):
             if attn.num_frames != head.num_frames:
@@ -135,13 +150,9 @@ class ZeroI2VModel(nn.Module):
                 f"ZeroI2VModel: expected video (B, {self.num_frames}, 3, H, W), got {tuple(video.shape)}"
             )
         B, T = video.shape[:2]
-        vit = self.vit
-        x = family_of(vit).embed(vit, video.flatten(0, 1), extra=self.head.add_time_embed)
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(vit.blocks, x)
-        else:
-            x = vit.blocks(x)
-        x = vit.forward_head(vit.norm(x), pre_logits=True)
+        vit, family = self.vit, family_of(self.vit)
+        x = family.embed(vit, video.flatten(0, 1), extra=self.head.add_time_embed)
+        x = family.pooled(vit, family.final_norm(vit, family.forward_blocks(vit, x)))
         return x.unflatten(0, (B, T))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -167,10 +178,15 @@ def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vit, offsets = build_zeroi2v_backbone(cfg.backbone, cfg.num_frames, cfg.adapter)
-        head = ZeroI2VHead(cfg.num_frames, vit.embed_dim, cfg.num_classes)
+        head = zeroi2v_head(vit, cfg)
     model = ZeroI2VModel(vit, head)
     model.config = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
     return model
+
+
+def zeroi2v_head(vit: nn.Module, cfg: ZeroI2VConfig) -> ZeroI2VHead:
+    """The head of ``cfg`` for backbone ``vit``: its embedding width and pooled feature width."""
+    return ZeroI2VHead(cfg.num_frames, family_of(vit).embed_dim(vit), cfg.num_classes, vit.num_features)
 
 
 @dataclass
@@ -182,7 +198,7 @@ class MergeSummary:
     vit_parameters: int
     head_parameters: int
     num_frames: int
-    head_offsets: list[int] | None
+    head_offsets: ResolvedOffsets | None
 
 
 def merge_checkpoint(
@@ -254,8 +270,9 @@ def save_merged(model: ZeroI2VModel, path: str | Path, metadata: dict[str, str] 
     write_safetensors(tensors, path, meta)
 
 
-def load_merged(path: str | Path) -> tuple[VisionTransformer, ZeroI2VHead]:
-    """The merged model of ``path``: a plain timm ViT (STDHA attention, no adapters) and the ZeroI2V head.
+def load_merged(path: str | Path) -> tuple[nn.Module, ZeroI2VHead]:
+    """The merged model of ``path``: a plain timm backbone (STDHA attention, no adapters) and the ZeroI2V
+    head.
 
     ``ZeroI2VModel(vit, head)`` runs it on videos; both are returned in eval mode.
     """
@@ -269,9 +286,8 @@ def load_merged(path: str | Path) -> tuple[VisionTransformer, ZeroI2VHead]:
         vit.load_state_dict(vit_state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not load into timm {cfg.backbone.name!r}: {e}") from e
-    if cfg.backbone.head_offsets is not None:
-        use_stdha(vit, cfg.backbone.head_offsets, cfg.num_frames)
-    head = ZeroI2VHead(cfg.num_frames, vit.embed_dim, cfg.num_classes)
+    apply_stdha(vit, cfg.backbone.head_offsets, cfg.num_frames, cfg.backbone.name)
+    head = zeroi2v_head(vit, cfg)
     try:
         head.load_state_dict(head_state, strict=True)
     except RuntimeError as e:

@@ -1,4 +1,5 @@
-"""A merged ZeroI2V classifier as ONNX: plain ViT (STDHA) + head, any batch size, for non-PyTorch runtimes.
+"""A merged ZeroI2V classifier as ONNX: plain timm backbone (STDHA) + head, any batch size, for runtimes
+other than PyTorch.
 
 Input ``video``: float32 ``(batch, T, 3, H, W)``, frames already scaled to [0, 1] and normalised with the
 model's mean and std; output ``logits`` ``(batch, num_classes)``. The graph's metadata records the
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stage1_extract.backbone import pixel_stats
+from stage1_extract.families import family_of
 from stage2_temporal.zeroi2v import ZeroI2VModel
 from store.atomic import atomic_path
 
@@ -30,7 +32,7 @@ def export_onnx(
     except ImportError as e:
         raise ValueError("--onnx needs the onnx package: pip install 'amflow[onnx]'") from e
     model = model.eval()
-    size = model.vit.patch_embed.img_size
+    size = family_of(model.vit).input_size(model.vit)
     example = torch.zeros(2, model.num_frames, 3, *size)
     out = Path(path)
     with atomic_path(out) as tmp:

@@ -9,17 +9,28 @@ unchanged:
 - ``embed``: frames (B·T, 3, H, W) -> tokens (B·T, N, D) before the first block (patches, prefix tokens,
   position embeddings, then ``extra``, e.g. ZeroI2V's temporal embedding, then any pre-norm);
 - ``blocks``: the ``nn.ModuleList`` of transformer blocks, each replaceable in place by index;
+- ``stages``: the block indices of each stage (blocks between two downsamplings; a ViT is one stage);
+- ``forward_blocks``: tokens after ``embed`` -> tokens after the last block (through the downsampling
+  between stages), recomputing each block in the backward pass when timm's ``set_grad_checkpointing`` is on;
 - ``wrappable``: whether a block has the pre-norm layout an ``AMFlowBlock`` takes over (``norm1``,
   ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``);
 - ``attention``: the attention class whose q, k, v ``stage1_extract.attention`` splits out
   (``project_qkv`` / ``attend``) and STDHA subclasses;
+- ``stdha``: a block's attention as STDHA (``stage1_extract.stdha``), sharing its weights: the family's
+  STDHA subclass of ``attention``, told what it needs of the block (e.g. Swin's windows per frame);
 - ``final_norm``: tokens after the last block -> the normed tokens whose CLS is cached;
 - ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
 - ``pixel_stats``: the input normalisation (mean, std) the weights were trained with;
+- ``checkpoint_filter``: timm's ``checkpoint_filter_fn`` of the family (a timm or original release state
+  dict -> the model's keys, position tables resampled to its size);
 - ``block_geometry``: per block, its token grid, heads, width, prefix tokens, attention window and whether
   it pools (changes its token set): hierarchical families change these from stage to stage;
-- ``pooled``: final normed tokens -> one feature per frame (the CLS for a ViT; the family's own pooling,
-  e.g. the token mean, for families without a CLS token).
+- ``pooled``: final normed tokens -> one feature per frame, timm's ``forward_head(pre_logits=True)`` (the
+  CLS for a ViT with token pooling; the token mean for families without a CLS token), width
+  ``model.num_features``.
+
+Linear adapters (``stage1_extract.linear_adapters``) go on the ``attn.qkv``, ``attn.proj``, ``mlp.fc1``
+and ``mlp.fc2`` of every block: the paths timm's ViT, Swin and Hiera blocks share.
 """
 
 from __future__ import annotations
@@ -69,6 +80,15 @@ class BackboneFamily(Protocol):
     def blocks(model: nn.Module) -> nn.ModuleList: ...
 
     @staticmethod
+    def stages(model: nn.Module) -> list[list[int]]: ...
+
+    @staticmethod
+    def forward_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @staticmethod
+    def stdha(block: nn.Module, num_frames: int, head_offsets: list[int]) -> nn.Module: ...
+
+    @staticmethod
     def wrappable(block: nn.Module) -> bool: ...
 
     @staticmethod
@@ -88,6 +108,9 @@ class BackboneFamily(Protocol):
 
     @staticmethod
     def pixel_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]: ...
+
+    @staticmethod
+    def checkpoint_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]: ...
 
     @staticmethod
     def block_geometry(model: nn.Module) -> list[BlockGeometry]: ...

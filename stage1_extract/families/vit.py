@@ -6,10 +6,15 @@ from collections.abc import Callable
 
 import torch
 from timm.layers import Attention
+from timm.models import checkpoint_seq
+from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from stage1_extract.families.base import BlockGeometry
+from stage1_extract.stdha import STDHAttention
+
+StateDict = dict[str, torch.Tensor]
 
 
 class TimmViT:
@@ -36,6 +41,20 @@ class TimmViT:
     @staticmethod
     def blocks(model: VisionTransformer) -> nn.ModuleList:
         return model.blocks
+
+    @staticmethod
+    def stages(model: VisionTransformer) -> list[list[int]]:
+        return [list(range(len(model.blocks)))]
+
+    @staticmethod
+    def forward_blocks(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        if model.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(model.blocks, tokens)
+        return model.blocks(tokens)
+
+    @staticmethod
+    def stdha(block: nn.Module, num_frames: int, head_offsets: list[int]) -> nn.Module:
+        return STDHAttention.from_attention(block.attn, num_frames, head_offsets)
 
     @staticmethod
     def wrappable(block: nn.Module) -> bool:
@@ -67,6 +86,10 @@ class TimmViT:
         return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
     @staticmethod
+    def checkpoint_filter(state: StateDict, model: VisionTransformer) -> StateDict:
+        return timm_vit.checkpoint_filter_fn(state, model)
+
+    @staticmethod
     def block_geometry(model: VisionTransformer) -> list[BlockGeometry]:
         grid = tuple(model.patch_embed.grid_size)
         return [
@@ -76,4 +99,4 @@ class TimmViT:
 
     @staticmethod
     def pooled(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, 0]
+        return model.forward_head(tokens, pre_logits=True)
