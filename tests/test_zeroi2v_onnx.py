@@ -18,10 +18,15 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
 
-def test_merged_classifier_in_onnxruntime_equals_pytorch(tmp_path, capsys):
-    cfg = load_config(
-        ZeroI2VConfig, "models/zeroi2v_tiny.yaml", ["backbone.img_size=32", "backbone.timm_kwargs.depth=2"]
-    )
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("models/zeroi2v_tiny.yaml", ["backbone.img_size=32", "backbone.timm_kwargs.depth=2"]),
+        ("models/zeroi2v_swin_tiny.yaml", ["backbone.img_size=32"]),  # shifted windows, 2 stages
+    ],
+)
+def test_merged_classifier_in_onnxruntime_equals_pytorch(tmp_path, capsys, config, overrides):
+    cfg = load_config(ZeroI2VConfig, config, overrides)
     model = build_zeroi2v(cfg)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # trained-looking adapters and head, so the merge and the graph have work to do
