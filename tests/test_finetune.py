@@ -22,6 +22,7 @@ from amflow.commands import finetune as finetune_command
 from stage1_extract.checkpoint import load_into, load_trainable_checkpoint, read_config
 from stage1_extract.config import ConfigError
 from stage1_extract.extract import load_extraction_model
+from stage1_extract.families import family_of
 from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal import augment
 from stage2_temporal.distributed import Distributed, StepBatches, epoch_order
@@ -379,17 +380,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(videos):
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("config", ["amflow_tiny", "zeroi2v_tiny"])
-def test_gradient_checkpointing_recomputes_every_block_in_backward(config):
+@pytest.mark.parametrize(
+    ("config", "blocks"), [("amflow_tiny", 2), ("zeroi2v_tiny", 2), ("zeroi2v_swin_tiny", 4)]
+)
+def test_gradient_checkpointing_recomputes_every_block_in_backward(config, blocks):
     """timm's flag makes both models' block loops recompute each block in the backward pass: every block
     runs twice per training step with it, once without it, and once in inference either way."""
-    small = ["backbone.img_size=32", "backbone.timm_kwargs.depth=2", "num_frames=4"]
+    small = ["backbone.img_size=32", "num_frames=4"]
+    if "swin" not in config:
+        small.append("backbone.timm_kwargs.depth=2")
     cfg = load_model_config(f"configs/models/{config}.yaml", small)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg)
     calls = []
-    for blk in model.vit.blocks:
+    for blk in family_of(model.vit).blocks(model.vit):
         blk.register_forward_pre_hook(lambda *_: calls.append(1))  # the recomputation may stop early
     video = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     counts = []
@@ -402,7 +407,7 @@ def test_gradient_checkpointing_recomputes_every_block_in_backward(config):
         with torch.no_grad():
             model(video)
         counts.append(len(calls))
-    assert counts == [2, 2, 4, 2]
+    assert counts == [blocks, blocks, 2 * blocks, blocks]
 
 
 # ---------------------------------------------------------------------------------------------- augment
