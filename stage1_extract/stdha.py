@@ -55,6 +55,8 @@ def expand_head_offsets(spec: HeadOffsets, num_heads: int) -> list[int]:
         for m in range(1, max((abs(o) for o in counts), default=0) + 1):
             offsets += [-m] * counts.get(-m, 0) + [m] * counts.get(m, 0)
         return offsets + [0] * counts.get(0, 0)
+    if not isinstance(spec, Sequence):
+        raise ValueError(f"head_offsets: expected a list of offsets or a multiset, got {spec!r}")
     offsets = list(spec)
     if any(isinstance(o, bool) or not isinstance(o, int) for o in offsets):
         raise ValueError(f"head_offsets: expected integers, got {offsets}")

@@ -210,7 +210,8 @@ def test_paper_size_config_counts_and_offsets(capsys):
 
 
 def test_finetune_keeps_only_trainable_weights_then_merge_and_predict(tmp_path, capsys):
-    """A Swin ZeroI2V finetune run stores no frozen Swin weight; its merge predicts as the model does."""
+    """A Swin ZeroI2V finetune run stores no frozen Swin weight; its merge and its export predict as the
+    model does."""
     videos = tmp_path / "videos"
     make_folder_dataset(videos, ["left", "right"], {"train": 2, "val": 1}, 32, 6, seed=0)
     plan = plan_finetune(
@@ -230,12 +231,14 @@ def test_finetune_keeps_only_trainable_weights_then_merge_and_predict(tmp_path, 
     assert main(["merge", str(tmp_path / "run" / "best.safetensors"), "--out", str(merged)]) == 0
     video = str(next((videos / "val").rglob("*.mp4")))
     probs = []
-    for source in (["--run", str(tmp_path / "run")], ["--model", str(merged)]):
+    export = tmp_path / "export.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--out", str(export)]) == 0
+    for source in (["--run", str(tmp_path / "run")], ["--model", str(merged)], ["--model", str(export)]):
         capsys.readouterr()
         argv = ["predict", video, *source, "--json", "--decode-workers", "0", "--device", "cpu", "--quiet"]
         assert main(argv) == 0
         (line,) = capsys.readouterr().out.splitlines()
         probs.append({t["label"]: t["prob"] for t in json.loads(line)["top5"]})
     assert set(probs[0]) == {"left", "right"} and math.isclose(sum(probs[0].values()), 1.0, rel_tol=1e-6)
-    for label, p in probs[0].items():  # the finetuned model and its merge: the same probabilities
-        assert probs[1][label] == pytest.approx(p, abs=1e-5)
+    for label, p in probs[0].items():  # the finetuned model, its merge and export: the same probabilities
+        assert probs[1][label] == pytest.approx(p, abs=1e-5) and probs[2][label] == pytest.approx(p, abs=1e-5)
