@@ -17,7 +17,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stage1_extract.families import FAMILIES, family_of, is_backbone
@@ -125,11 +124,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
+def load_vit_weights(model: nn.Module, path: str | Path) -> str:
     """Loads a weights file (or transformers folder) of any recognised format; returns the format's name.
 
-    The format's filter (``weight_formats``) maps its keys to timm's, then timm's ``checkpoint_filter_fn``
-    resamples position embeddings, as ``timm.create_model(pretrained=True)`` would. Adapter keys the
+    The format's filter (``weight_formats``) maps its keys to timm's, then the family's timm
+    ``checkpoint_filter_fn`` resamples position tables, as ``timm.create_model(pretrained=True)`` would
+    (for every family; the ViT releases' formats only fit ViTs). Adapter keys the
     file lacks stay as they are. What the keys cannot tell (QuickGELU, mean/std) is checked and warned.
     """
     try:
@@ -139,7 +139,7 @@ def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
     try:
         state, fmt = to_timm(file.state, model)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise WeightsError(f"{path}: cannot be mapped to timm's ViT keys: {e}") from e
+        raise WeightsError(f"{path}: cannot be mapped to the keys of {architecture_name(model)}: {e}") from e
     check_architecture(model, fmt, file)
     state = {k: v for k, v in state.items() if not k.startswith("head.") or hasattr(model.head, "weight")}
     try:
@@ -163,7 +163,7 @@ ADDED_KEY_MARKERS = ("adapter", "aligner", "time_embed")
 
 
 def is_added_key(key: str) -> bool:
-    """Keys of modules amflow adds to a timm ViT (absent from plain timm checkpoints)."""
+    """Keys of modules amflow adds to a timm backbone (absent from plain timm checkpoints)."""
     return any(m in key for m in ADDED_KEY_MARKERS)
 
 
@@ -185,9 +185,7 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def pixel_stats(
-    vit: VisionTransformer, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_stats(vit: nn.Module, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's input normalisation (timm ``pretrained_cfg`` mean and std), each shaped (3, 1, 1)."""
     mean, std = family_of(vit).pixel_stats(vit)
     return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
