@@ -183,7 +183,7 @@ class TimmSwin:
 
     @staticmethod
     def embed_dim(model: SwinTransformer) -> int:
-        return model.embed_dim
+        return model.patch_embed.proj.out_channels  # model.embed_dim may be the per-stage tuple
 
     @staticmethod
     def input_size(model: SwinTransformer) -> tuple[int, int]:
