@@ -87,6 +87,12 @@ def apply_stdha(
         offsets = use_stage_stdha(model, spec, num_frames)
     except ValueError as e:
         raise ValueError(f"backbone {name!r}: key 'backbone.head_offsets': {e}") from e
+    far = sorted({o for stage in offsets for o in stage if abs(o) >= num_frames})
+    if far:
+        raise ValueError(
+            f"backbone {name!r}: key 'backbone.head_offsets' resolves to offsets {far}, outside every "
+            f"{num_frames}-frame clip (such a head would never see another frame)"
+        )
     return offsets[0] if len(offsets) == 1 else offsets
 
 

@@ -137,6 +137,11 @@ def test_default_fraction_gives_the_papers_swin_b_counts():
         stage_head_offsets([{0: 4}, {0: 8}], [4, 8, 16, 32])
 
 
+def test_fraction_reaching_outside_the_clip_is_an_error():
+    with pytest.raises(ValueError, match=r"resolves to offsets \[-2, 2\], outside every 2-frame clip"):
+        tiny_model("backbone.head_offsets=0.5", "num_frames=2")
+
+
 def test_merged_equals_unmerged():
     model = tiny_model()
     assert model.config.backbone.head_offsets == [[-1, 0, 0, 0], [-1, 1, 0, 0, 0, 0, 0, 0]]
