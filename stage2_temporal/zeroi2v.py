@@ -171,7 +171,7 @@ class ZeroI2VModel(nn.Module):
 
 
 def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
-    """Frozen ViT + STDHA + linear adapters + head, seeded by ``cfg.seed`` (works on the meta device).
+    """Frozen backbone + STDHA + linear adapters + head, seeded by ``cfg.seed`` (works on the meta device).
 
     ``model.config`` is the resolved config: ``backbone.head_offsets`` as the explicit per-head list.
     """
@@ -249,7 +249,7 @@ def merge_checkpoint(
 
 
 def save_merged(model: ZeroI2VModel, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Writes a merged ZeroI2V model: plain ViT keys + ``zeroi2v_head.*``, resolved config in the metadata."""
+    """Writes a merged ZeroI2V model: plain timm keys + ``zeroi2v_head.*``, resolved config in metadata."""
     if linear_adapter_modules(model.vit):
         raise ValueError(
             "save_merged: the model still has linear adapters (call merge_linear_adapters first)"
