@@ -9,6 +9,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from stage1_extract.attention import TimmAttentionSplit
 from stage1_extract.families.base import BlockGeometry
 
 
@@ -17,6 +18,7 @@ class TimmViT:
 
     model_class = VisionTransformer
     attention = Attention
+    split = TimmAttentionSplit
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -77,3 +79,8 @@ class TimmViT:
     @staticmethod
     def pooled(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0]
+
+    @staticmethod
+    def grid_positions(model: VisionTransformer, index: int) -> None:
+        """Tokens are in row-major order already (prefix tokens first)."""
+        return None
