@@ -46,6 +46,12 @@ class ClipFeatures:
     cls: torch.Tensor
     flow: torch.Tensor | list[torch.Tensor] | None = None
 
+    def block_flow(self, position: int) -> torch.Tensor:
+        """The maps (B, T, h, N) of the flow block at ``position`` (in ``flow_block_names``), either layout."""
+        if self.flow is None:
+            raise ValueError("these features carry no AM-flow maps")
+        return self.flow[position] if isinstance(self.flow, list) else self.flow[:, position]
+
 
 # Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
 CLASSIFIER_KEYS = ("num_classes", "heads")

@@ -130,17 +130,35 @@ class TimmHiera:
     @staticmethod
     def block_geometry(model: Hiera) -> list[BlockGeometry]:
         """Per block: its input grid, heads, attention width, the mask unit its keys come from (None where
-        attention is global) and whether it pools; a pooling block's output grid is the next one's."""
-        grid, unit = list(model.tokens_spatial_shape), list(model.mask_unit_size)
+        attention is global) and whether it pools; a pooling block's output grid is the next one's.
+
+        timm's mask-unit attention groups the unrolled tokens by their position modulo the window count,
+        which is a mask unit of the grid only when ``mask_unit_size`` is ``q_stride`` to the power of the
+        unrolls left (timm's defaults); other settings are refused, naming the key.
+        """
+        grid, unit, unrolls = (
+            list(model.tokens_spatial_shape),
+            list(model.mask_unit_size),
+            model.unroll.schedule,
+        )
         out = []
-        for block in model.blocks:
+        for i, block in enumerate(model.blocks):
             attn = block.attn
             pools = attn.q_stride > 1
-            window = tuple(unit) if attn.use_mask_unit_attn else None
+            window = None
+            if attn.use_mask_unit_attn:
+                window = tuple(math.prod(s[d] for s in unrolls) for d in range(len(grid)))
+                if window != tuple(unit):
+                    raise ValueError(
+                        f"hiera: block {i + 1} attends inside mask units of {tuple(unit)} tokens but its unrolled "
+                        f"tokens group into {window} windows; set mask_unit_size to q_stride ** (stages - 1) "
+                        f"(timm_kwargs mask_unit_size={list(model.mask_unit_size)}, q_stride={list(model.q_stride)})"
+                    )
             out.append(BlockGeometry(tuple(grid), attn.heads, attn.dim_out, 0, window, pools))
             if pools:
                 grid = [g // s for g, s in zip(grid, model.q_stride)]
                 unit = [u // s for u, s in zip(unit, model.q_stride)]
+                unrolls = unrolls[1:]
         return out
 
     @staticmethod
