@@ -150,9 +150,9 @@ class TimmHiera:
                 window = tuple(math.prod(s[d] for s in unrolls) for d in range(len(grid)))
                 if window != tuple(unit):
                     raise ValueError(
-                        f"hiera: block {i + 1} attends inside mask units of {tuple(unit)} tokens but its unrolled "
-                        f"tokens group into {window} windows; set mask_unit_size to q_stride ** (stages - 1) "
-                        f"(timm_kwargs mask_unit_size={list(model.mask_unit_size)}, q_stride={list(model.q_stride)})"
+                        f"hiera: block {i + 1} attends inside mask units of {tuple(unit)} tokens but its "
+                        f"unrolled tokens group into {window} windows; set timm_kwargs mask_unit_size "
+                        f"(now {list(model.mask_unit_size)}) to q_stride {list(model.q_stride)} ** (stages - 1)"
                     )
             out.append(BlockGeometry(tuple(grid), attn.heads, attn.dim_out, 0, window, pools))
             if pools:
