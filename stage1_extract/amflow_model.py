@@ -47,7 +47,7 @@ class ClipFeatures:
     flow: torch.Tensor | list[torch.Tensor] | None = None
 
     def block_flow(self, position: int) -> torch.Tensor:
-        """The maps (B, T, h, N) of the flow block at ``position`` (of ``flow_block_names``), either layout."""
+        """The maps (B, T, h, N) of flow block ``position`` (of ``flow_block_names``), in either layout."""
         if self.flow is None:
             raise ValueError("these features carry no AM-flow maps")
         return self.flow[position] if isinstance(self.flow, list) else self.flow[:, position]

@@ -152,7 +152,7 @@ class TimmHiera:
                     raise ValueError(
                         f"hiera: block {i + 1} attends inside mask units of {tuple(unit)} tokens but its "
                         f"unrolled tokens group into {window} windows; set timm_kwargs mask_unit_size "
-                        f"(now {list(model.mask_unit_size)}) to q_stride {list(model.q_stride)} ** (stages - 1)"
+                        f"({list(model.mask_unit_size)}) to q_stride {list(model.q_stride)} ** (stages - 1)"
                     )
             out.append(BlockGeometry(tuple(grid), attn.heads, attn.dim_out, 0, window, pools))
             if pools:
