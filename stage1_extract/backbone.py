@@ -117,7 +117,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user
         raise WeightsError(f"{p}: cannot be read as a weights-only torch checkpoint: {e}") from e
-    for key in ("state_dict", "model", "module"):
+    for key in ("state_dict", "model", "module", "model_state"):  # model_state: the Hiera release
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -128,9 +128,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
     """Loads a weights file (or transformers folder) of any recognised format; returns the format's name.
 
-    The format's filter (``weight_formats``) maps its keys to timm's, then timm's ``checkpoint_filter_fn``
-    resamples position embeddings, as ``timm.create_model(pretrained=True)`` would. Adapter keys the
-    file lacks stay as they are. What the keys cannot tell (QuickGELU, mean/std) is checked and warned.
+    The format's filter (``weight_formats``) maps its keys to timm's, then timm's ``checkpoint_filter_fn`` of
+    the model's family resamples position embeddings, as ``timm.create_model(pretrained=True)`` would.
+    Adapter keys the file lacks stay as they are. What the keys cannot tell (QuickGELU, mean/std) is
+    checked and warned.
     """
     try:
         file = read_weights(path, read_state_dict)
@@ -141,7 +142,8 @@ def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
     except (ValueError, KeyError, RuntimeError) as e:
         raise WeightsError(f"{path}: cannot be mapped to timm's ViT keys: {e}") from e
     check_architecture(model, fmt, file)
-    state = {k: v for k, v in state.items() if not k.startswith("head.") or hasattr(model.head, "weight")}
+    model_keys = set(model.state_dict())
+    state = {k: v for k, v in state.items() if not k.startswith("head.") or k in model_keys}  # classifiers
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ: another width, depth or patch size

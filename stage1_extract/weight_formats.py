@@ -32,6 +32,9 @@ import torch
 from timm.layers import QuickGELU
 from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from stage1_extract.families import family_of
 
 StateDict = dict[str, torch.Tensor]
 
@@ -50,8 +53,8 @@ class WeightsFile:
 
 
 def _unwrap(state: Mapping[str, Any]) -> StateDict:
-    """The tensors of a checkpoint (``state_dict``/``model``/``module`` wrappers removed)."""
-    for key in ("state_dict", "model", "module"):
+    """The tensors of a checkpoint (``state_dict``/``model``/``module``/``model_state`` wrappers removed)."""
+    for key in ("state_dict", "model", "module", "model_state"):
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     return dict(state)
@@ -183,13 +186,14 @@ def detect_format(state: StateDict) -> WeightFormat:
     return next(f for f in FORMATS if f.detect(state))
 
 
-def to_timm(state: StateDict, model: VisionTransformer) -> tuple[StateDict, WeightFormat]:
-    """``state`` in ``model``'s timm keys (position embeddings resampled to its grid), and its format."""
+def to_timm(state: StateDict, model: nn.Module) -> tuple[StateDict, WeightFormat]:
+    """``state`` in ``model``'s timm keys (through its family's ``checkpoint_filter``: position embeddings
+    resampled to its grid, a family's original release keys renamed), and its format."""
     state = _unwrap(state)
     fmt = detect_format(state)
     if fmt.convert is not None:
         state = fmt.convert(state, model)
-    return timm_vit.checkpoint_filter_fn(state, model), fmt
+    return family_of(model).checkpoint_filter(state, model), fmt
 
 
 def read_weights(path: str | Path, read_file: Callable[[Path], StateDict]) -> WeightsFile:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 from amflow.cli import main
 from stage1_extract.checkpoint import load_trainable_checkpoint
@@ -37,12 +38,9 @@ HIERA_CONFIG = "configs/models/amflow_hiera_tiny.yaml"
 
 
 def tiny_cfg(timm_kwargs=TINY, **kw) -> AMFlowModelConfig:
-    return AMFlowModelConfig(
-        backbone=BackboneConfig(name="hiera_tiny_224", img_size=32, timm_kwargs=timm_kwargs),
-        num_frames=4,
-        num_classes=3,
-        **{"heads": LSTMHeadsConfig(hidden=16, layers=1), **kw},
-    )
+    kw.setdefault("backbone", BackboneConfig(name="hiera_tiny_224", img_size=32, timm_kwargs=timm_kwargs))
+    kw.setdefault("heads", LSTMHeadsConfig(hidden=16, layers=1))
+    return AMFlowModelConfig(num_frames=4, num_classes=3, **kw)
 
 
 def plain_timm(model) -> torch.nn.Module:
@@ -126,6 +124,19 @@ def test_block_geometry_per_block():
     with torch.no_grad():
         ref.forward_features(torch.randn(1, 3, 32, 32))
     assert seen == [(g.tokens, g.width) for g in geometry]
+
+
+def test_weights_of_timm_and_of_the_hiera_release_load(tmp_path):
+    ref = timm.create_model("hiera_tiny_224", img_size=32, num_classes=0, **TINY)
+    save_file(ref.state_dict(), tmp_path / "timm.safetensors")
+    # the hiera-transformer release: a model_state wrapper, the final norm as "norm.", the classifier
+    release = {k.replace("head.norm.", "norm."): v for k, v in ref.state_dict().items()}
+    release |= {"head.projection.weight": torch.zeros(5, 32), "head.projection.bias": torch.zeros(5)}
+    torch.save({"model_state": release}, tmp_path / "release.pth")
+    for name in ("timm.safetensors", "release.pth"):
+        cfg = tiny_cfg(backbone=BackboneConfig("hiera_tiny_224", 32, str(tmp_path / name), timm_kwargs=TINY))
+        loaded = build_amflow(cfg).vit.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items()), name
 
 
 def test_am_flow_on_a_pooling_block_is_refused_naming_it():

@@ -24,7 +24,9 @@ unchanged:
 - ``pooled``: final normed tokens -> one feature per frame (the CLS for a ViT; the family's own pooling,
   e.g. the token mean, for families without a CLS token);
 - ``grid_positions``: where a block's tokens sit on its row-major grid, for families whose blocks see
-  their tokens in another order (Hiera's unrolled mask units); the maps AM flow returns are row-major.
+  their tokens in another order (Hiera's unrolled mask units); the maps AM flow returns are row-major;
+- ``checkpoint_filter``: timm's own ``checkpoint_filter_fn`` of the family (a weights file in timm's keys,
+  position embeddings resampled), after ``weight_formats`` has mapped other releases' keys.
 """
 
 from __future__ import annotations
@@ -129,3 +131,6 @@ class BackboneFamily(Protocol):
 
     @staticmethod
     def grid_positions(model: nn.Module, index: int) -> torch.Tensor | None: ...
+
+    @staticmethod
+    def checkpoint_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]: ...

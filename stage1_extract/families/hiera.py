@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention
+from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention, checkpoint_filter_fn
 from torch import nn
 
 from stage1_extract.attention import attention_probs
@@ -173,3 +173,9 @@ class TimmHiera:
         _, size = model.reroll.schedule[index]
         n = math.prod(size)
         return model.reroll(torch.arange(n).view(1, n, 1), index).flatten()
+
+    @staticmethod
+    def checkpoint_filter(state: dict[str, torch.Tensor], model: Hiera) -> dict[str, torch.Tensor]:
+        """timm's Hiera filter: also reads the ``hiera-transformer`` release's keys (``model_state``,
+        ``norm.`` / ``encoder_norm.`` -> ``head.norm.``, ``head.projection.`` -> ``head.fc.``)."""
+        return checkpoint_filter_fn(state, model)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from stage1_extract.attention import TimmAttentionSplit
@@ -84,3 +84,8 @@ class TimmViT:
     def grid_positions(model: VisionTransformer, index: int) -> None:
         """Tokens are in row-major order already (prefix tokens first)."""
         return None
+
+    @staticmethod
+    def checkpoint_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """timm's ViT filter: position embeddings resampled to the model's grid, timm's conversions."""
+        return checkpoint_filter_fn(state, model)
