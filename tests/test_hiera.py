@@ -10,17 +10,23 @@ import torch
 from safetensors.torch import save_file
 
 from amflow.cli import main
+from stage1_extract.backbone import normalise_video, pixel_stats
 from stage1_extract.checkpoint import load_trainable_checkpoint
+from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.extract import load_extraction_model
 from stage1_extract.families import family_of
 from stage1_extract.families.base import BlockGeometry
 from stage1_extract.model_config import BackboneConfig
+from stage1_extract.models import load_feature_config
 from stage1_extract.synthetic import make_folder_dataset
+from stage1_extract.video import VideoClipDataset
 from stage1_extract.visualize import flow_heatmaps
 from stage2_temporal.finetune import finetune
 from stage2_temporal.finetune_plan import plan_finetune
 from stage2_temporal.heads import LSTMHeadsConfig
 from stage2_temporal.models import AMFlowModelConfig, build_amflow, build_model
 from stage2_temporal.predictions import read_predictions
+from store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -215,6 +221,44 @@ def test_extract_train_evaluate_predict_end_to_end(videos, tmp_path, capsys):
             [next(t["prob"] for t in line["top5"] if t["label"] == c) for c in expected["class_names"]]
         )
         np.testing.assert_allclose(got, probs, atol=1e-3)
+
+
+def test_store_of_one_stage_flow_blocks_holds_what_the_model_and_timm_compute(videos, tmp_path):
+    out = tmp_path / "flow.zarr"
+    args = [
+        "extract",
+        "--dataset",
+        "folder",
+        "--root",
+        str(videos),
+        "--split",
+        "val",
+        "--config",
+        HIERA_CONFIG,
+    ]
+    assert (
+        main([*args, "--out", str(out), "--flow", "--decode-workers", "0", *SMALL, "model.blocks=[5,6]"]) == 0
+    )
+    store = FeatureStore.open(out)
+    assert store.provenance["patch_grid"] == [2, 2] and store.provenance["num_prefix_tokens"] == 0
+    cfg = load_feature_config(
+        HIERA_CONFIG, ["backbone.img_size=32", "bottleneck=16", "num_frames=4", "blocks=[5,6]"]
+    )
+    model = load_extraction_model(cfg, None, torch.device("cpu"))
+    data_cfg = DatasetConfig(num_frames=4, crop_size=32)
+    item = VideoClipDataset([ClipRecord("val/up/up_0000.mp4", 2)], videos, data_cfg, 32)[0]
+    mean, std = pixel_stats(model.vit)
+    video = normalise_video(item["video"], mean, std)
+    with torch.no_grad():
+        feats = model.extract(video)
+        ref = timm.create_model("hiera_tiny_224", img_size=32, num_classes=0, embed_dim=32).eval()
+        ref.load_state_dict({k: v for k, v in model.vit.state_dict().items() if "adapter" not in k})
+        timm_pooled = ref(video[0, -1:])  # timm's own Hiera forward of the last frame, no classifier
+    clip = store.read_clip(int(store.index_of("val/up/up_0000.mp4")))
+    np.testing.assert_allclose(clip["cls"][0], timm_pooled[0].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(clip["embeddings"][:, 0], feats.embeddings[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert clip["flow"].shape[0] == 2 and clip["flow"].shape[-2:] == (4, 4)  # blocks; heads, tokens
+    np.testing.assert_allclose(clip["flow"][:, 0], feats.flow[0].numpy(), rtol=2e-3, atol=2e-3)
 
 
 def test_finetune_saves_only_trainable_weights(videos, tmp_path):
