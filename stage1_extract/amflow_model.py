@@ -68,7 +68,8 @@ class AMFlowConfig:
     kind: Literal["amflow"] = "amflow"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_frames: int = 8
-    # 1-based block numbers with AM flow and adapters, as the paper writes AM/2(1,12); "all" = AM/L.
+    # 1-based block numbers with AM flow and adapters, as the paper writes AM/2(1,12); "all" = AM/L, every
+    # block that can take AM flow (Hiera: all but each stage's first block, which pools).
     blocks: list[int] | Literal["all"] = "all"
     aggregation: Literal["sum_softmax", "softmax_sum"] = "sum_softmax"
     temperature: float | None = None  # sum_softmax: divides summed logits; None = N (mean over queries)
@@ -416,6 +417,13 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
                 f"blocks: block {i + 1} of {bcfg.name} ({type(blocks[i]).__name__}) {why}: AM flow needs a "
                 f"block whose input and output tokens are the same; blocks that can take AM flow: {can}"
             )
+    if not indices:
+        raise ValueError(f"blocks: {bcfg.name} has no block that can take AM flow")
+    widths = sorted({geometry[i].width for i in indices})
+    if cfg.aligning_encoder and any(w % cfg.aligner_heads for w in widths):
+        raise ValueError(
+            f"aligner_heads={cfg.aligner_heads} must divide every AM-flow block's width {widths}"
+        )
     if cfg.pooling == "cls" and family.num_prefix_tokens(vit) == 0:
         raise ValueError(f"pooling: 'cls' needs a CLS token and {bcfg.name} has none; use mean or flow")
     offsets = None

@@ -152,9 +152,23 @@ def test_am_flow_on_a_pooling_block_is_refused_naming_it():
         build_amflow(tiny_cfg(pooling="cls"))
     with pytest.raises(ValueError, match="heads.flow_maps"):
         build_amflow(tiny_cfg(heads=LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True)))
+    with pytest.raises(ValueError, match=r"aligner_heads=12 must divide .* \[16, 32\]"):
+        build_amflow(tiny_cfg(aligning_encoder=True))
     # timm groups unrolled tokens into windows that are mask units only for q_stride ** (stages - 1)
     with pytest.raises(ValueError, match="mask_unit_size"):
         build_amflow(tiny_cfg({**TINY, "mask_unit_size": [4, 4]}))
+
+
+def test_gradients_reach_every_adapter_and_aligner_and_no_frozen_weight():
+    model = build_amflow(tiny_cfg(aligning_encoder=True, aligner_heads=4, pooling="flow"))
+    for name, p in model.named_parameters():  # non-zero W_up: gradients also cross the adapters
+        if ".up." in name:
+            torch.nn.init.normal_(p, std=0.02)
+    logits = model(torch.randn(2, 4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    for name, p in model.named_parameters():
+        assert p.requires_grad == any(m in name for m in ("adapter", "aligner", "classifier.")), name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, name
 
 
 def test_flow_sits_on_the_moving_square_in_every_block():
