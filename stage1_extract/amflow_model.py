@@ -340,7 +340,7 @@ class AMFlowExtractor(nn.Module):
     def uniform_flow(self) -> bool:
         """Whether every flow block's maps have one shape and grid (every ViT; ``ClipFeatures.flow`` is then
         one tensor, else a list per block)."""
-        return len({(g.grid, g.heads, g.prefix_tokens) for g in self.flow_geometry}) == 1
+        return len({(g.grid, shape) for g, shape in zip(self.flow_geometry, self.flow_shapes)}) == 1
 
     def extract(self, video: torch.Tensor) -> ClipFeatures:
         """video: normalised float (B, T, 3, H, W) -> the features stage 1 caches (``ClipFeatures``)."""
