@@ -154,6 +154,9 @@ def test_am_flow_on_a_pooling_block_is_refused_naming_it():
         build_amflow(tiny_cfg(heads=LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True)))
     with pytest.raises(ValueError, match=r"aligner_heads=12 must divide .* \[16, 32\]"):
         build_amflow(tiny_cfg(aligning_encoder=True))
+    stdha = BackboneConfig("hiera_tiny_224", 32, timm_kwargs=TINY, head_offsets=[0])
+    with pytest.raises(ValueError, match=r"head_offsets: .* one head count .* \[1, 2\]"):
+        build_amflow(tiny_cfg(backbone=stdha))
     # timm groups unrolled tokens into windows that are mask units only for q_stride ** (stages - 1)
     with pytest.raises(ValueError, match="mask_unit_size"):
         build_amflow(tiny_cfg({**TINY, "mask_unit_size": [4, 4]}))
