@@ -337,6 +337,14 @@ class AMFlowExtractor(nn.Module):
         return [(g.heads if self.cfg.maps == "am_flow" else 1, g.tokens) for g in self.flow_geometry]
 
     @property
+    def flow_layout(self) -> dict[str, tuple[int, tuple[int, int]]]:
+        """Per flow block name, its maps' channels and token grid (errors name them when they differ)."""
+        return {
+            n: (c, g.grid)
+            for n, g, (c, _) in zip(self.flow_block_names, self.flow_geometry, self.flow_shapes)
+        }
+
+    @property
     def uniform_flow(self) -> bool:
         """Whether every flow block's maps have one shape and grid (every ViT; ``ClipFeatures.flow`` is then
         one tensor, else a list per block)."""

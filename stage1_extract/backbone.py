@@ -140,7 +140,7 @@ def load_vit_weights(model: VisionTransformer, path: str | Path) -> str:
     try:
         state, fmt = to_timm(file.state, model)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise WeightsError(f"{path}: cannot be mapped to timm's ViT keys: {e}") from e
+        raise WeightsError(f"{path}: cannot be mapped to timm's keys: {e}") from e
     check_architecture(model, fmt, file)
     model_keys = set(model.state_dict())
     state = {k: v for k, v in state.items() if not k.startswith("head.") or k in model_keys}  # classifiers

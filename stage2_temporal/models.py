@@ -70,10 +70,10 @@ def build_amflow(cfg: AMFlowModelConfig, weights: str | None = None) -> AMFlowMo
         torch.manual_seed(cfg.seed)
         features = assemble_amflow(cfg, weights)
         if cfg.heads.flow_maps and not features.uniform_flow:
-            shapes = {n: (g.heads, g.grid) for n, g in zip(features.flow_block_names, features.flow_geometry)}
             raise ValueError(
-                f"heads.flow_maps: the AM-flow blocks' maps differ in (heads, grid) {shapes}; the flow-map "
-                "heads need one shape: choose blocks of one stage, or set heads.flow_maps: false"
+                f"heads.flow_maps: the AM-flow blocks' maps differ in (channels, grid) "
+                f"{features.flow_layout}; the flow-map heads need one shape: choose blocks of one stage, "
+                "or set heads.flow_maps: false"
             )
         classifier = build_classifier(
             cfg.heads,
