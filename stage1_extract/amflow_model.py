@@ -1,9 +1,10 @@
-"""The AM-flow feature model: scaled parallel adapters fed with AM flow on a frozen timm ViT (paper 000).
+"""The AM-flow feature model: scaled parallel adapters fed with AM flow on a frozen timm backbone (paper 000).
 
-``build_amflow_extractor(cfg)`` assembles it in one visible function: timm's ViT, its chosen blocks
-swapped for ``AMFlowBlock`` (which keeps the block's own submodules, so timm's state-dict keys are
-unchanged). ``extract`` gives the features stage 1 caches (``ClipFeatures``); stage 2 owns what maps them
-to logits (``stage2_temporal.heads``) and the end-to-end model that adds its classifier to this one.
+``build_amflow_extractor(cfg)`` assembles it in one visible function: timm's model (a ViT, or any family
+of ``stage1_extract.families``, e.g. Hiera), its chosen blocks swapped for ``AMFlowBlock`` (which keeps
+the block's own submodules, so timm's state-dict keys are unchanged). ``extract`` gives the features
+stage 1 caches (``ClipFeatures``); stage 2 owns what maps them to logits (``stage2_temporal.heads``)
+and the end-to-end model that adds its classifier to this one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,9 +22,10 @@ from stage1_extract.am_flow import (
     attention_scores_sum_softmax,
     feature_difference,
 )
-from stage1_extract.attention import attend, attention_probs, project_qkv
+from stage1_extract.attention import attention_probs
 from stage1_extract.backbone import create_backbone, freeze
 from stage1_extract.families import family_of
+from stage1_extract.families.base import AttentionSplit, BlockGeometry
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
 
@@ -34,13 +35,22 @@ class ClipFeatures:
     """What stage 1 computes per clip and stage 2 reads back from the cache.
 
     ``embeddings``: (B, A, T, r) pooled adapter embeddings E; ``flow``: (B, F, T, h, N) AM-flow maps of
-    the flow blocks (all N tokens, prefix tokens first) or None; ``cls``: (B, D) final normed CLS of
-    the last frame.
+    the flow blocks (all N tokens, prefix tokens first, patches row-major) or None; ``cls``: (B, D) the
+    last frame's pooled final feature (the normed CLS of a ViT; ``families`` ``pooled``).
+
+    Blocks of a hierarchical backbone (Hiera) differ in heads and tokens: when the flow blocks' maps
+    differ in shape, ``flow`` is a list with one (B, T, h_b, N_b) tensor per flow block instead.
     """
 
     embeddings: torch.Tensor
     cls: torch.Tensor
-    flow: torch.Tensor | None = None
+    flow: torch.Tensor | list[torch.Tensor] | None = None
+
+    def block_flow(self, position: int) -> torch.Tensor:
+        """The maps (B, T, h, N) of flow block ``position`` (of ``flow_block_names``), in either layout."""
+        if self.flow is None:
+            raise ValueError("these features carry no AM-flow maps")
+        return self.flow[position] if isinstance(self.flow, list) else self.flow[:, position]
 
 
 # Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
@@ -58,7 +68,8 @@ class AMFlowConfig:
     kind: Literal["amflow"] = "amflow"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_frames: int = 8
-    # 1-based block numbers with AM flow and adapters, as the paper writes AM/2(1,12); "all" = AM/L.
+    # 1-based block numbers with AM flow and adapters, as the paper writes AM/2(1,12); "all" = AM/L, every
+    # block that can take AM flow (Hiera: all but each stage's first block, which pools).
     blocks: list[int] | Literal["all"] = "all"
     aggregation: Literal["sum_softmax", "softmax_sum"] = "sum_softmax"
     temperature: float | None = None  # sum_softmax: divides summed logits; None = N (mean over queries)
@@ -170,15 +181,19 @@ def pool_tokens(e: torch.Tensor, mode: str, num_prefix: int, flow: torch.Tensor)
 
 
 class AMFlowBlock(nn.Module):
-    """A timm ViT block with AM flow and two scaled parallel adapters (paper 000, eq. 5).
+    """A timm pre-norm block with AM flow and two scaled parallel adapters (paper 000, eq. 5).
 
     Holds the original block's modules under their own names (``norm1``, ``attn``, ``ls1``, ...), so a
-    plain timm checkpoint loads into it unchanged. The attention is computed once: its q and k also
-    give the block's AM flow.
+    plain timm checkpoint loads into it unchanged. The attention is computed once, in the family's
+    steps (``split``): its q and k also give the block's AM flow, per attention window where the
+    attention is local (Hiera's mask units; METHOD.md s8).
 
     Args:
-        block: the timm ``Block`` to wrap (its modules are taken over, not copied).
-        num_prefix_tokens: tokens before the patches (CLS, registers).
+        block: the timm block to wrap (its modules are taken over, not copied); same tokens in and out.
+        geometry: the block's geometry (``families.base.BlockGeometry``): width, heads, prefix tokens.
+        split: the family's attention in steps (``families.base.AttentionSplit``).
+        grid_positions: where each row-major grid patch sits in the block's token order (None: it is
+            row-major already); the maps the block returns are row-major.
         bottleneck: adapter width r (None: the block width D).
         aggregation: how attention maps become per-token scores (eq. 2-3): sum_softmax or softmax_sum.
         temperature: sum_softmax's divisor of the summed logits (None: the token count N).
@@ -191,8 +206,10 @@ class AMFlowBlock(nn.Module):
 
     def __init__(
         self,
-        block: Block,
-        num_prefix_tokens: int,
+        block: nn.Module,
+        geometry: BlockGeometry,
+        split: AttentionSplit,
+        grid_positions: torch.Tensor | None = None,
         bottleneck: int | None = None,
         aggregation: str = "sum_softmax",
         temperature: float | None = None,
@@ -205,14 +222,16 @@ class AMFlowBlock(nn.Module):
         super().__init__()
         for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
             setattr(self, name, getattr(block, name))
-        dim, heads = block.norm1.normalized_shape[0], block.attn.num_heads
+        dim, heads = geometry.width, geometry.heads
         r = bottleneck or dim
+        self.split = split
         self.aggregation = aggregation
         self.temperature = temperature
         self.pooling = pooling
         self.maps = maps
-        self.num_prefix_tokens = num_prefix_tokens
+        self.num_prefix_tokens = geometry.prefix_tokens
         self.head_offsets = head_offsets
+        self.register_buffer("grid_positions", grid_positions, persistent=False)
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
         self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
@@ -229,21 +248,24 @@ class AMFlowBlock(nn.Module):
         BT, N, D = x.shape
         B, T = BT // num_frames, num_frames
         a = self.norm1(x)
-        q, k, v = project_qkv(self.attn, a)
+        q, k, v = self.split.project_qkv(self.attn, a)
         k_att, v_att = k, v
         if self.head_offsets is not None:
             k_att, v_att = temporal_shift_kv(k, v, T, self.head_offsets)
         probs = attention_probs(self.attn, q, k) if self.aggregation == "softmax_sum" else None
-        attn_out = attend(self.attn, q, k_att, v_att, probs=probs if k_att is k else None, gate_input=a)
+        attn_out = self.split.attend(
+            self.attn, q, k_att, v_att, probs=probs if k_att is k else None, gate_input=a
+        )
 
-        h = q.shape[1]
-        scores = self._scores(q, k, probs).reshape(B, T, h, N)
+        scores = self._scores(q, k, probs)  # (B*T, h, [windows,] n): per attention window
+        per_clip = (B, T, *scores.shape[1:])
         next_scores = None
         if self.aligner is not None and T > 1:
             aligned = self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D)
-            qa, ka, _ = project_qkv(self.attn, self.norm1(aligned))
-            next_scores = self._scores(qa, ka, None).reshape(B, T - 1, h, N)
-        flow = am_flow(scores, next_scores).reshape(BT, h, N)
+            qa, ka, _ = self.split.project_qkv(self.attn, self.norm1(aligned))
+            next_scores = self._scores(qa, ka, None).reshape(B, T - 1, *per_clip[2:])
+        flow = am_flow(scores.reshape(per_clip), next_scores).flatten(0, 1)
+        flow = self.split.to_tokens(self.attn, flow)  # (B*T, h, N) in the block's token order
 
         update_attn, e_attn = self.adapter_attn(torch.cat([a, flow.transpose(1, 2)], dim=-1))
         x = x + self.drop_path1(self.ls1(attn_out)) + update_attn
@@ -252,13 +274,17 @@ class AMFlowBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(m))) + update_mlp
         pooled = tuple(pool_tokens(e, self.pooling, self.num_prefix_tokens, flow) for e in (e_attn, e_mlp))
         maps = flow if self.maps == "am_flow" else feature_difference(a.reshape(B, T, N, D)).reshape(BT, 1, N)
+        if self.grid_positions is not None:
+            maps = maps[..., self.grid_positions]
         return x, BlockOutput(embeddings=pooled, maps=maps)
 
 
-def block_indices(blocks: list[int] | str, depth: int) -> list[int]:
-    """0-based indices of the AM-flow blocks from the config's 1-based list (or "all")."""
+def block_indices(blocks: list[int] | str, depth: int, takes_flow: list[bool] | None = None) -> list[int]:
+    """0-based indices of the AM-flow blocks from the config's 1-based list; "all" = every block that can
+    take AM flow (``takes_flow``, default every block; Hiera: all but each stage's first block)."""
+    takes_flow = takes_flow or [True] * depth
     if blocks == "all":
-        return list(range(depth))
+        return [i for i in range(depth) if takes_flow[i]]
     bad = [b for b in blocks if not 1 <= b <= depth]
     if bad:
         raise ValueError(f"blocks {bad} do not exist: the backbone has blocks 1..{depth}")
@@ -266,26 +292,31 @@ def block_indices(blocks: list[int] | str, depth: int) -> list[int]:
 
 
 class AMFlowExtractor(nn.Module):
-    """Frozen timm ViT with AM-flow blocks: video -> the features stage 1 caches (``extract``).
+    """Frozen timm backbone with AM-flow blocks: video -> the features stage 1 caches (``extract``).
+
+    ``flow_geometry`` holds each flow block's geometry (its maps are (h, N) on its own grid);
+    ``num_heads``, ``patch_grid`` and ``num_tokens`` are the first flow block's, every block's for a ViT.
 
     Args:
-        vit: the timm ViT whose AM-flow blocks are already in place (``build_amflow_extractor``).
+        vit: the timm backbone whose AM-flow blocks are already in place (``build_amflow_extractor``).
         cfg: the resolved feature config (recorded with the features).
     """
 
-    def __init__(self, vit: VisionTransformer, cfg: AMFlowConfig) -> None:
+    def __init__(self, vit: nn.Module, cfg: AMFlowConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.vit = vit
         self.family = family_of(vit)
         blocks = self.family.blocks(vit)
+        geometry = self.family.block_geometry(vit)
         self.flow_block_indices = [i for i, b in enumerate(blocks) if isinstance(b, AMFlowBlock)]
-        first = blocks[self.flow_block_indices[0]]
-        self.num_heads = first.attn.num_heads
+        self.flow_geometry = [geometry[i] for i in self.flow_block_indices]
+        first = self.flow_geometry[0]
+        self.num_heads = first.heads
         self.embed_dim = self.family.embed_dim(vit)
-        self.bottleneck = first.adapter_mlp.down.out_features
-        self.num_prefix_tokens = self.family.num_prefix_tokens(vit)
-        self.patch_grid = self.family.patch_grid(vit)
+        self.bottleneck = blocks[self.flow_block_indices[0]].adapter_mlp.down.out_features
+        self.num_prefix_tokens = first.prefix_tokens
+        self.patch_grid = first.grid
         self.adapter_names = [
             f"block{i + 1}.{place}" for i in self.flow_block_indices for place in ("attn", "mlp")
         ]
@@ -298,7 +329,26 @@ class AMFlowExtractor(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.patch_grid[0] * self.patch_grid[1]
+        return self.flow_geometry[0].tokens
+
+    @property
+    def flow_shapes(self) -> list[tuple[int, int]]:
+        """Per flow block, the (channels, tokens) of its maps: h or 1 (``maps``), then N."""
+        return [(g.heads if self.cfg.maps == "am_flow" else 1, g.tokens) for g in self.flow_geometry]
+
+    @property
+    def flow_layout(self) -> dict[str, tuple[int, tuple[int, int]]]:
+        """Per flow block name, its maps' channels and token grid (errors name them when they differ)."""
+        return {
+            n: (c, g.grid)
+            for n, g, (c, _) in zip(self.flow_block_names, self.flow_geometry, self.flow_shapes)
+        }
+
+    @property
+    def uniform_flow(self) -> bool:
+        """Whether every flow block's maps have one shape and grid (every ViT; ``ClipFeatures.flow`` is then
+        one tensor, else a list per block)."""
+        return len({(g.grid, shape) for g, shape in zip(self.flow_geometry, self.flow_shapes)}) == 1
 
     def extract(self, video: torch.Tensor) -> ClipFeatures:
         """video: normalised float (B, T, 3, H, W) -> the features stage 1 caches (``ClipFeatures``)."""
@@ -327,10 +377,14 @@ class AMFlowExtractor(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False) if checkpointing else blk(x)
         x = family.final_norm(vit, x)
         r = embeddings[0].shape[-1]
+        if self.uniform_flow:
+            flow = torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2)
+        else:
+            flow = [f.reshape(B, T, *f.shape[1:]) for f in flows]
         return x, ClipFeatures(
             embeddings=torch.stack(embeddings, dim=1).reshape(B, T, -1, r).transpose(1, 2),
-            cls=x.reshape(B, T, *x.shape[1:])[:, -1, 0],
-            flow=torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2),
+            cls=family.pooled(vit, x.reshape(B, T, *x.shape[1:])[:, -1]),
+            flow=flow,
         )
 
     def components(self) -> dict[str, list[nn.Parameter]]:
@@ -348,7 +402,11 @@ class AMFlowExtractor(nn.Module):
 
 def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtractor:
     """The AM-flow feature model of ``cfg``, initialised from the current RNG state (see the seeded
-    ``build_amflow_extractor``); ``weights`` (or ``cfg.backbone.weights``) is a local timm checkpoint."""
+    ``build_amflow_extractor``); ``weights`` (or ``cfg.backbone.weights``) is a local timm checkpoint.
+
+    Every adapter has the bottleneck ``cfg.bottleneck`` (None: the backbone's output width), so the
+    temporal heads read (T, r) sequences whatever the width of the block they sit on.
+    """
     bcfg = cfg.backbone
     vit = create_backbone(
         bcfg.name, bcfg.img_size, weights or bcfg.weights, bcfg.pretrained and not weights, **bcfg.timm_kwargs
@@ -356,21 +414,45 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
     freeze(vit)
     family = family_of(vit)
     blocks = family.blocks(vit)
-    indices = block_indices(cfg.blocks, len(blocks))
+    geometry = family.block_geometry(vit)
+    takes_flow = [family.wrappable(b) and not g.pools for b, g in zip(blocks, geometry)]
+    indices = block_indices(cfg.blocks, len(blocks), takes_flow)
+    for i in indices:
+        if not takes_flow[i]:
+            why = "pools its tokens (a stage's first block)" if geometry[i].pools else "cannot be wrapped"
+            can = [j + 1 for j, ok in enumerate(takes_flow) if ok]
+            raise ValueError(
+                f"blocks: block {i + 1} of {bcfg.name} ({type(blocks[i]).__name__}) {why}: AM flow needs a "
+                f"block whose input and output tokens are the same; blocks that can take AM flow: {can}"
+            )
+    if not indices:
+        raise ValueError(f"blocks: {bcfg.name} has no block that can take AM flow")
+    widths = sorted({geometry[i].width for i in indices})
+    if cfg.aligning_encoder and any(w % cfg.aligner_heads for w in widths):
+        raise ValueError(
+            f"aligner_heads={cfg.aligner_heads} must divide every AM-flow block's width {widths}"
+        )
+    if cfg.pooling == "cls" and family.num_prefix_tokens(vit) == 0:
+        raise ValueError(f"pooling: 'cls' needs a CLS token and {bcfg.name} has none; use mean or flow")
     offsets = None
     if bcfg.head_offsets is not None:
-        offsets = expand_head_offsets(bcfg.head_offsets, blocks[0].attn.num_heads)
+        heads = sorted({g.heads for g in geometry})
+        if len(heads) > 1:
+            raise ValueError(
+                f"backbone.head_offsets: STDHA with AM flow needs one head count in every block; "
+                f"{bcfg.name} has {heads}"
+            )
+        offsets = expand_head_offsets(bcfg.head_offsets, heads[0])
         plain = [i for i in range(len(blocks)) if i not in indices]
         if plain:
             use_stdha(vit, offsets, cfg.num_frames, blocks=plain)
     for i in indices:
-        block = blocks[i]
-        if not family.wrappable(block):
-            raise ValueError(f"block {i + 1} of {bcfg.name} is a {type(block).__name__}, not timm's Block")
         blocks[i] = AMFlowBlock(
-            block,
-            family.num_prefix_tokens(vit),
-            bottleneck=cfg.bottleneck,
+            blocks[i],
+            geometry[i],
+            family.split,
+            family.grid_positions(vit, i),
+            bottleneck=cfg.bottleneck or family.embed_dim(vit),
             aggregation=cfg.aggregation,
             temperature=cfg.temperature,
             pooling=cfg.pooling,

@@ -53,3 +53,15 @@ def attend(
             raise ValueError("this timm attention is gated: attend() needs gate_input (the block input)")
         x = x * gate(gate_input).sigmoid()
     return attn.proj_drop(attn.proj(x))
+
+
+class TimmAttentionSplit:
+    """timm's ``Attention`` in steps (``families.base.AttentionSplit``): global attention, one window."""
+
+    project_qkv = staticmethod(project_qkv)
+    attend = staticmethod(attend)
+
+    @staticmethod
+    def to_tokens(attn: Attention, values: torch.Tensor) -> torch.Tensor:
+        """Per-key values (B, h, N) are already per token."""
+        return values

@@ -116,7 +116,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user
         raise WeightsError(f"{p}: cannot be read as a weights-only torch checkpoint: {e}") from e
-    for key in ("state_dict", "model", "module"):
+    for key in ("state_dict", "model", "module", "model_state"):  # model_state: the Hiera release
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -141,7 +141,8 @@ def load_vit_weights(model: nn.Module, path: str | Path) -> str:
     except (ValueError, KeyError, RuntimeError) as e:
         raise WeightsError(f"{path}: cannot be mapped to the keys of {architecture_name(model)}: {e}") from e
     check_architecture(model, fmt, file)
-    state = {k: v for k, v in state.items() if not k.startswith("head.") or hasattr(model.head, "weight")}
+    model_keys = set(model.state_dict())
+    state = {k: v for k, v in state.items() if not k.startswith("head.") or k in model_keys}  # classifiers
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ: another width, depth or patch size

@@ -417,6 +417,12 @@ def plan_extraction(
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_amflow_extractor(model_cfg)
     check_input_size(meta, data_cfg.crop_size, model_config)
+    if options.store_flow and not meta.uniform_flow:
+        raise ConfigError(
+            f"{model_config}: --flow: the AM-flow blocks' maps differ in (channels, grid) "
+            f"{meta.flow_layout} and the store holds one shape for every block; choose blocks of one stage "
+            "(model.blocks=[...]) or drop --flow"
+        )
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {

@@ -103,7 +103,8 @@ def _check_video(video_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
 def flow_heatmaps(
     model: AMFlowExtractor, video_uint8: torch.Tensor | np.ndarray, blocks: Sequence[int] | None = None
 ) -> np.ndarray:
-    """AM flow per pixel, float32 ``(blocks, T, H, W)``: summed over heads, patch grid upsampled (nearest).
+    """AM flow per pixel, float32 ``(blocks, T, H, W)``: summed over heads, each block's token grid
+    upsampled (nearest).
 
     ``video_uint8`` is one clip ``(T, 3, H, W)`` at the model's input size, normalised here with the
     backbone's mean and std as extraction does; ``blocks`` are 1-based block numbers (None = every
@@ -118,11 +119,14 @@ def flow_heatmaps(
     device = next(model.parameters()).device
     mean, std = pixel_stats(model.vit, device)
     x = normalise_video(video.to(device), mean, std)
-    flow = model.extract(x[None]).flow[0].float()  # (F, T, h, N)
-    per_patch = flow[positions].sum(dim=2)[..., model.num_prefix_tokens :]  # (blocks, T, P)
-    grid_h, grid_w = model.patch_grid
-    maps = per_patch.reshape(len(positions), num_frames, grid_h, grid_w)
-    return torch.nn.functional.interpolate(maps, size=(height, width), mode="nearest").cpu().numpy()
+    features = model.extract(x[None])
+    maps = []
+    for p in positions:  # each block on its own grid (hierarchical backbones: one per stage)
+        geometry = model.flow_geometry[p]
+        per_patch = features.block_flow(p)[0].float().sum(dim=1)[..., geometry.prefix_tokens :]  # (T, P)
+        grid = per_patch.reshape(1, num_frames, *geometry.grid)
+        maps.append(torch.nn.functional.interpolate(grid, size=(height, width), mode="nearest")[0])
+    return torch.stack(maps).cpu().numpy()
 
 
 def _frames_hwc(video_uint8: torch.Tensor | np.ndarray) -> np.ndarray:

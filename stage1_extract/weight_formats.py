@@ -53,8 +53,8 @@ class WeightsFile:
 
 
 def _unwrap(state: Mapping[str, Any]) -> StateDict:
-    """The tensors of a checkpoint (``state_dict``/``model``/``module`` wrappers removed)."""
-    for key in ("state_dict", "model", "module"):
+    """The tensors of a checkpoint (``state_dict``/``model``/``module``/``model_state`` wrappers removed)."""
+    for key in ("state_dict", "model", "module", "model_state"):
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
     return dict(state)
@@ -187,11 +187,10 @@ def detect_format(state: StateDict) -> WeightFormat:
 
 
 def to_timm(state: StateDict, model: nn.Module) -> tuple[StateDict, WeightFormat]:
-    """``state`` in ``model``'s timm keys (position tables resampled to its size), and its format.
-
-    The formats other than ``timm`` are ViT releases (a ViT's keys do not fit another family: the load
-    then fails naming the model); every result passes the family's timm filter (which also reads
-    Microsoft's original Swin files).
+    """``state`` in ``model``'s timm keys (through its family's ``checkpoint_filter``: position tables
+    resampled to its size, a family's original release keys renamed: Microsoft's Swin, Meta's Hiera), and
+    its format. The formats other than ``timm`` are ViT releases (a ViT's keys do not fit another family:
+    the load then fails naming the model).
     """
     state = _unwrap(state)
     fmt = detect_format(state)

@@ -69,6 +69,12 @@ def build_amflow(cfg: AMFlowModelConfig, weights: str | None = None) -> AMFlowMo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         features = assemble_amflow(cfg, weights)
+        if cfg.heads.flow_maps and not features.uniform_flow:
+            raise ValueError(
+                f"heads.flow_maps: the AM-flow blocks' maps differ in (channels, grid) "
+                f"{features.flow_layout}; the flow-map heads need one shape: choose blocks of one stage, "
+                "or set heads.flow_maps: false"
+            )
         classifier = build_classifier(
             cfg.heads,
             num_classes=cfg.num_classes,

@@ -117,8 +117,13 @@ class Predictor:
             """View ``v`` of every clip, rounded through the cache's dtype as stage 2 read it."""
             return t.float().unflatten(0, (B, V))[:, v].to(dtype).float().cpu()
 
-        views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(f.flow, v)) for v in range(V)]
         m = self.model
+        # Per-block maps of differing shapes (Hiera) have no store layout yet: heads of them read none.
+        flow = f.flow if m.uniform_flow else None
+        views = [
+            ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), None if flow is None else cached(flow, v))
+            for v in range(V)
+        ]
         data = CachedFeatures.from_clip_features(
             views,
             np.zeros(B, dtype=np.int64),

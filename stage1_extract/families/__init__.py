@@ -8,11 +8,12 @@ from __future__ import annotations
 from torch import nn
 
 from stage1_extract.families.base import BackboneFamily
+from stage1_extract.families.hiera import TimmHiera
 from stage1_extract.families.swin import TimmSwin
 from stage1_extract.families.vit import TimmViT
 
 # The backbone families amflow runs on, tried in order.
-FAMILIES: list[BackboneFamily] = [TimmViT, TimmSwin]
+FAMILIES: list[BackboneFamily] = [TimmViT, TimmSwin, TimmHiera]
 
 
 def is_backbone(module: nn.Module) -> bool:

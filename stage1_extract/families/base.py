@@ -13,21 +13,25 @@ unchanged:
 - ``forward_blocks``: tokens after ``embed`` -> tokens after the last block (through the downsampling
   between stages), recomputing each block in the backward pass when timm's ``set_grad_checkpointing`` is on;
 - ``wrappable``: whether a block has the pre-norm layout an ``AMFlowBlock`` takes over (``norm1``,
-  ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``);
-- ``attention``: the attention class whose q, k, v ``stage1_extract.attention`` splits out
-  (``project_qkv`` / ``attend``) and STDHA subclasses;
+  ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``) with the same tokens
+  and width in and out (no pooling);
+- ``attention``: the attention class whose q, k, v ``split`` splits out and STDHA subclasses;
+- ``split``: that attention in steps (``AttentionSplit``: ``project_qkv``, ``attend``, ``to_tokens``), so
+  AM flow reads a block's own q, k (per attention window where attention is local) and STDHA edits K/V;
 - ``stdha``: a block's attention as STDHA (``stage1_extract.stdha``), sharing its weights: the family's
   STDHA subclass of ``attention``, told what it needs of the block (e.g. Swin's windows per frame);
-- ``final_norm``: tokens after the last block -> the normed tokens whose CLS is cached;
+- ``final_norm``: tokens after the last block -> the final tokens, as timm's ``forward_features`` gives
+  them (normed for a ViT; Hiera norms after pooling, in ``pooled``);
 - ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
 - ``pixel_stats``: the input normalisation (mean, std) the weights were trained with;
 - ``checkpoint_filter``: timm's ``checkpoint_filter_fn`` of the family (a timm or original release state
   dict -> the model's keys, position tables resampled to its size);
 - ``block_geometry``: per block, its token grid, heads, width, prefix tokens, attention window and whether
   it pools (changes its token set): hierarchical families change these from stage to stage;
-- ``pooled``: final normed tokens -> one feature per frame, timm's ``forward_head(pre_logits=True)`` (the
-  CLS for a ViT with token pooling; the token mean for families without a CLS token), width
-  ``model.num_features``.
+- ``pooled``: final tokens -> one feature per frame, timm's ``forward_head(pre_logits=True)`` (the CLS for
+  a ViT with token pooling; the token mean for families without a CLS token), width ``model.num_features``;
+- ``grid_positions``: where a block's tokens sit on its row-major grid, for families whose blocks see
+  their tokens in another order (Hiera's unrolled mask units); the maps AM flow returns are row-major.
 
 Linear adapters (``stage1_extract.linear_adapters``) go on the ``attn.qkv``, ``attn.proj``, ``mlp.fc1``
 and ``mlp.fc2`` of every block: the paths timm's ViT, Swin and Hiera blocks share.
@@ -62,11 +66,38 @@ class BlockGeometry:
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
 
+class AttentionSplit(Protocol):
+    """A block's attention in steps: ``project_qkv`` then ``attend`` compute exactly what its ``forward``
+    does, so AM flow reads q, k in between and STDHA can swap K/V between frames.
+
+    q, k, v are (B, h, n, d) for global attention, (B, h, windows, n, d) for local attention: ``n`` keys
+    per attention window. ``to_tokens`` puts per-key values (B, h, [windows,] n) back on the block's own
+    token order, (B, h, N).
+    """
+
+    @staticmethod
+    def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    @staticmethod
+    def attend(
+        attn: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        probs: torch.Tensor | None = None,
+        gate_input: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    @staticmethod
+    def to_tokens(attn: nn.Module, values: torch.Tensor) -> torch.Tensor: ...
+
+
 class BackboneFamily(Protocol):
     """What AM flow and STDHA use of a backbone model (see the module docstring); one class a family."""
 
     model_class: type[nn.Module]
     attention: type[nn.Module]
+    split: AttentionSplit | None  # None: the family has no block AM flow can wrap
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool: ...
@@ -117,3 +148,6 @@ class BackboneFamily(Protocol):
 
     @staticmethod
     def pooled(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @staticmethod
+    def grid_positions(model: nn.Module, index: int) -> torch.Tensor | None: ...

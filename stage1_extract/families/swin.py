@@ -125,6 +125,7 @@ class TimmSwin:
 
     model_class = SwinTransformer
     attention = WindowAttention
+    split = None  # AM flow does not run on Swin blocks (``wrappable`` is False): nothing to split
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -164,6 +165,11 @@ class TimmSwin:
     @staticmethod
     def stdha(block: nn.Module, num_frames: int, head_offsets: list[int]) -> nn.Module:
         return SwinSTDHAttention.from_block(block, num_frames, head_offsets)
+
+    @staticmethod
+    def grid_positions(model: SwinTransformer, index: int) -> None:
+        """Swin's tokens are (B, H, W, C): row-major already."""
+        return None
 
     @staticmethod
     def wrappable(block: nn.Module) -> bool:

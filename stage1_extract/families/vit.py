@@ -11,6 +11,7 @@ from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from stage1_extract.attention import TimmAttentionSplit
 from stage1_extract.families.base import BlockGeometry
 from stage1_extract.stdha import STDHAttention
 
@@ -22,6 +23,7 @@ class TimmViT:
 
     model_class = VisionTransformer
     attention = Attention
+    split = TimmAttentionSplit
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -100,3 +102,8 @@ class TimmViT:
     @staticmethod
     def pooled(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
         return model.forward_head(tokens, pre_logits=True)
+
+    @staticmethod
+    def grid_positions(model: VisionTransformer, index: int) -> None:
+        """Tokens are in row-major order already (prefix tokens first)."""
+        return None
