@@ -71,7 +71,7 @@ def parse_memory_budget(text: str | int | None) -> int:
 class StoreSelection:
     """What one run reads from a store: the selected adapters / flow blocks, and their size."""
 
-    path: Path
+    path: str | Path  # a folder or an s3:// URL
     adapters: list[int]
     flow_blocks: list[int] | None  # None = no flow maps
     num_clips: int  # done, labelled clips
@@ -105,7 +105,7 @@ def store_selection(
         per["flow"] = math.prod(shapes["flow"]) // shapes["flow"][0] * len(f)
     clip_bytes = item * sum(per.values())
     done = (st.status() == 1) & (st.labels >= 0)
-    return StoreSelection(Path(path), a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
+    return StoreSelection(path, a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
 
 
 def open_features(

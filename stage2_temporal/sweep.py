@@ -41,6 +41,7 @@ from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import drop_ignored_head_keys, ignored_head_keys
 from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
 from store.atomic import atomic_path, write_text_atomic
+from store.objects import store_location
 
 log = logging.getLogger(__name__)
 
@@ -473,8 +474,8 @@ def run_sweep_from_stores(
     check_same_features(val_store, train_st.fingerprint_fields, force=force)
     check_store_pair(train_st, val_st)
     budget = None if memory_budget is None else parse_memory_budget(memory_budget)
-    train = StoreRef(str(Path(train_store).resolve()), flow, budget)
-    val = StoreRef(str(Path(val_store).resolve()), flow, budget)
+    train = StoreRef(store_location(train_store), flow, budget)
+    val = StoreRef(store_location(val_store), flow, budget)
     make_run_dir(sweep_dir)
     return run_sweep(
         train,

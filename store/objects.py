@@ -116,21 +116,23 @@ def _session_settings() -> dict[str, Any]:
     return settings
 
 
-_CLIENTS: dict[tuple[int, str, str], Any] = {}
-_SETTINGS: dict[int, dict[str, Any]] = {}
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_SETTINGS: dict[tuple[Any, ...], dict[str, Any]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
 def _client(url: StoreURL) -> Any:
-    """One obstore client per store and process (a client must not cross a fork)."""
-    key = (os.getpid(), url.bucket, url.prefix)
+    """One obstore client per store, process and AWS environment (a client must not cross a fork; a
+    changed AWS_* variable is a new client)."""
+    context = (os.getpid(), *sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (*context, url.bucket, url.prefix)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             from obstore.store import S3Store
 
-            if os.getpid() not in _SETTINGS:
-                _SETTINGS[os.getpid()] = _session_settings()
-            settings = _SETTINGS[os.getpid()]
+            if context not in _SETTINGS:
+                _SETTINGS[context] = _session_settings()
+            settings = _SETTINGS[context]
             endpoint = settings.get("endpoint", "")
             _CLIENTS[key] = S3Store(
                 url.bucket,
