@@ -104,6 +104,45 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def read_raw_object(
+    objects: Any,  # a store.objects.ObjectIO (this module does not import it)
+    key: str,
+    out: np.ndarray,
+    *,
+    row_shape: Sequence[int],
+    fill_value: float,
+    axis1: Sequence[int] | None = None,
+) -> np.ndarray:
+    """``fastio.read_raw_rows`` for a chunk object: the whole object in one GET, or with ``axis1`` only
+    the selected runs of each row (one concurrent multi-range request). A missing object reads as fill."""
+    flat = memoryview(out).cast("B") if out.nbytes else memoryview(b"")
+    if axis1 is None:
+        data = objects.get(key)
+        if data is None:
+            return _fill(out, fill_value)
+        if len(data) < flat.nbytes:
+            raise OSError(f"{objects.url}/{key}: chunk object is shorter than the {len(out)} rows asked for")
+        flat[:] = memoryview(data)[: flat.nbytes]
+        return out
+    inner = out.itemsize * int(np.prod(row_shape[1:], dtype=np.int64))
+    row_file = inner * int(row_shape[0])
+    starts, ends = [], []
+    for r in range(len(out)):
+        for first, count in _runs([int(a) for a in axis1]):
+            starts.append(r * row_file + first * inner)
+            ends.append(starts[-1] + count * inner)
+    parts = objects.get_ranges(key, starts, ends)
+    if parts is None:
+        return _fill(out, fill_value)
+    dst = 0
+    for part, start, end in zip(parts, starts, ends, strict=True):
+        if len(part) != end - start:
+            raise OSError(f"{objects.url}/{key}: chunk object is shorter than its rows need")
+        flat[dst : dst + len(part)] = memoryview(part)
+        dst += len(part)
+    return out
+
+
 def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float, durable: bool) -> None:
     """Writes ``data`` (the first rows of a chunk of ``chunk_rows`` rows; the rest is ``fill_value``, as
     Zarr pads an edge chunk) as a raw chunk file: temp file, one write, optional fsync, atomic rename."""
@@ -162,8 +201,6 @@ def read_shard(
         out = np.empty(shape, dtype=arr.dtype)
     if is_raw(arr):
         if store.objects is not None:  # on object storage: one GET (or one multi-range GET) per shard
-            from store.objects import read_raw_object
-
             key = store.chunk_key(name, shard)
             return read_raw_object(
                 store.objects, key, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1

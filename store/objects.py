@@ -22,8 +22,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from store.schema import ShardBusyError, StoreError
 
 SCHEME = "s3://"
@@ -254,47 +252,6 @@ class ObjectIO:
         from zarr.storage import ObjectStore
 
         return ObjectStore(self.client, read_only=read_only)
-
-
-def read_raw_object(
-    objects: ObjectIO,
-    key: str,
-    out: np.ndarray,
-    *,
-    row_shape: Sequence[int],
-    fill_value: float,
-    axis1: Sequence[int] | None = None,
-) -> np.ndarray:
-    """``fastio.read_raw_rows`` for a chunk object: the whole object in one GET, or with ``axis1`` only
-    the selected runs of each row (one concurrent multi-range request). A missing object reads as fill."""
-    from store.fastio import _fill, _runs
-
-    flat = memoryview(out).cast("B") if out.nbytes else memoryview(b"")
-    if axis1 is None:
-        data = objects.get(key)
-        if data is None:
-            return _fill(out, fill_value)
-        if len(data) < flat.nbytes:
-            raise OSError(f"{objects.url}/{key}: chunk object is shorter than the {len(out)} rows asked for")
-        flat[:] = memoryview(data)[: flat.nbytes]
-        return out
-    inner = out.itemsize * int(np.prod(row_shape[1:], dtype=np.int64))
-    row_file = inner * int(row_shape[0])
-    starts, ends = [], []
-    for r in range(len(out)):
-        for first, count in _runs([int(a) for a in axis1]):
-            starts.append(r * row_file + first * inner)
-            ends.append(starts[-1] + count * inner)
-    parts = objects.get_ranges(key, starts, ends)
-    if parts is None:
-        return _fill(out, fill_value)
-    dst = 0
-    for part, start, end in zip(parts, starts, ends, strict=True):
-        if len(part) != end - start:
-            raise OSError(f"{objects.url}/{key}: chunk object is shorter than its rows need")
-        flat[dst : dst + len(part)] = memoryview(part)
-        dst += len(part)
-    return out
 
 
 # ---------------------------------------------------------------------- leases (the object-store lock)
