@@ -8,6 +8,7 @@ endpoint end in one line naming the store; the secret never reaches a store or a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from s3_server import free_port, s3_server
 from amflow.cli import main
 from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal.synthetic import synthetic_cache, write_store
-from store import FeatureStore, ShardBusyError, load_arrays, verify_store
+from store import FeatureStore, ShardBusyError, is_store, load_arrays, verify_store
 from store.objects import ObjectIO, ObjectLease, StoreURL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,14 @@ def heads_stores(s3):
 def extract_argv(videos: Path, out: str) -> list[str]:
     args = ["extract", "--dataset", "folder", "--root", str(videos), "--split", "train", "--config", TINY]
     return [*args, "--out", out, "--decode-workers", "0", "--shard-clips", "2", *SMALL]
+
+
+def write_grid(folder: Path) -> str:
+    """A sweep of two learning rates over one-epoch tiny heads."""
+    fixed = {"epochs": 1, "heads.hidden": 8, "heads.flow_maps": False}
+    grid = {"base": "heads/tiny.yaml", "fixed": fixed, "grid": {"lr": [0.003, 0.001]}}
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+    return str(folder / "grid.yaml")
 
 
 def objects_of(url: str) -> dict[str, bytes]:
@@ -154,10 +163,7 @@ def test_commands_on_s3_stores(s3, heads_stores, tmp_path, capsys):
     assert metrics["val"] == local_metrics["val"]
     assert main(["evaluate", "--store", val, "--run", str(run), "--quiet"]) == 0
 
-    grid = {"base": "heads/tiny.yaml", "fixed": {"epochs": 1, "heads.hidden": 8, "heads.flow_maps": False}}
-    grid["grid"] = {"lr": [0.003, 0.001]}
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    sweep = ["sweep", "--store", train, "--val-store", val, "--grid", str(tmp_path / "grid.yaml")]
+    sweep = ["sweep", "--store", train, "--val-store", val, "--grid", write_grid(tmp_path)]
     assert main([*sweep, "--out", str(tmp_path / "sweep"), "--workers", "0", "--quiet"]) == 0
     assert "2 runs: 2 trained" in capsys.readouterr().out
 
@@ -212,3 +218,44 @@ def test_bad_object_store_ends_in_one_line(s3, case, capsys, monkeypatch):
     assert err.startswith(f"amflow store info: error: {url}: ") and why in err, err
     assert seconds < 10
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
+
+
+def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_stores, tmp_path, capsys):
+    """Workers in their own processes and working folders; the store is the only thing they share with
+    the client, and the sweep's runs come back to the client's folder through the scheduler."""
+    from distributed import Client, LocalCluster
+
+    reference = f"s3://{BUCKET}/ref.zarr"
+    if not is_store(reference):
+        assert main(extract_argv(videos, reference)) == 0
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        local_directory=str(tmp_path / "dask"),
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster) as client:
+        for i, worker in enumerate(sorted(client.scheduler_info()["workers"])):
+            (tmp_path / f"worker{i}").mkdir()
+            client.run(os.chdir, str(tmp_path / f"worker{i}"), workers=[worker])
+        url = f"s3://{BUCKET}/cluster.zarr"
+        assert main([*extract_argv(videos, url), "--scheduler", cluster.scheduler_address]) == 0
+        assert objects_of(url) == objects_of(reference)
+
+        train, val = heads_stores
+        grid = {
+            "base": "heads/tiny.yaml",
+            "fixed": {"epochs": 1, "heads.hidden": 8, "heads.flow_maps": False},
+        }
+        grid["grid"] = {"lr": [0.003, 0.001]}
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+        sweep = ["sweep", "--store", train, "--val-store", val, "--grid", str(tmp_path / "grid.yaml")]
+        out = tmp_path / "sweep"
+        assert main([*sweep, "--out", str(out), "--scheduler", cluster.scheduler_address, "--quiet"]) == 0
+    assert "2 runs: 2 trained" in capsys.readouterr().out
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2 and all(
+        (r / "metrics.json").is_file() and (r / "heads.safetensors").is_file() for r in runs
+    )
