@@ -25,6 +25,7 @@ from typing import Any
 from store.schema import ShardBusyError, StoreError
 
 SCHEME = "s3://"
+READ_THREADS = 8  # concurrent GETs: one S3 connection carries ~50-100 MB/s, a folder needs 2 threads
 LEASE_SECONDS = 60.0  # a lease not renewed for this long belongs to a dead writer
 RENEW_SECONDS = LEASE_SECONDS / 4
 _CONNECT_TIMEOUT = "3s"
