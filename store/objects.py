@@ -118,6 +118,13 @@ def _session_settings() -> dict[str, Any]:
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _SETTINGS: dict[tuple[Any, ...], dict[str, Any]] = {}
 _CLIENTS_LOCK = threading.Lock()
+_STARTED_IN: set[int] = set()  # processes whose obstore runtime (its threads) has started
+
+
+def _forked_after_start() -> bool:
+    """True in a child forked from a process that had started obstore's runtime: the runtime's threads
+    do not exist in the child, and any request there would hang forever."""
+    return bool(_STARTED_IN) and os.getpid() not in _STARTED_IN
 
 
 def _client(url: StoreURL) -> Any:
@@ -125,9 +132,16 @@ def _client(url: StoreURL) -> Any:
     changed AWS_* variable is a new client)."""
     context = (os.getpid(), *sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     key = (*context, url.bucket, url.prefix)
+    if _forked_after_start():
+        raise StoreError(
+            f"{url}: object-store clients do not survive fork(); start worker processes with 'spawn' or "
+            "'forkserver' (e.g. DataLoader(..., multiprocessing_context='spawn'))"
+        )
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             from obstore.store import S3Store
+
+            _STARTED_IN.add(os.getpid())
 
             if context not in _SETTINGS:
                 _SETTINGS[context] = _session_settings()

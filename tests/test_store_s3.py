@@ -26,7 +26,7 @@ from s3_server import free_port, s3_server
 from amflow.cli import main
 from stage1_extract.synthetic import make_folder_dataset
 from stage2_temporal.synthetic import synthetic_cache, write_store
-from store import FeatureStore, ShardBusyError, is_store, load_arrays, verify_store
+from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
 from store.objects import ObjectIO, ObjectLease, StoreURL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,3 +254,17 @@ def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_
     assert (run / "metrics.json").is_file() and (run / "heads.safetensors").is_file()
     with (out / "leaderboard.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["done"]
+
+
+def test_a_forked_child_gets_an_error_not_a_hang(s3, heads_stores):
+    """obstore's runtime threads do not survive fork(): a forked child that opens the store is told so."""
+    FeatureStore.open(heads_stores[0])  # the parent's runtime has started
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only for the expected one-line error
+        signal.alarm(20)
+        try:
+            FeatureStore.open(heads_stores[0])
+        except StoreError as e:
+            os._exit(0 if "do not survive fork()" in str(e) else 1)
+        os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
