@@ -7,6 +7,7 @@ shard (whole-store reads ran at 0.06-0.4x ``np.load`` on the same bytes); readin
 ``readinto`` straight into the caller's array, and writing it with one ``write`` of the buffer, does what
 ``np.load``/``np.save`` do. The file written here is byte for byte what Zarr writes (a test reads it back
 through Zarr), with the same atomic temp-file-then-rename. Compressed or sharded arrays go through Zarr.
+On object storage (``store.objects``) a raw shard is one object, read with one GET straight into the array.
 """
 
 from __future__ import annotations
