@@ -45,7 +45,7 @@ from store.layout import (
     is_store,
 )
 from store.layout import DATA_ARRAYS as DATA_ARRAYS
-from store.objects import ObjectIO, ObjectLease, StoreURL, is_url
+from store.objects import LEASE_SECONDS, ObjectIO, ObjectLease, StoreURL, is_url
 from store.schema import (
     LOCK_DIR,
     STATUS_DONE,
@@ -182,16 +182,17 @@ class FeatureStore:
         if clash:
             raise StoreError(f"provenance: keys {clash} are added by the store; do not pass them")
 
+        prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": layout.to_dict(),
+            "adapter_names": a_names,
+            "flow_block_names": f_names,
+            "fingerprint": compute_fingerprint(fields),
+            "fingerprint_fields": fields,
+            "provenance": prov,
+        }
         if isinstance(path, StoreURL):
-            attrs = {
-                "schema_version": SCHEMA_VERSION,
-                "layout": layout.to_dict(),
-                "adapter_names": a_names,
-                "flow_block_names": f_names,
-                "fingerprint": compute_fingerprint(fields),
-                "fingerprint_fields": fields,
-                "provenance": prov,
-            }
             cls._create_remote(path, layout, attrs, ids, labs, overwrite)
         elif path.exists() and overwrite:
             if is_store(path):
@@ -204,16 +205,6 @@ class FeatureStore:
             needed = layout.num_clips * layout.clip_bytes()
             if layout.compression == "none":
                 check_free_space(path, needed)
-            prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
-            attrs = {
-                "schema_version": SCHEMA_VERSION,
-                "layout": layout.to_dict(),
-                "adapter_names": a_names,
-                "flow_block_names": f_names,
-                "fingerprint": compute_fingerprint(fields),
-                "fingerprint_fields": fields,
-                "provenance": prov,
-            }
             if cls._build_and_move(path, layout, attrs, ids, labs):
                 return cls.open(path, mode="r+")
         # An existing store (or one a concurrent writer just created): resume it if it is the same.
@@ -247,22 +238,25 @@ class FeatureStore:
     ) -> None:
         """Builds the store in place under a creation lease (object stores have no rename): the group's
         attributes are written last, so the prefix is a store only once everything else is there. A
-        creation killed half-way leaves its lease object, which marks the leftovers as safe to replace."""
+        creation killed half-way leaves the marker ``_locks/creating``: its leftovers may be replaced."""
         objects = ObjectIO(url)
         if overwrite and is_store(url):
             objects.delete_all()
         if is_store(url):
             return
-        for _ in range(600):  # another process creating the same store: wait for it (or its lease to lapse)
+        deadline = time.monotonic() + 1.5 * LEASE_SECONDS
+        while True:  # another process creating the same store: wait for it (or for its lease to lapse)
             try:
                 lease = ObjectLease(objects, CREATE_LEASE, "the store's creation").acquire()
                 break
             except ShardBusyError:
                 if is_store(url):
                     return
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{url}: another process has been creating this store too long"
+                    ) from None
                 time.sleep(0.1)
-        else:
-            raise StoreError(f"{url}: another process has been creating this store for a minute")
         try:
             if is_store(url):
                 return
@@ -271,9 +265,7 @@ class FeatureStore:
                 raise StoreError(f"{url}: holds objects but no amflow feature store; refusing to write there")
             objects.put(CREATE_LEASE_MARK, b"")  # leftovers of this creation may be replaced
             objects.delete_all(keep=LOCK_DIR + "/")
-            prov = dict(attrs["provenance"])
-            prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
-            build_empty_store(objects, layout, {**attrs, "provenance": prov}, ids, labs)
+            build_empty_store(objects, layout, attrs, ids, labs)
             objects.delete(CREATE_LEASE_MARK)
         finally:
             lease.release()
