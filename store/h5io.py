@@ -49,6 +49,8 @@ def export_h5(
     The file is written under a temporary name and renamed at the end, so an interrupted export leaves
     no file that looks complete.
     """
+    if is_url(out_path):
+        raise StoreError(f"{out_path}: export writes a local HDF5 file; give a local path")
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     out = Path(out_path)
     if out.exists() and not overwrite:

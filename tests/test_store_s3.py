@@ -151,26 +151,31 @@ def test_commands_on_s3_stores(s3, heads_stores, tmp_path, capsys):
     train, val = heads_stores
     run = tmp_path / "run"
     argv = ["train-heads", "--store", train, "--val-store", val, "--config", "configs/heads/tiny.yaml"]
-    assert main([*argv, "--out", str(run), "--quiet", *HEADS]) == 0
+    assert main([*argv, "--out", str(run), "--quiet", "--no-tensorboard", *HEADS]) == 0
     # The same heads trained from a local copy of the stores: the same metrics.
     local = tmp_path / "local"
     for name, url in (("train", train), ("val", val)):
         main(["store", "export", url, "--h5", str(local / f"{name}.h5"), "--quiet"])
         main(["store", "import", str(local / f"{name}.h5"), "--out", str(local / f"{name}.zarr"), "--quiet"])
     argv_local = [*argv[:2], str(local / "train.zarr"), "--val-store", str(local / "val.zarr"), *argv[5:]]
-    assert main([*argv_local, "--out", str(tmp_path / "run_local"), "--quiet", *HEADS]) == 0
+    assert (
+        main([*argv_local, "--out", str(tmp_path / "run_local"), "--quiet", "--no-tensorboard", *HEADS]) == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     local_metrics = json.loads((tmp_path / "run_local" / "metrics.json").read_text())
     assert metrics["val"] == local_metrics["val"]
     assert main(["evaluate", "--store", val, "--run", str(run), "--quiet"]) == 0
 
     sweep = ["sweep", "--store", train, "--val-store", val, "--grid", write_grid(tmp_path)]
-    assert main([*sweep, "--out", str(tmp_path / "sweep"), "--workers", "0", "--quiet"]) == 0
+    assert (
+        main([*sweep, "--out", str(tmp_path / "sweep"), "--workers", "0", "--quiet", "--no-tensorboard"]) == 0
+    )
     assert "2 runs: 2 trained" in capsys.readouterr().out
 
     # export wrote what the store holds
     with h5py.File(local / "val.h5") as f:
         np.testing.assert_array_equal(f["embeddings"][:], load_arrays(val, progress=False).embeddings)
+    assert main(["store", "export", train, "--h5", "s3://amflow-test/x.h5"]) == 2  # a local file only
     assert main(["store", "info", train, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["path"] == train and info["done"] == 32 and info["arrays"]["embeddings"]["bytes_on_disk"] > 0
@@ -248,7 +253,8 @@ def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_
         train, val = heads_stores
         sweep = ["sweep", "--store", train, "--val-store", val, "--grid", write_grid(tmp_path, (0.003,))]
         out = tmp_path / "sweep"
-        assert main([*sweep, "--out", str(out), "--scheduler", cluster.scheduler_address, "--quiet"]) == 0
+        sweep += ["--out", str(out), "--scheduler", cluster.scheduler_address, "--quiet", "--no-tensorboard"]
+        assert main(sweep) == 0
     assert "1 runs: 1 trained" in capsys.readouterr().out
     (run,) = (out / "runs").iterdir()
     assert (run / "metrics.json").is_file() and (run / "heads.safetensors").is_file()
