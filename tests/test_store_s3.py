@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -274,3 +275,17 @@ def test_a_forked_child_gets_an_error_not_a_hang(s3, heads_stores):
             os._exit(0 if "do not survive fork()" in str(e) else 1)
         os._exit(2)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_store_throughput_benchmark_on_the_server(s3, tmp_path, capsys, monkeypatch):
+    argv = ["--clips", "12", "--adapters", "2", "--frames", "2", "--dim", "8", "--cls-dim", "4"]
+    argv += ["--shard-clips", "4", "--batch-size", "4", "--repeats", "1", "--dir", str(tmp_path)]
+    monkeypatch.setattr(
+        sys, "argv", ["store_throughput.py", *argv, "--store-url", f"s3://{BUCKET}/bench.zarr"]
+    )
+    runpy.run_path(str(ROOT / "benchmarks" / "store_throughput.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"s3://{BUCKET}/bench.zarr against local disk" in out
+    for pattern in ("write (one PUT per shard file)", "batches of 4", "stage-2 epoch, streamed"):
+        assert pattern in out
+    assert FeatureStore.open(f"s3://{BUCKET}/bench.zarr").counts()["done"] == 12
