@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -263,10 +264,41 @@ class ObjectIO:
                 raise self._fail(e, "deleting") from e
 
     def zarr_store(self, read_only: bool) -> Any:
-        """The same prefix as a Zarr store (``zarr.storage.ObjectStore``)."""
-        from zarr.storage import ObjectStore
+        """The same prefix as a Zarr store (``zarr.storage.ObjectStore``) whose errors are one-line
+        StoreErrors naming the store, as this class's are."""
+        return _zarr_store_class()(self.client, read_only=read_only, url=str(self.url))
 
-        return ObjectStore(self.client, read_only=read_only)
+
+@functools.cache
+def _zarr_store_class() -> type:
+    """``zarr.storage.ObjectStore`` with obstore's errors raised as :class:`StoreError` (made on first use:
+    zarr's ObjectStore imports obstore, which only the s3 extra installs)."""
+    from obstore.exceptions import BaseError
+    from zarr.storage import ObjectStore
+
+    def wrap(name: str) -> Any:
+        method = getattr(ObjectStore, name)
+
+        async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(self, *args, **kwargs)
+            except BaseError as e:
+                key = args[0] if args and isinstance(args[0], str) else ""
+                raise StoreError(f"{self.url}: {name} {key} failed: {_error_text(e)}") from e
+
+        return call
+
+    class NamedObjectStore(ObjectStore):
+        def __init__(self, store: Any, *, read_only: bool = False, url: str = "") -> None:
+            super().__init__(store, read_only=read_only)
+            self.url = url
+
+        def with_read_only(self, read_only: bool = False) -> NamedObjectStore:
+            return type(self)(self.store, read_only=read_only, url=self.url)
+
+    for name in ("get", "get_partial_values", "exists", "set", "set_if_not_exists", "delete", "getsize"):
+        setattr(NamedObjectStore, name, wrap(name))
+    return NamedObjectStore
 
 
 # ---------------------------------------------------------------------- leases (the object-store lock)

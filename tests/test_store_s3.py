@@ -289,3 +289,12 @@ def test_store_throughput_benchmark_on_the_server(s3, tmp_path, capsys, monkeypa
     for pattern in ("write (one PUT per shard file)", "batches of 4", "stage-2 epoch, streamed"):
         assert pattern in out
     assert FeatureStore.open(f"s3://{BUCKET}/bench.zarr").counts()["done"] == 12
+
+
+def test_errors_inside_zarr_name_the_store(s3, heads_stores, monkeypatch):
+    """What Zarr reads and writes itself (metadata, labels, failure texts) fails in one line too."""
+    import zarr
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StoreError, match=r"^s3://amflow-test/heads/val\.zarr: get \S+ failed: the secret"):
+        zarr.open_group(ObjectIO(StoreURL.parse(heads_stores[1])).zarr_store(read_only=True), mode="r")
