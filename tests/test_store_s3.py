@@ -86,8 +86,11 @@ def objects_of(url: str) -> dict[str, bytes]:
 
 # A child process that runs `amflow extract` and SIGKILLs itself in its second shard commit, after the
 # shard's data objects are written and before its status object is: the window a crash must survive.
+# One torch thread, as in this process (conftest), so both compute bit-identical features.
 KILLED_EXTRACT = """
 import os, signal, sys
+import torch
+torch.set_num_threads(1)
 from store import writer
 original, count = writer.ShardWriter._write_texts, [0]
 def patched(self, *args):
