@@ -333,7 +333,8 @@ class ObjectLease:
     Taken with a conditional create (``If-None-Match: *``); a lease left by a dead writer (a process of
     this machine that no longer runs, or one not renewed for ``lease_seconds``) is taken over with
     ``If-Match`` on its ETag, so of two writers taking it over one wins. A background thread renews it
-    (``If-Match`` again) every ``lease_seconds / 4``; a writer that loses its lease raises before writing.
+    (``If-Match`` again) every ``lease_seconds / 4``; :meth:`check` (before a commit's data and before its
+    status) finds a lease taken over by its ETag, and the writer raises instead of writing.
     """
 
     def __init__(self, objects: ObjectIO, key: str, what: str, lease_seconds: float = LEASE_SECONDS) -> None:
@@ -403,7 +404,12 @@ class ObjectLease:
                     continue
 
     def check(self) -> None:
-        """Raises :class:`ShardBusyError` when another writer took the lease over (this one stalled)."""
+        """Raises :class:`ShardBusyError` when another writer took the lease over (this one stalled):
+        the lease object must still be the version this writer last wrote (one HEAD)."""
+        with self._lock:
+            meta = self.objects.head(self.key)
+            if meta is None or meta["e_tag"] != self._etag:
+                self._lost = True
         if self._lost:
             raise ShardBusyError(
                 f"{self.objects.url}: lost the lease on {self.what} ({self.key}) to another writer; "

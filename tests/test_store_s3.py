@@ -301,3 +301,20 @@ def test_errors_inside_zarr_name_the_store(s3, heads_stores, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StoreError, match=r"^s3://amflow-test/heads/val\.zarr: get \S+ failed: the secret"):
         zarr.open_group(ObjectIO(StoreURL.parse(heads_stores[1])).zarr_store(read_only=True), mode="r")
+
+
+def test_a_writer_whose_lease_was_taken_over_writes_nothing(s3, heads_stores):
+    url = heads_stores[0]
+    st = FeatureStore.open(url, mode="r+")
+    before = st.status().copy()
+    writer = st.shard_writer(2)
+    writer.reset(int(writer.start))  # a change to commit
+    io = ObjectIO(StoreURL.parse(url))
+    io.put("_locks/shard_000002.lock", b'{"host": "elsewhere"}')  # another writer took the shard over
+    with pytest.raises(ShardBusyError, match="lost the lease on shard 2"):
+        writer.commit()
+    np.testing.assert_array_equal(FeatureStore.open(url).status(), before)
+    with pytest.raises(ShardBusyError):
+        writer.close()  # refuses again, and lets the shard go without deleting the other writer's lease
+    assert io.head("_locks/shard_000002.lock") is not None
+    io.delete("_locks/shard_000002.lock")
