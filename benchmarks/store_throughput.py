@@ -7,6 +7,12 @@ come from the page cache on both sides. Example:
 
     python benchmarks/store_throughput.py                       # 512 clips, ~150 MB, < 1 min
     python benchmarks/store_throughput.py --clips 2048 --compression zstd:1
+
+With ``--store-url s3://BUCKET/PREFIX`` (credentials and endpoint from the AWS_* variables) the store's
+side is also run on object storage, interleaved with the same store on local disk: write, whole read,
+shard-ordered batches and one streamed stage-2 epoch (``StreamedFeatures`` under a memory budget of four
+shards, every clip read once in the epoch's order, no training), as object-store / local-disk time.
+Against a local S3 server (``moto_server -H 127.0.0.1 -p 5000`` and ``AWS_ENDPOINT_URL=http://127.0.0.1:5000``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from store import BackgroundCommits, FeatureDataset, FeatureStore, ShardOrderedSampler, load_arrays
+from store import BackgroundCommits, FeatureDataset, FeatureStore, ShardOrderedSampler, is_store, load_arrays
+from store.objects import is_url
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="reads are repeated; the median is reported")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    p.add_argument(
+        "--store-url", default=None, help="also run the store on object storage (s3://BUCKET/PREFIX)"
+    )
     return p.parse_args()
 
 
@@ -88,11 +98,15 @@ def main() -> None:
         # ---- write (a fresh store / fresh .npy files each repeat, the two alternating)
         create_seconds: list[float] = []
 
-        def store_write() -> float:
-            shutil.rmtree(store_path, ignore_errors=True)
+        def store_write(location: str | Path = store_path) -> float:
+            if is_url(location):
+                if is_store(location):
+                    FeatureStore.open(location, mode="r+").objects.delete_all()
+            else:
+                shutil.rmtree(location, ignore_errors=True)
             t = time.perf_counter()
             st = FeatureStore.create(
-                store_path,
+                location,
                 clip_ids=[f"clip_{i:06d}.mp4" for i in range(args.clips)],
                 labels=labels,
                 num_adapters=args.adapters,
@@ -157,6 +171,7 @@ def main() -> None:
                 assert be.dtype == bc.dtype == torch.float32
 
         batches = interleaved(store_batches, numpy_batches, args.repeats)
+        remote_rows = compare_object_store(args, store_write, store_path) if args.store_url else []
         on_disk = sum(p.stat().st_size for p in store_path.rglob("*") if p.is_file()) / 1e6
     finally:
         if args.dir is None:
@@ -177,6 +192,59 @@ def main() -> None:
     for name, ts, tn, ratio in rows:
         print(f"{name:<34}{mb / ts:>12.0f}{mb / tn:>12.0f}{ratio:>13.2f}")
     print("(medians of interleaved repeats; ratio = median of the per-repeat ratios)")
+    if remote_rows:
+        print(f"\n{args.store_url} against local disk (the same store)")
+        print(f"{'pattern':<34}{'object MB/s':>12}{'local MB/s':>12}{'object/local time':>19}")
+        for name, to, tl, ratio in remote_rows:
+            print(f"{name:<34}{mb / to:>12.0f}{mb / tl:>12.0f}{1 / ratio:>19.2f}")
+        print("(medians of interleaved repeats; time ratio = median of the per-repeat ratios)")
+
+
+def compare_object_store(
+    args: argparse.Namespace, store_write: Callable[..., float], local: Path
+) -> list[tuple[str, float, float, float]]:
+    """The store's write and read patterns on ``--store-url`` and on local disk, interleaved."""
+    from stage2_temporal.stream import StreamedFeatures, store_selection
+
+    url = args.store_url
+    write = interleaved(lambda: store_write(url), lambda: store_write(local), args.repeats)
+    stores = {"object": FeatureStore.open(url), "local": FeatureStore.open(local)}
+
+    def whole(st: FeatureStore) -> Callable[[], None]:
+        return lambda: load_arrays(st, progress=False)
+
+    def batches(st: FeatureStore) -> Callable[[], None]:
+        ds = FeatureDataset(st, in_memory=False, cache_shards=2)
+        sampler = ShardOrderedSampler(ds, batch_size=args.batch_size, seed=0)
+        return lambda: [b for b in DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)]
+
+    def epoch(location: str | Path) -> Callable[[], float]:
+        shard_bytes = store_selection(location).shard_bytes  # four shards held: streamed, read ahead
+        features = StreamedFeatures(location, memory_budget=4 * shard_bytes)
+        generator = torch.Generator().manual_seed(0)
+
+        def run() -> float:
+            t = time.perf_counter()
+            order = features.epoch_order(generator)
+            for k in range(0, len(order), args.batch_size):
+                clips = order[k : k + args.batch_size]
+                features.batch(clips, torch.zeros_like(clips), "cpu")
+            return time.perf_counter() - t
+
+        return run
+
+    return [
+        ("write (one PUT per shard file)", *write),
+        (
+            "read whole store into memory",
+            *interleaved(whole(stores["object"]), whole(stores["local"]), args.repeats),
+        ),
+        (
+            f"shard-ordered batches of {args.batch_size}",
+            *interleaved(batches(stores["object"]), batches(stores["local"]), args.repeats),
+        ),
+        ("stage-2 epoch, streamed", *interleaved(epoch(url), epoch(local), args.repeats)),
+    ]
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from stage2_temporal.run_dir import (
 )
 from stage2_temporal.stream import open_features
 from stage2_temporal.train import predict_proba, score, select_for_heads
+from store.objects import store_location
 
 
 def check_matches_heads(data: CachedFeatures, info: HeadsInfo) -> None:
@@ -113,9 +114,7 @@ def _evaluate_store(
     write_predictions(
         run_dir / f"predictions_{name}.csv", data.clip_ids, data.labels, probs, data.class_names
     )
-    metrics.update(
-        store=str(Path(store).resolve()), class_names=data.class_names, forced_differences=differences
-    )
+    metrics.update(store=store_location(store), class_names=data.class_names, forced_differences=differences)
     write_json_atomic(metrics, run_dir / f"eval_{name}.json")
     return metrics, probs, data
 
@@ -143,7 +142,5 @@ def evaluate_ensemble(
     probs = average_runs(results)
     ensemble = score(probs, data.labels, data.num_classes)
     ensemble.pop("confusion")
-    ensemble.update(
-        store=str(Path(store).resolve()), class_names=data.class_names, runs=list(map(str, run_dirs))
-    )
+    ensemble.update(store=store_location(store), class_names=data.class_names, runs=list(map(str, run_dirs)))
     return ensemble, single

@@ -27,6 +27,7 @@ import torch
 
 from stage1_extract.amflow_model import ClipFeatures
 from stage2_temporal.data import CachedFeatures, load_store
+from store.objects import READ_THREADS
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def parse_memory_budget(text: str | int | None) -> int:
 class StoreSelection:
     """What one run reads from a store: the selected adapters / flow blocks, and their size."""
 
-    path: Path
+    path: str | Path  # a folder or an s3:// URL
     adapters: list[int]
     flow_blocks: list[int] | None  # None = no flow maps
     num_clips: int  # done, labelled clips
@@ -105,7 +106,7 @@ def store_selection(
         per["flow"] = math.prod(shapes["flow"]) // shapes["flow"][0] * len(f)
     clip_bytes = item * sum(per.values())
     done = (st.status() == 1) & (st.labels >= 0)
-    return StoreSelection(Path(path), a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
+    return StoreSelection(path, a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
 
 
 def open_features(
@@ -213,7 +214,7 @@ class StreamedFeatures:
 
     Same interface as :class:`CachedFeatures` for training and evaluation. ``memory_budget`` bounds the
     bytes of shards held (``cache_shards``); ``window_shards`` (default half of them) are shuffled
-    together per epoch; ``read_threads`` read ahead.
+    together per epoch; ``read_threads`` read ahead (default 2 from a folder, 8 from object storage).
     """
 
     path: str | Path
@@ -222,7 +223,7 @@ class StreamedFeatures:
     with_flow: bool = False
     memory_budget: int = 2**30
     window_shards: int | None = None
-    read_threads: int = 2
+    read_threads: int | None = None
     _cache: _ShardCache | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -394,7 +395,8 @@ class StreamedFeatures:
             from store import FeatureStore
 
             self._store = FeatureStore.open(self.path, mode="r")
-            self._cache = _ShardCache(self._read_shard, self.cache_shards, self.read_threads)
+            threads = self.read_threads or (READ_THREADS if self._store.objects is not None else 2)
+            self._cache = _ShardCache(self._read_shard, self.cache_shards, threads)
         return self._cache
 
     def _plan(self, order: np.ndarray, uses_per_clip: int) -> None:

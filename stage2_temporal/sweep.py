@@ -16,6 +16,8 @@ import itertools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -39,8 +41,15 @@ from stage1_extract.config import (
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import drop_ignored_head_keys, ignored_head_keys
-from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
-from store.atomic import atomic_path, write_text_atomic
+from stage2_temporal.run_dir import (
+    FINGERPRINT_FILE,
+    METRICS_FILE,
+    is_finished,
+    read_metrics,
+    write_json_atomic,
+)
+from store.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from store.objects import store_location
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +185,7 @@ def expand_grid(grid: SweepGrid, sweep_dir: str | Path, source: str = "<grid>") 
 
 @dataclass(frozen=True)
 class StoreRef:
-    """A store a sweep's workers open themselves (each worker must see the path, as for extraction)."""
+    """A store a sweep's workers open themselves (a folder every worker sees, or an ``s3://`` URL)."""
 
     path: str
     with_flow: bool = False
@@ -212,8 +221,13 @@ def train_one(
     run_dir: str,
     threads: int | None = None,
     tensorboard: bool = True,
+    ship: bool = False,
 ) -> dict[str, Any]:
-    """Trains one run of a sweep (in a worker); a failure is recorded in ``error.txt``, not raised."""
+    """Trains one run of a sweep (in a worker); a failure is recorded in ``error.txt``, not raised.
+
+    ``ship=True`` (workers on other machines, which share only the stores) trains in a temp folder of
+    the worker and returns the run's files as ``files`` (relative path -> bytes) for :func:`receive_run`.
+    """
     import torch
 
     from stage2_temporal.train import train_heads
@@ -222,17 +236,41 @@ def train_one(
         torch.set_num_threads(threads)
     if isinstance(train, StoreRef):
         train, val = open_refs(train, val)
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ERROR_FILE).unlink(missing_ok=True)
-    write_json_atomic(combination, out / COMBO_FILE)
+    out = Path(tempfile.mkdtemp(prefix="amflow-run-")) if ship else Path(run_dir)
     try:
-        cfg = build_config(TrainConfig, config, str(out / "config.yaml"))
-        metrics = train_heads(train, val, cfg, out, progress=False, tensorboard=tensorboard)
-    except Exception as e:  # one bad combination must not stop the sweep
-        (out / ERROR_FILE).write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-        return {"run_dir": run_dir, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-    return {"run_dir": run_dir, "status": "done", "mean_class_acc": metrics["val"]["mean_class_acc"]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).unlink(missing_ok=True)
+        write_json_atomic(combination, out / COMBO_FILE)
+        try:
+            cfg = build_config(TrainConfig, config, str(Path(run_dir) / "config.yaml"))
+            metrics = train_heads(train, val, cfg, out, progress=False, tensorboard=tensorboard)
+            result = {
+                "run_dir": run_dir,
+                "status": "done",
+                "mean_class_acc": metrics["val"]["mean_class_acc"],
+            }
+        except Exception as e:  # one bad combination must not stop the sweep
+            (out / ERROR_FILE).write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+            result = {"run_dir": run_dir, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        if ship:
+            result["files"] = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        return result
+    finally:
+        if ship:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def receive_run(result: dict[str, Any]) -> dict[str, Any]:
+    """Writes the files a worker shipped (``train_one(ship=True)``) into the run directory, each atomically
+    and ``metrics.json`` last, so a run interrupted while being received does not look finished."""
+    files = result.pop("files", None)
+    if files is None:
+        return result
+    run_dir = Path(result["run_dir"])
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    for rel in sorted(files, key=lambda r: r == METRICS_FILE):
+        write_bytes_atomic(run_dir / rel, files[rel])
+    return result
 
 
 def _short(value: Any) -> str:
@@ -393,13 +431,14 @@ def run_sweep(
                     *args,
                     threads,
                     tensorboard,
+                    scheduler is not None,  # an existing cluster may span machines: runs come back
                     key=f"heads-{Path(args[2]).name}",
                     pure=False,
                 )
                 for args in jobs()
             ]
             for future in as_completed(futures):
-                results.append(future.result())
+                results.append(receive_run(future.result()))
                 bar.update()
         finally:
             client.close()
@@ -473,8 +512,8 @@ def run_sweep_from_stores(
     check_same_features(val_store, train_st.fingerprint_fields, force=force)
     check_store_pair(train_st, val_st)
     budget = None if memory_budget is None else parse_memory_budget(memory_budget)
-    train = StoreRef(str(Path(train_store).resolve()), flow, budget)
-    val = StoreRef(str(Path(val_store).resolve()), flow, budget)
+    train = StoreRef(store_location(train_store), flow, budget)
+    val = StoreRef(store_location(val_store), flow, budget)
     make_run_dir(sweep_dir)
     return run_sweep(
         train,

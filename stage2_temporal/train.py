@@ -48,6 +48,7 @@ from stage2_temporal.run_dir import (
 )
 from stage2_temporal.schedule import WarmupCosine
 from stage2_temporal.tensorboard import EpochLogger
+from store.objects import store_location
 from store.reader import resolve_selection
 
 log = logging.getLogger(__name__)
@@ -365,8 +366,8 @@ def train_heads_from_stores(
     check_compatible(select_for_heads(train, cfg), select_for_heads(val, cfg), "validation cache")
     make_run_dir(out_dir, overwrite)
     provenance = {
-        "train_store": str(Path(train_store).resolve()),
-        "val_store": str(Path(val_store).resolve()),
+        "train_store": store_location(train_store),
+        "val_store": store_location(val_store),
         "fingerprint_fields": fields,
         "forced_differences": differences,
         # what ``amflow predict`` rebuilds stage 1 from: the model and dataset configs, weights, checkpoint

@@ -7,6 +7,7 @@ shard (whole-store reads ran at 0.06-0.4x ``np.load`` on the same bytes); readin
 ``readinto`` straight into the caller's array, and writing it with one ``write`` of the buffer, does what
 ``np.load``/``np.save`` do. The file written here is byte for byte what Zarr writes (a test reads it back
 through Zarr), with the same atomic temp-file-then-rename. Compressed or sharded arrays go through Zarr.
+On object storage (``store.objects``) a raw shard is one object, read with one GET straight into the array.
 """
 
 from __future__ import annotations
@@ -104,6 +105,45 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def read_raw_object(
+    objects: Any,  # a store.objects.ObjectIO (this module does not import it)
+    key: str,
+    out: np.ndarray,
+    *,
+    row_shape: Sequence[int],
+    fill_value: float,
+    axis1: Sequence[int] | None = None,
+) -> np.ndarray:
+    """``fastio.read_raw_rows`` for a chunk object: the whole object in one GET, or with ``axis1`` only
+    the selected runs of each row (one concurrent multi-range request). A missing object reads as fill."""
+    flat = memoryview(out).cast("B") if out.nbytes else memoryview(b"")
+    if axis1 is None:
+        data = objects.get(key)
+        if data is None:
+            return _fill(out, fill_value)
+        if len(data) < flat.nbytes:
+            raise OSError(f"{objects.url}/{key}: chunk object is shorter than the {len(out)} rows asked for")
+        flat[:] = memoryview(data)[: flat.nbytes]
+        return out
+    inner = out.itemsize * int(np.prod(row_shape[1:], dtype=np.int64))
+    row_file = inner * int(row_shape[0])
+    starts, ends = [], []
+    for r in range(len(out)):
+        for first, count in _runs([int(a) for a in axis1]):
+            starts.append(r * row_file + first * inner)
+            ends.append(starts[-1] + count * inner)
+    parts = objects.get_ranges(key, starts, ends)
+    if parts is None:
+        return _fill(out, fill_value)
+    dst = 0
+    for part, start, end in zip(parts, starts, ends, strict=True):
+        if len(part) != end - start:
+            raise OSError(f"{objects.url}/{key}: chunk object is shorter than its rows need")
+        flat[dst : dst + len(part)] = memoryview(part)
+        dst += len(part)
+    return out
+
+
 def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float, durable: bool) -> None:
     """Writes ``data`` (the first rows of a chunk of ``chunk_rows`` rows; the rest is ``fill_value``, as
     Zarr pads an edge chunk) as a raw chunk file: temp file, one write, optional fsync, atomic rename."""
@@ -119,6 +159,15 @@ def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: f
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def raw_chunk_bytes(data: np.ndarray, chunk_rows: int, fill_value: float) -> np.ndarray:
+    """The whole chunk as one contiguous array: ``data`` and, for an edge chunk, fill rows after it."""
+    data = np.ascontiguousarray(data)
+    if len(data) >= chunk_rows:
+        return data
+    pad = _fill(np.empty((chunk_rows - len(data), *data.shape[1:]), dtype=data.dtype), fill_value)
+    return np.concatenate([data, pad])
 
 
 def _fill(arr: np.ndarray, value: float) -> np.ndarray:
@@ -152,6 +201,11 @@ def read_shard(
             shape[1] = len(axis1)
         out = np.empty(shape, dtype=arr.dtype)
     if is_raw(arr):
+        if store.objects is not None:  # on object storage: one GET (or one multi-range GET) per shard
+            key = store.chunk_key(name, shard)
+            return read_raw_object(
+                store.objects, key, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1
+            )
         path = store.chunk_file(name, shard)
         return read_raw_rows(path, out, row_shape=arr.shape[1:], fill_value=arr.fill_value, axis1=axis1)
     if axis1 is None:

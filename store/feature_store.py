@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +45,9 @@ from store.layout import (
     is_store,
 )
 from store.layout import DATA_ARRAYS as DATA_ARRAYS
+from store.objects import LEASE_SECONDS, ObjectIO, ObjectLease, StoreURL, is_url
 from store.schema import (
+    LOCK_DIR,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
@@ -52,10 +55,10 @@ from store.schema import (
     FingerprintMismatch,
     NotAStoreError,
     ReadOnlyStoreError,
+    ShardBusyError,
     StoreError,
 )
 from store.schema import NonFiniteFeaturesError as NonFiniteFeaturesError
-from store.schema import ShardBusyError as ShardBusyError  # re-exported: its old home
 from store.schema import nonfinite_mask as nonfinite_mask
 from store.writer import ShardWriter
 
@@ -64,12 +67,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CREATE_LEASE = f"{LOCK_DIR}/create.lock"
+CREATE_LEASE_MARK = f"{LOCK_DIR}/creating"  # present while a store is being built on object storage
+
 
 class FeatureStore:
     """An opened feature store; use :meth:`create` or :meth:`open`, not the constructor."""
 
-    def __init__(self, path: Path, group: zarr.Group, read_only: bool) -> None:
+    def __init__(
+        self, path: Path | StoreURL, group: zarr.Group, read_only: bool, objects: ObjectIO | None = None
+    ) -> None:
         self.path = path
+        self.objects = objects  # the store's objects when it lives on object storage (None: a folder)
         self.read_only = read_only
         self._group = group
         meta = dict(group.attrs[ATTRS_KEY])
@@ -92,12 +101,24 @@ class FeatureStore:
         """Opens an existing store read-only (``"r"``) or for writing (``"r+"``)."""
         if mode not in ("r", "r+"):
             raise StoreError(f"mode={mode!r}: expected 'r' (read-only) or 'r+' (read and write)")
+        if is_url(path):
+            return cls._open_remote(StoreURL.parse(path), mode)
         p = Path(path)
         if not is_store(p):
             why = "does not exist" if not p.exists() else "has no zarr.json with amflow_store attributes"
             raise NotAStoreError(f"{p}: not an amflow feature store ({why})")
         group = zarr.open_group(LocalStore(p, read_only=mode == "r"), mode=mode, zarr_format=3)
         return cls(p, group, read_only=mode == "r")
+
+    @classmethod
+    def _open_remote(cls, url: StoreURL, mode: str) -> FeatureStore:
+        objects = ObjectIO(url)
+        if not is_store(url):
+            empty = next(objects.list(), None) is None  # a missing bucket raises here, naming it
+            why = "nothing at that prefix" if empty else "no zarr.json with amflow_store attributes there"
+            raise NotAStoreError(f"{url}: not an amflow feature store ({why})")
+        group = zarr.open_group(objects.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
+        return cls(url, group, read_only=mode == "r", objects=objects)
 
     @classmethod
     def create(
@@ -132,7 +153,7 @@ class FeatureStore:
         differing fields; other clips or shapes raise :class:`StoreError`. ``overwrite=True`` deletes an
         existing store (never a folder that is not a store) and starts afresh.
         """
-        path = Path(path)
+        path = StoreURL.parse(path) if is_url(path) else Path(path)
         ids, labs = _validate_table(clip_ids, labels)
         probe = StoreLayout(
             num_clips=len(ids),
@@ -161,27 +182,29 @@ class FeatureStore:
         if clash:
             raise StoreError(f"provenance: keys {clash} are added by the store; do not pass them")
 
-        if path.exists() and overwrite:
+        prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": layout.to_dict(),
+            "adapter_names": a_names,
+            "flow_block_names": f_names,
+            "fingerprint": compute_fingerprint(fields),
+            "fingerprint_fields": fields,
+            "provenance": prov,
+        }
+        if isinstance(path, StoreURL):
+            cls._create_remote(path, layout, attrs, ids, labs, overwrite)
+        elif path.exists() and overwrite:
             if is_store(path):
                 shutil.rmtree(path)
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
             else:
                 raise StoreError(f"{path}: exists and is not an amflow feature store; refusing to delete it")
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if isinstance(path, Path) and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
             needed = layout.num_clips * layout.clip_bytes()
             if layout.compression == "none":
                 check_free_space(path, needed)
-            prov.update(amflow_version=package_version(), created=_now(), schema_version=SCHEMA_VERSION)
-            attrs = {
-                "schema_version": SCHEMA_VERSION,
-                "layout": layout.to_dict(),
-                "adapter_names": a_names,
-                "flow_block_names": f_names,
-                "fingerprint": compute_fingerprint(fields),
-                "fingerprint_fields": fields,
-                "provenance": prov,
-            }
             if cls._build_and_move(path, layout, attrs, ids, labs):
                 return cls.open(path, mode="r+")
         # An existing store (or one a concurrent writer just created): resume it if it is the same.
@@ -203,6 +226,49 @@ class FeatureStore:
                 counts["missing"],
             )
         return store
+
+    @staticmethod
+    def _create_remote(
+        url: StoreURL,
+        layout: StoreLayout,
+        attrs: dict[str, Any],
+        ids: np.ndarray,
+        labs: np.ndarray,
+        overwrite: bool,
+    ) -> None:
+        """Builds the store in place under a creation lease (object stores have no rename): the group's
+        attributes are written last, so the prefix is a store only once everything else is there. A
+        creation killed half-way leaves the marker ``_locks/creating``: its leftovers may be replaced."""
+        objects = ObjectIO(url)
+        if overwrite and is_store(url):
+            objects.delete_all()
+        if is_store(url):
+            return
+        deadline = time.monotonic() + 1.5 * LEASE_SECONDS
+        while True:  # another process creating the same store: wait for it (or for its lease to lapse)
+            try:
+                lease = ObjectLease(objects, CREATE_LEASE, "the store's creation").acquire()
+                break
+            except ShardBusyError:
+                if is_store(url):
+                    return
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{url}: another process has been creating this store too long"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            if is_store(url):
+                return
+            leftovers = [m["path"] for m in objects.list() if not m["path"].startswith(LOCK_DIR + "/")]
+            if leftovers and objects.head(CREATE_LEASE_MARK) is None:
+                raise StoreError(f"{url}: holds objects but no amflow feature store; refusing to write there")
+            objects.put(CREATE_LEASE_MARK, b"")  # leftovers of this creation may be replaced
+            objects.delete_all(keep=LOCK_DIR + "/")
+            build_empty_store(objects, layout, attrs, ids, labs)
+            objects.delete(CREATE_LEASE_MARK)
+        finally:
+            lease.release()
 
     @staticmethod
     def _build_and_move(
@@ -487,11 +553,23 @@ class FeatureStore:
         if self.read_only:
             raise ReadOnlyStoreError(f"{self.path}: opened read-only; open it with mode='r+' to write")
 
+    def chunk_key(self, name: str, shard: int) -> str:
+        """Key of the file or object holding shard ``shard`` of array ``name``, relative to the store."""
+        arr = self.array(name)
+        return f"{name}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+
     def chunk_file(self, name: str, shard: int) -> Path:
         """Path of the file holding shard ``shard`` of array ``name`` (it may not exist yet)."""
-        arr = self.array(name)
-        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-        return self.path / name / key
+        if self.objects is not None:
+            raise StoreError(f"{self.path}: lives on object storage; it has objects (chunk_key), not files")
+        return self.path / self.chunk_key(name, shard)
+
+    def delete_chunk(self, name: str, shard: int) -> None:
+        """Removes the file or object of shard ``shard`` of array ``name`` (it then reads as fill)."""
+        if self.objects is not None:
+            self.objects.delete(self.chunk_key(name, shard))
+        else:
+            self.chunk_file(name, shard).unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         c = self.counts()

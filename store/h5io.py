@@ -24,6 +24,7 @@ from store.feature_store import (
     check_free_space,
     is_store,
 )
+from store.objects import is_url
 
 H5_COMPRESSIONS = ("none", "gzip", "lzf")
 PER_SHARD_ARRAYS = ("status", "failure_type", "failure_message")
@@ -48,6 +49,8 @@ def export_h5(
     The file is written under a temporary name and renamed at the end, so an interrupted export leaves
     no file that looks complete.
     """
+    if is_url(out_path):
+        raise StoreError(f"{out_path}: export writes a local HDF5 file; give a local path")
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
     out = Path(out_path)
     if out.exists() and not overwrite:
@@ -107,6 +110,11 @@ def import_h5(
 
     The store is built in a temporary folder and renamed into place when complete.
     """
+    if is_url(out_path):
+        raise StoreError(
+            f"{out_path}: import writes a store folder; give a local path (stores on object storage are "
+            "written by extract)"
+        )
     src, out = Path(h5_path), Path(out_path)
     if not src.is_file():
         raise StoreError(f"{src}: no such HDF5 file")

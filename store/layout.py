@@ -18,6 +18,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from store.atomic import fsync_tree
+from store.objects import ObjectIO, StoreURL, is_url
 from store.schema import (
     LOCK_DIR,
     STRING_DTYPE,
@@ -163,14 +164,24 @@ def check_free_space(path: Path, needed: int) -> None:
         )
 
 
-def is_store(path: str | Path) -> bool:
-    """True when ``path`` holds an amflow feature store (a Zarr group with our attributes)."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
+def is_store(path: str | Path | StoreURL) -> bool:
+    """True when ``path`` (a folder or an ``s3://`` URL) holds an amflow feature store (a Zarr group with
+    our attributes). An object store that cannot be reached raises a one-line StoreError."""
     try:
-        return ATTRS_KEY in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        if is_url(path):
+            data = ObjectIO(StoreURL.parse(path)).get("zarr.json")
+            if data is None:
+                return False
+            text = bytes(data).decode()
+        else:
+            meta = Path(path) / "zarr.json"
+            if not meta.is_file():
+                return False
+            text = meta.read_text()
+        return ATTRS_KEY in json.loads(text).get("attributes", {})
+    except (OSError, ValueError) as e:
+        if isinstance(e, StoreError):
+            raise
         return False
 
 
@@ -211,10 +222,13 @@ def _validate_table(
 
 
 def build_empty_store(
-    root: Path, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+    root: Path | ObjectIO, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
 ) -> None:
-    """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place."""
-    group = zarr.open_group(LocalStore(root), mode="w", zarr_format=3)
+    """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place.
+    On object storage (an ``ObjectIO``) it is built in place: the attributes, written last, make it one."""
+    remote = isinstance(root, ObjectIO)
+    zstore = root.zarr_store(read_only=False) if remote else LocalStore(root)
+    group = zarr.open_group(zstore, mode="a" if remote else "w", zarr_format=3)
     _, compressors = parse_compression(layout.compression)
     # One chunk per shard is stored without the sharding codec (same file, one copy less on read).
     sharded = layout.chunk_clips < layout.shard_clips
@@ -254,9 +268,11 @@ def build_empty_store(
             chunks=(layout.shard_clips,),
             chunk_key_encoding=FLAT_CHUNK_KEYS,
         )
-    (root / LOCK_DIR).mkdir(exist_ok=True)
+    if not remote:
+        (root / LOCK_DIR).mkdir(exist_ok=True)
     group.attrs.put({ATTRS_KEY: dict(attrs)})
-    fsync_tree(root)
+    if not remote:
+        fsync_tree(root)
 
 
 def _stale_creation_dirs(path: Path) -> list[Path]:

@@ -110,7 +110,7 @@ def repair_store(store: FeatureStore | str | Path, *, progress: bool = False) ->
     scan = scan_clips(st, progress=progress)
     for name, shards in scan.unreadable.items():
         for shard, _ in shards:
-            st.chunk_file(name, shard).unlink(missing_ok=True)
+            st.delete_chunk(name, shard)
     by_shard: dict[int, list[int]] = {}
     for i in scan.damaged:
         by_shard.setdefault(st.shard_of(i), []).append(i)

@@ -45,7 +45,11 @@ def store_info(store: FeatureStore | str | Path) -> dict[str, Any]:
             "dtype": "string" if arr.dtype == STRING_DTYPE else str(arr.dtype),
             "chunks": list(arr.chunks),
             "shards": list(arr.shards or arr.chunks),
-            "bytes_on_disk": folder_bytes(st.path / name),
+            "bytes_on_disk": (
+                sum(m["size"] for m in st.objects.list(name + "/"))
+                if st.objects is not None
+                else folder_bytes(st.path / name)
+            ),
         }
     return {
         "path": str(st.path),

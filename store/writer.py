@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from store.atomic import fsync_path
-from store.fastio import is_raw, read_shard, write_raw_chunk
+from store.fastio import is_raw, raw_chunk_bytes, read_shard, write_raw_chunk
+from store.objects import ObjectLease
 from store.schema import (
     LOCK_DIR,
     STATUS_DONE,
@@ -34,19 +35,36 @@ if TYPE_CHECKING:  # annotations only: feature_store imports this module, not th
 MAX_MESSAGE_CHARS = 4000
 
 
-def _acquire_shard_lock(lock_path: Path, shard: int) -> int:
-    """Takes an exclusive advisory lock (released by the kernel even on SIGKILL)."""
-    lock_path.parent.mkdir(exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        os.close(fd)
-        raise ShardBusyError(
-            f"{lock_path.parent.parent}: shard {shard} is being written by another writer "
-            f"(lock {lock_path}); two writers inside one shard would lose data"
-        ) from e
-    return fd
+class FileLock:
+    """An exclusive advisory ``flock`` on a lock file (released by the kernel even on SIGKILL)."""
+
+    def __init__(self, lock_path: Path, shard: int) -> None:
+        lock_path.parent.mkdir(exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            raise ShardBusyError(
+                f"{lock_path.parent.parent}: shard {shard} is being written by another writer "
+                f"(lock {lock_path}); two writers inside one shard would lose data"
+            ) from e
+        self.fd = fd
+
+    def check(self) -> None:
+        """A flock cannot be lost while its file descriptor is open."""
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _acquire_shard_lock(store: FeatureStore, shard: int) -> FileLock | ObjectLease:
+    """A folder's shards are locked with ``flock``, an object store's with a lease object."""
+    key = f"{LOCK_DIR}/shard_{shard:06d}.lock"
+    if store.objects is not None:
+        return ObjectLease(store.objects, key, f"shard {shard}").acquire()
+    return FileLock(store.path / key, shard)
 
 
 class ShardWriter:
@@ -71,9 +89,7 @@ class ShardWriter:
         self.start, self.stop = clips.start, clips.stop
         self.commit_every = commit_every
         self.durable = durable
-        self._lock_fd: int | None = _acquire_shard_lock(
-            store.path / LOCK_DIR / f"shard_{shard:06d}.lock", shard
-        )
+        self._lock: FileLock | ObjectLease | None = _acquire_shard_lock(store, shard)
         try:
             self._remove_partial_files()
             self._status = np.asarray(store.array("status")[self.start : self.stop], dtype=np.int8).copy()
@@ -95,7 +111,10 @@ class ShardWriter:
         """Deletes the temp files a killed writer of this shard left beside its chunk files: ours
         (``.<chunk>.<pid>.partial``, ``store.atomic``) and Zarr's (``<chunk minus its last suffix>.<uuid>
         .partial``). Zarr's are left for 1-D arrays, where dropping the suffix drops the shard index (a
-        temp file of a few bytes that another shard's writer may own). One listing per array folder."""
+        temp file of a few bytes that another shard's writer may own). One listing per array folder.
+        Object stores have no temp objects: a PUT is visible whole or not at all."""
+        if self.store.objects is not None:
+            return
         for name in (*self.store.data_arrays, "status", "failure_type", "failure_message"):
             chunk = self.store.chunk_file(name, self.shard)
             ours = f".{chunk.name}."
@@ -130,7 +149,7 @@ class ShardWriter:
         return self.start + np.flatnonzero(self._status == STATUS_MISSING)
 
     def _local(self, index: int) -> int:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise StoreError(f"{self.store.path}: writer of shard {self.shard} is closed")
         if not self.start <= index < self.stop:
             raise IndexError(
@@ -213,12 +232,13 @@ class ShardWriter:
 
     def commit(self) -> int:
         """Writes buffered clips crash-safely; returns how many clips changed status."""
-        if self._lock_fd is None:
+        if self._lock is None:
             raise StoreError(f"{self.store.path}: writer of shard {self.shard} is closed")
         changed = int((self._status != self._committed_status).sum())
         if not changed and not self._data_dirty:
             self._uncommitted = 0
             return 0
+        self._lock.check()
         if self._data_dirty:  # the arrays' files are written and fsync'd concurrently (both release the GIL)
             with ThreadPoolExecutor(max_workers=len(self._data)) as pool:
                 list(pool.map(self._write_and_sync, self._data))
@@ -227,6 +247,7 @@ class ShardWriter:
         types = np.where(revived, self._committed_texts[0], self._types)
         messages = np.where(revived, self._committed_texts[1], self._messages)
         self._write_texts(types, messages)
+        self._lock.check()  # a writer that lost its lease must not mark clips done
         self._write("status", self._status)
         self._sync("status")
         if revived.any():
@@ -243,7 +264,10 @@ class ShardWriter:
     def _write(self, name: str, buf: np.ndarray) -> None:
         """Writes the shard's rows of an array: one plain write for a raw chunk file, else through Zarr."""
         arr = self.store.array(name)
-        if is_raw(arr):
+        if is_raw(arr) and self.store.objects is not None:  # one PUT: the object appears whole or not at all
+            chunk = raw_chunk_bytes(buf, self.store.shard_clips, arr.fill_value)
+            self.store.objects.put(self.store.chunk_key(name, self.shard), memoryview(chunk).cast("B"))
+        elif is_raw(arr):
             chunk_rows = self.store.shard_clips
             write_raw_chunk(self.store.chunk_file(name, self.shard), buf, chunk_rows, arr.fill_value, False)
         else:
@@ -262,7 +286,7 @@ class ShardWriter:
 
     def _sync(self, name: str) -> None:
         """fsyncs the shard file and its folder (the rename); the first time also the folders above it."""
-        if self.durable:
+        if self.durable and self.store.objects is None:  # an object store's PUT is durable when it returns
             first = name not in self._synced
             self._synced.add(name)
             chunk = self.store.chunk_file(name, self.shard)
@@ -270,14 +294,13 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ lifetime
     def _release(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     def close(self) -> None:
         """Commits what is buffered and releases the shard."""
-        if self._lock_fd is None:
+        if self._lock is None:
             return
         try:
             self.commit()
@@ -293,7 +316,7 @@ class ShardWriter:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
+        if getattr(self, "_lock", None) is not None:
             self._release()
 
 
