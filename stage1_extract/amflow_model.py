@@ -115,6 +115,10 @@ class ParallelAdapter(nn.Module):
 class AligningEncoder(nn.Module):
     """Aligns frame t+1 to frame t before its attention map is taken (moving cameras; METHOD.md s1).
 
+    Starts as the identity (METHOD.md s9): both residual branches of its encoder layer end in
+    zero-initialised projections and its output is ``x_{t+1}`` plus the layer's update only (the frame
+    embeddings stay inside), so until training moves it the AM flow is exactly that of no aligner.
+
     Args:
         dim: token width D.
         num_heads: attention heads of its one encoder layer.
@@ -131,6 +135,9 @@ class AligningEncoder(nn.Module):
             batch_first=True,
             norm_first=True,
         )
+        for last in (self.layer.self_attn.out_proj, self.layer.linear2):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.frame_embed = nn.Parameter(torch.zeros(2, dim))
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
 
@@ -142,8 +149,9 @@ class AligningEncoder(nn.Module):
         """x: (B, T, N, D) -> frames 2..T aligned to their predecessors, (B, T-1, N, D)."""
         B, T, N, D = x.shape
         pairs = torch.cat([x[:, :-1] + self.frame_embed[0], x[:, 1:] + self.frame_embed[1]], dim=2)
-        out = self.layer(pairs.reshape(B * (T - 1), 2 * N, D))
-        return out[:, N:].reshape(B, T - 1, N, D)
+        pairs = pairs.reshape(B * (T - 1), 2 * N, D)
+        update = (self.layer(pairs) - pairs)[:, N:]  # exactly 0 at initialisation
+        return x[:, 1:] + update.reshape(B, T - 1, N, D)
 
 
 @dataclass

@@ -175,6 +175,19 @@ def test_finetuned_adapters_feed_stage1_extraction(amflow_run):
     assert (a.cls - b.cls).abs().max() > 1e-4  # W_up is no longer zero: the tokens changed too
 
 
+def test_one_finetuning_step_moves_the_aligning_encoder(videos, tmp_path):
+    # The aligner starts as the identity (zero last layers); one optimiser step of the classification
+    # loss must already move its output projections, so it is trained end to end.
+    plan = amflow_plan(videos, "model.aligning_encoder=true", "model.aligner_heads=3", "model.blocks=[1]")
+    fresh = build_model(plan.model).state_dict()
+    finetune(plan, tmp_path / "run", stop_after_steps=1, progress=False, tensorboard=False)
+    state, _ = load_trainable_checkpoint(tmp_path / "run" / "last.safetensors")
+    moved = {k for k, v in state.items() if ".aligner." in k and not torch.equal(v, fresh[k])}
+    layer = "vit.blocks.0.aligner.layer."
+    assert {layer + "self_attn.out_proj.weight", layer + "linear2.weight"} <= moved
+    assert not fresh[layer + "linear2.weight"].any() and state[layer + "linear2.weight"].any()
+
+
 def test_stopped_run_resumes_to_the_same_weights(zeroi2v_run, videos, tmp_path):
     """Stop after 3 steps (mid-epoch), resume, stop after 6 (next epoch, past a validation), resume to
     the end: the weights, losses and curve equal the uninterrupted run's bit for bit."""
