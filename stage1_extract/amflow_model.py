@@ -224,6 +224,9 @@ class AMFlowBlock(nn.Module):
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
         self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
+        # Training forward only: mean squared distance of the aligned frame t+1 to frame t (normed patch
+        # tokens), for the optional auxiliary alignment loss (our addition, METHOD.md s9).
+        self.alignment_error: torch.Tensor | None = None
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         if self.aggregation == "softmax_sum":
@@ -247,10 +250,15 @@ class AMFlowBlock(nn.Module):
         h = q.shape[1]
         scores = self._scores(q, k, probs).reshape(B, T, h, N)
         next_scores = None
+        self.alignment_error = None
         if self.aligner is not None and T > 1:
-            aligned = self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D)
-            qa, ka, _ = project_qkv(self.attn, self.norm1(aligned))
+            aligned = self.norm1(self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D))
+            qa, ka, _ = project_qkv(self.attn, aligned)
             next_scores = self._scores(qa, ka, None).reshape(B, T - 1, h, N)
+            if self.training:
+                p = self.num_prefix_tokens
+                target = a.detach().reshape(B, T, N, D)[:, :-1, p:]
+                self.alignment_error = (aligned.reshape(B, T - 1, N, D)[:, :, p:] - target).pow(2).mean()
         flow = am_flow(scores, next_scores).reshape(BT, h, N)
 
         update_attn, e_attn = self.adapter_attn(torch.cat([a, flow.transpose(1, 2)], dim=-1))
@@ -340,6 +348,15 @@ class AMFlowExtractor(nn.Module):
             cls=x.reshape(B, T, *x.shape[1:])[:, -1, 0],
             flow=torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2),
         )
+
+    def alignment_loss(self) -> torch.Tensor:
+        """The last training forward's alignment error, averaged over the aligner blocks (the optional
+        auxiliary loss, our addition); raises when there is none (no aligner, or not training)."""
+        blocks = self.family.blocks(self.vit)
+        errors = [blocks[i].alignment_error for i in self.flow_block_indices]
+        if any(e is None for e in errors):
+            raise RuntimeError("alignment_loss: needs aligning encoders and a training forward with T > 1")
+        return torch.stack(errors).mean()
 
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component, for the parameter report (``amflow model-info``)."""

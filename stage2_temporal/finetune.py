@@ -321,6 +321,8 @@ class FinetuneRun:
         loss = F.cross_entropy(
             logits.float(), labels, label_smoothing=plan.recipe.label_smoothing, reduction="sum"
         )
+        if plan.recipe.aligner_loss_weight:  # our addition; per clip, as the summed cross-entropy
+            loss = loss + plan.recipe.aligner_loss_weight * len(labels) * self.model.alignment_loss().float()
         (loss * (weight / (self.micro * self.accumulation))).backward()
         correct = float((logits.argmax(dim=-1) == labels).sum()) * weight
         return torch.tensor(

@@ -83,3 +83,25 @@ def test_bypassing_the_aligners_is_the_model_without_them():
         assert not torch.equal(aligned.extract(video).flow, plain.extract(video).flow)
     with pytest.raises(ValueError, match="aligning_encoder"):
         measure_alignment(plain, video, np.zeros((4, T, 2)))
+
+
+def test_alignment_loss_is_the_aligned_frames_distance_to_the_previous_frame():
+    # At the identity start the aligned frame t+1 is x_{t+1}: the loss is the mean squared distance of
+    # consecutive frames' normed patch tokens, computed here from captured block inputs.
+    m = model(aligner=True).train()
+    video = normalise_video(clips(True)[0], *pixel_stats(m.vit))
+    captured = []
+    hooks = [b.register_forward_pre_hook(lambda _m, a: captured.append((_m, a[0]))) for b in m.vit.blocks]
+    m(video)
+    for h in hooks:
+        h.remove()
+    expected = []
+    for block, x in captured:
+        n = block.norm1(x.reshape(4, T, *x.shape[1:]))[:, :, 1:]
+        expected.append((n[:, 1:] - n[:, :-1]).pow(2).mean())
+    torch.testing.assert_close(m.alignment_loss(), torch.stack(expected).mean())
+    m.eval()
+    with torch.no_grad():
+        m(video)
+    with pytest.raises(RuntimeError, match="alignment_loss"):
+        m.alignment_loss()
