@@ -75,7 +75,7 @@ class FinetuneConfig:
         if self.aligner_loss_weight < 0:
             raise ValueError(f"key 'aligner_loss_weight': expected >= 0, got {self.aligner_loss_weight}")
         if self.aligner_loss_weight and self.gradient_checkpointing:
-            raise ValueError("key 'aligner_loss_weight': not with gradient_checkpointing (set one to 0/false)")
+            raise ValueError("key 'aligner_loss_weight': not with gradient_checkpointing (turn one off)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"key 'grad_clip': expected > 0 or null, got {self.grad_clip}")
         if self.num_workers < 0:
