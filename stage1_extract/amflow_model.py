@@ -44,7 +44,7 @@ class ClipFeatures:
 
 
 # Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
-CLASSIFIER_KEYS = ("num_classes", "heads")
+CLASSIFIER_KEYS = ("num_classes", "heads", "embedding_heads")
 
 
 @dataclass

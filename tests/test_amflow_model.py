@@ -1,5 +1,6 @@
 """The AM-flow model against timm's own forward, hand-computed flow, and the paper's parameter counts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -242,3 +243,14 @@ def test_am_flow_on_an_stdha_backbone_matches_timm_with_stdha():
     # ...but AM flow reads the block's own q, k: block 1 (same input) has the same flow, block 2 not.
     assert torch.equal(feats.flow[:, 0], plain_feats.flow[:, 0])
     assert not torch.equal(feats.flow[:, 1], plain_feats.flow[:, 1])
+
+
+def test_without_embedding_heads_the_logits_are_the_flow_map_heads():
+    heads = dataclasses.replace(TINY_HEADS, last_frame=False)
+    model = build_amflow(tiny_cfg(embedding_heads=False, heads=heads)).eval()
+    assert model.classifier.temporal_heads is None
+    video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        maps = model.extract(video).flow[..., 1:]
+        expected = model.classifier.flow_heads(model.classifier.flow_encoder(maps)).mean(dim=1)
+        torch.testing.assert_close(model(video), expected)
