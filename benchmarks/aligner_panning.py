@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "configs" / "models" / "amflow_tiny.yaml"
 RECIPE = ROOT / "configs" / "finetune" / "panning_camera.yaml"
+VARIANTS = ("plain", "aligner", "aligner+aux")  # no aligner; aligner; aligner + our auxiliary loss
 PLACEMENTS = ("am2", "am12")  # AM/2: the first and last blocks (paper 000's (1,12)); AM/12: all
 CAMERAS = {"static": 0.0, "panning": 1.0}
 DATA_SEED = 0
@@ -51,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes"
     )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--placements", default="am2,am12", help="comma-separated: am2 (blocks 1,12), am12 (all)")
-    p.add_argument("--train-per-class", type=int, default=75)
+    p.add_argument("--placements", default="am2", help="comma-separated: am2 (blocks 1,12), am12 (all)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="aligner_loss_weight of aligner+aux")
+    p.add_argument("--train-per-class", type=int, default=100)
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--test-per-class", type=int, default=25)
     p.add_argument("--size", type=int, default=32, help="frame size in pixels (patch 8)")
@@ -66,11 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.placements, args.size, args.frames = 1, "am2", 32, 4
         args.train_per_class, args.val_per_class, args.test_per_class = 2, 1, 1
-        args.epochs, args.head_epochs, args.jobs = 1, 2, 1
+        args.epochs, args.head_epochs, args.jobs, args.variants = 1, 2, 1, "plain,aligner"
     args.depth = 2 if args.quick else 12
     unknown = [p for p in args.placements.split(",") if p not in PLACEMENTS]
     if unknown:
         p.error(f"--placements: unknown {unknown}; expected from {list(PLACEMENTS)}")
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown or "aligner" not in args.variants.split(","):
+        p.error(f"--variants: expected 'aligner' and others from {list(VARIANTS)}, got {args.variants!r}")
     return args
 
 
@@ -81,6 +87,8 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
         f"model.backbone.img_size={args.size}",
         "model.heads.flow_grid=4",
     ]
+    # The AM-flow map heads alone, as the demo's row (c): what the aligner changes is the flow.
+    overrides += ["model.embedding_heads=false", "model.heads.last_frame=false"]
     if args.quick:
         overrides += ["model.backbone.timm_kwargs.depth=2", "model.bottleneck=16", "model.aligner_heads=3"]
         overrides += ["model.heads.hidden=16", "model.heads.flow_embed=16", "model.heads.flow_hidden=16"]
@@ -91,23 +99,25 @@ def finetune_spec(
     args: argparse.Namespace,
     camera: str,
     placement: str,
-    aligner: bool,
+    variant: str,
     seed: int,
     videos: Path,
     overrides: list[str],
 ) -> dict[str, Any]:
     """One finetuning run's description (picklable, for a worker process)."""
-    name = f"{camera}_{placement}_{'aligner' if aligner else 'plain'}_s{seed}"
+    name = f"{camera}_{placement}_{variant.replace('+', '_')}_s{seed}"
     blocks = f"[1,{args.depth}]" if placement == "am2" else "all"
-    model = [f"model.blocks={blocks}", f"model.aligning_encoder={str(aligner).lower()}"]
+    model = [f"model.blocks={blocks}", f"model.aligning_encoder={str(variant != 'plain').lower()}"]
+    aux = [f"train.aligner_loss_weight={args.aux_weight}"] if variant == "aligner+aux" else []
     return {
         "camera": camera,
         "placement": placement,
-        "aligner": aligner,
+        "variant": variant,
+        "aligner": variant != "plain",
         "seed": seed,
         "videos": str(videos),
         "run_dir": str(args.out / "runs" / name),
-        "overrides": [*overrides, *model],
+        "overrides": [*overrides, *model, *aux],
     }
 
 
@@ -128,7 +138,7 @@ def finetune_job(job: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     test = test_score(job["videos"], overrides, Path(job["run_dir"]) / "best.safetensors")
     return {
-        **{k: job[k] for k in ("camera", "placement", "aligner", "seed")},
+        **{k: job[k] for k in ("camera", "placement", "variant", "aligner", "seed")},
         "test": test,
         "seconds": seconds,
     }
@@ -247,7 +257,8 @@ def alignment_rows(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list
         for state, model in (("fresh", fresh), ("trained", trained)):
             report = measure_alignment(model, x, camera, mask)
             for block, figures in report.items():
-                where = {"placement": run["placement"], "seed": run["seed"], "state": state, "block": block}
+                where = {"placement": run["placement"], "variant": run["variant"], "seed": run["seed"]}
+                where.update(state=state, block=block)
                 rows.append({**where, **figures})
     return rows
 
@@ -259,13 +270,20 @@ def draw(args: argparse.Namespace, job: dict[str, Any], picture: Path) -> list[s
 
     video = args.out / "videos_panning" / "test" / "left" / "left_0000.mp4"
     model = [o.removeprefix("model.") for o in job["overrides"] if o.startswith("model.")]
-    model = [o for o in model if not o.startswith("heads.")]  # the classifier is not drawn
+    model = [o for o in model if not o.startswith(("heads.", "embedding_heads"))]  # no classifier drawn
     argv = ["visualize", str(video), "--config", str(MODEL), "--checkpoint",
             str(Path(job["run_dir"]) / "best.safetensors"), "--aligned", "--out", str(picture),
             "--frames", str(args.frames), "--set", *model, f"seed={job['seed']}"]  # fmt: skip
     if main(argv) != 0:
         raise RuntimeError(f"amflow visualize failed on {video}")
     return argv
+
+
+VARIANT_NAMES = {
+    "plain": "no aligner",
+    "aligner": "aligner",
+    "aligner+aux": "aligner + auxiliary alignment loss (our addition)",
+}
 
 
 def label(placement: str) -> str:
@@ -283,7 +301,7 @@ def format_tables(result: dict[str, Any]) -> str:
     lines = [header, "|---|---:|---:|"]
     names: dict[str, dict[str, list[float]]] = {}
     for r in result["finetune"]:
-        name = f"finetuned {label(r['placement'])} {'with' if r['aligner'] else 'without'} aligner"
+        name = f"finetuned {label(r['placement'])}, {VARIANT_NAMES[r['variant']]}"
         names.setdefault(name, {}).setdefault(r["camera"], []).append(r["test"])
     for r in result["stage2"]:
         names.setdefault(f"stage 2 only: {r['row']}", {}).setdefault(r["camera"], []).append(r["test"])
@@ -299,11 +317,13 @@ def format_tables(result: dict[str, Any]) -> str:
     ]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in result["alignment"]:
-        groups.setdefault((r["placement"], r["state"], r["block"]), []).append(r)
-    for (placement, state, block), rs in groups.items():
+        groups.setdefault((r["placement"], r["variant"], r["state"], r["block"]), []).append(r)
+    for (placement, variant, state, block), rs in groups.items():
         cell = [f"{np.mean([r[k] for r in rs]):.3f}" for k in ("before", "aligned", "true_shift",
                 "flow_background_over_object_bypassed", "flow_background_over_object_aligned")]  # fmt: skip
-        lines.append(f"| {label(placement)} {state} | {block} | {' | '.join(cell)} |")
+        lines.append(
+            f"| {label(placement)}, {VARIANT_NAMES[variant]}, {state} | {block} | {' | '.join(cell)} |"
+        )
     return "\n".join(lines)
 
 
@@ -321,11 +341,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         make_folder_dataset(videos[camera], MOTIONS, counts, args.size, args.frames, DATA_SEED, pan)
     overrides = model_overrides(args) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     jobs = [
-        finetune_spec(args, camera, placement, aligner, seed, videos[camera], overrides)
+        finetune_spec(args, camera, placement, variant, seed, videos[camera], overrides)
         for seed in range(args.seeds)
         for placement in args.placements.split(",")
         for camera in CAMERAS
-        for aligner in (True, False)
+        for variant in args.variants.split(",")
     ]
     if args.jobs == 1:
         finetuned = [finetune_job(job) for job in jobs]
@@ -341,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     alignment = alignment_rows(args, finetuned)
     args.results.mkdir(parents=True, exist_ok=True)
     picture = args.results / "aligner_panning_flow.png"
-    first = next(j for j in jobs if j["camera"] == "panning" and j["aligner"])
+    first = next(j for j in jobs if j["camera"] == "panning" and j["variant"] == "aligner")
     drawn = draw(args, first, picture)
     result = {
         "finetune": [{k: v for k, v in r.items() if k != "run_dir"} for r in finetuned],
