@@ -206,6 +206,8 @@ def stage2_rows(args: argparse.Namespace, camera: str, videos: Path) -> list[dic
     rows = []
     for seed in range(args.seeds):
         for i, row in enumerate(demo_rows(args.head_epochs, seed)):
+            if args.quick and row.name[:3] not in ("(a)", "(c)"):
+                continue  # the test suite's run: the last frame and the AM-flow map heads
             train = row.train
             if args.quick:
                 heads = dataclasses.replace(train.heads, hidden=16, flow_embed=16, flow_hidden=16)
