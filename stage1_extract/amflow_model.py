@@ -224,8 +224,10 @@ class AMFlowBlock(nn.Module):
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
         self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
-        # Training forward only: mean squared distance of the aligned frame t+1 to frame t (normed patch
-        # tokens), for the optional auxiliary alignment loss (our addition, METHOD.md s9).
+        # With ``track_alignment``, each training forward sets ``alignment_error``: the mean squared
+        # distance of the aligned frame t+1 to frame t (normed patch tokens), for the optional auxiliary
+        # alignment loss (our addition, METHOD.md s9). Its gradient reaches the aligner only.
+        self.track_alignment = False
         self.alignment_error: torch.Tensor | None = None
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
@@ -234,6 +236,13 @@ class AMFlowBlock(nn.Module):
                 probs if probs is not None else attention_probs(self.attn, q, k)
             )
         return attention_scores_sum_softmax(q, k, self.temperature)
+
+    def _alignment_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance of the aligned frames t+1 to frames t, normed patch tokens; x (B, T, N, D)
+        detached, so the loss trains the aligner and nothing before it (no collapse of the tokens)."""
+        p = self.num_prefix_tokens
+        aligned = self.norm1(self.aligner(x)[:, :, p:])
+        return (aligned - self.norm1(x[:, :-1, p:])).pow(2).mean()
 
     def forward(self, x: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, BlockOutput]:
         """x: (B*T, N, D), frames of a clip contiguous -> (x, BlockOutput)."""
@@ -255,10 +264,8 @@ class AMFlowBlock(nn.Module):
             aligned = self.norm1(self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D))
             qa, ka, _ = project_qkv(self.attn, aligned)
             next_scores = self._scores(qa, ka, None).reshape(B, T - 1, h, N)
-            if self.training:
-                p = self.num_prefix_tokens
-                target = a.detach().reshape(B, T, N, D)[:, :-1, p:]
-                self.alignment_error = (aligned.reshape(B, T - 1, N, D)[:, :, p:] - target).pow(2).mean()
+            if self.training and self.track_alignment:
+                self.alignment_error = self._alignment_error(x.detach().reshape(B, T, N, D))
         flow = am_flow(scores, next_scores).reshape(BT, h, N)
 
         update_attn, e_attn = self.adapter_attn(torch.cat([a, flow.transpose(1, 2)], dim=-1))
@@ -349,13 +356,21 @@ class AMFlowExtractor(nn.Module):
             flow=torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2),
         )
 
+    def track_alignment(self, on: bool = True) -> None:
+        """Whether training forwards record the aligners' errors for ``alignment_loss`` (costs one more
+        aligner forward per block)."""
+        for i in self.flow_block_indices:
+            self.family.blocks(self.vit)[i].track_alignment = on
+
     def alignment_loss(self) -> torch.Tensor:
         """The last training forward's alignment error, averaged over the aligner blocks (the optional
-        auxiliary loss, our addition); raises when there is none (no aligner, or not training)."""
+        auxiliary loss, our addition); raises when there is none (no aligner, not tracked, not training)."""
         blocks = self.family.blocks(self.vit)
         errors = [blocks[i].alignment_error for i in self.flow_block_indices]
         if any(e is None for e in errors):
-            raise RuntimeError("alignment_loss: needs aligning encoders and a training forward with T > 1")
+            raise RuntimeError(
+                "alignment_loss: needs aligning encoders, track_alignment() and a training forward with T > 1"
+            )
         return torch.stack(errors).mean()
 
     def components(self) -> dict[str, list[nn.Parameter]]:

@@ -153,6 +153,8 @@ class FinetuneRun:
             )
         self.model = build_finetune_model(plan.model)
         self.checkpoint_cfg = checkpoint_config(self.model, plan.model)
+        if ft.aligner_loss_weight:
+            self.model.track_alignment()
         if ft.gradient_checkpointing:
             use_gradient_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

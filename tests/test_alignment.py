@@ -89,6 +89,7 @@ def test_alignment_loss_is_the_aligned_frames_distance_to_the_previous_frame():
     # At the identity start the aligned frame t+1 is x_{t+1}: the loss is the mean squared distance of
     # consecutive frames' normed patch tokens, computed here from captured block inputs.
     m = model(aligner=True).train()
+    m.track_alignment()
     video = normalise_video(clips(True)[0], *pixel_stats(m.vit))
     captured = []
     hooks = [b.register_forward_pre_hook(lambda _m, a: captured.append((_m, a[0]))) for b in m.vit.blocks]
@@ -99,7 +100,11 @@ def test_alignment_loss_is_the_aligned_frames_distance_to_the_previous_frame():
     for block, x in captured:
         n = block.norm1(x.reshape(4, T, *x.shape[1:]))[:, :, 1:]
         expected.append((n[:, 1:] - n[:, :-1]).pow(2).mean())
-    torch.testing.assert_close(m.alignment_loss(), torch.stack(expected).mean())
+    loss = m.alignment_loss()
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    loss.backward()  # the loss trains the aligners only, never the adapters before them
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".aligner." in n for n in grads)
     m.eval()
     with torch.no_grad():
         m(video)
