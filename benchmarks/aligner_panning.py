@@ -4,9 +4,11 @@ last-frame baseline and the demo's stage-2-only rows on the same clips; plus wha
 
 For each camera: the same generated clips (``stage1_extract.synthetic``, the demo's four motions) feed
 (1) ``finetune`` with the recipe ``configs/finetune/panning_camera.yaml`` of the tiny model
-(``configs/models/amflow_tiny.yaml`` at ``--size`` px and ``--frames`` frames) for each placement (AM/2 =
-blocks 1 and 12, AM/12 = every block), with and without ``model.aligning_encoder``, per seed (model and
-recipe seed), scored on the test split with the best validation epoch's checkpoint; (2) the demo's rows
+(``configs/models/amflow_tiny.yaml`` at ``--size`` px and ``--frames`` frames, AM-flow map heads only) for
+each placement (AM/2 = blocks 1 and 12, the default; ``--placements am2,am12`` adds AM/12 = every block,
+about 2.5x the CPU time), without aligner, with aligner and (panning camera only) with aligner plus our
+auxiliary alignment loss, per seed (model and recipe seed), scored on the test split with the best
+validation epoch's checkpoint; (2) the demo's rows
 (``stage2_temporal.demo.demo_rows``: last frame, adapter-embedding heads, AM-flow map heads, all, the
 feature-difference control) trained on stores extracted once with the fresh model, per seed. For every
 aligner run on the panning camera, ``stage1_extract.alignment.measure_alignment`` on the test clips
