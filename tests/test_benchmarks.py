@@ -59,3 +59,12 @@ def test_aligner_panning_quick_writes_table_json_and_picture(tmp_path):
     assert fresh and all(r["aligned"] == r["before"] > r["true_shift"] for r in fresh)  # identity start
     assert (results / "aligner_panning_flow.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "work").exists()  # removed without --keep
+
+
+def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
+    out = run("aligner_oracle.py", "--quick", "--results", str(tmp_path))
+    data = json.loads((tmp_path / "aligner_oracle.json").read_text())
+    assert list(data["results"]) == ["static", "panning, raw", "panning, pairwise true shift undone",
+                                     "panning, all frames undone to frame 1"]  # fmt: skip
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in data["results"].values())
+    assert (tmp_path / "aligner_oracle.md").read_text().strip() in out
