@@ -10,7 +10,8 @@ about 2.5x the CPU time), without aligner, with aligner and (panning camera only
 auxiliary alignment loss, per seed (model and recipe seed), scored on the test split with the best
 validation epoch's checkpoint; (2) the demo's rows
 (``stage2_temporal.demo.demo_rows``: last frame, adapter-embedding heads, AM-flow map heads, all, the
-feature-difference control) trained on stores extracted once with the fresh model, per seed. For every
+feature-difference control) trained per seed on stores extracted once with the demo's fresh model (all
+12 blocks, seed 0). For every
 aligner run on the panning camera, ``stage1_extract.alignment.measure_alignment`` on the test clips
 compares frame t+1's tokens with frame t's before and after alignment and with the true camera shift
 undone, fresh and trained, and one trained run is drawn with ``amflow visualize --aligned``.
