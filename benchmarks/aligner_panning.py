@@ -191,7 +191,7 @@ def stage2_rows(args: argparse.Namespace, camera: str, videos: Path) -> list[dic
     from stage2_temporal.train import train_heads_from_stores
 
     stores = {}
-    for maps in ("am_flow", "feature_diff"):
+    for maps in ("am_flow",) if args.quick else ("am_flow", "feature_diff"):  # quick: rows (a) and (c)
         for split in ("train", "val", "test"):
             path = args.out / "stores" / f"{camera}_{maps}_{split}.zarr"
             model = [o.removeprefix("model.") for o in model_overrides(args) if o.startswith("model.")]
