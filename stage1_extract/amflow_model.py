@@ -54,7 +54,7 @@ class ClipFeatures:
 
 
 # Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
-CLASSIFIER_KEYS = ("num_classes", "heads")
+CLASSIFIER_KEYS = ("num_classes", "heads", "embedding_heads")
 
 
 @dataclass
@@ -126,6 +126,10 @@ class ParallelAdapter(nn.Module):
 class AligningEncoder(nn.Module):
     """Aligns frame t+1 to frame t before its attention map is taken (moving cameras; METHOD.md s1).
 
+    Starts as the identity (METHOD.md s9): both residual branches of its encoder layer end in
+    zero-initialised projections and its output is ``x_{t+1}`` plus the layer's update only (the frame
+    embeddings stay inside), so until training moves it the AM flow is exactly that of no aligner.
+
     Args:
         dim: token width D.
         num_heads: attention heads of its one encoder layer.
@@ -142,6 +146,9 @@ class AligningEncoder(nn.Module):
             batch_first=True,
             norm_first=True,
         )
+        for last in (self.layer.self_attn.out_proj, self.layer.linear2):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.frame_embed = nn.Parameter(torch.zeros(2, dim))
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
 
@@ -153,8 +160,9 @@ class AligningEncoder(nn.Module):
         """x: (B, T, N, D) -> frames 2..T aligned to their predecessors, (B, T-1, N, D)."""
         B, T, N, D = x.shape
         pairs = torch.cat([x[:, :-1] + self.frame_embed[0], x[:, 1:] + self.frame_embed[1]], dim=2)
-        out = self.layer(pairs.reshape(B * (T - 1), 2 * N, D))
-        return out[:, N:].reshape(B, T - 1, N, D)
+        pairs = pairs.reshape(B * (T - 1), 2 * N, D)
+        update = (self.layer(pairs) - pairs)[:, N:]  # exactly 0 at initialisation
+        return x[:, 1:] + update.reshape(B, T - 1, N, D)
 
 
 @dataclass
@@ -235,6 +243,11 @@ class AMFlowBlock(nn.Module):
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
         self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
+        # With ``track_alignment``, each training forward sets ``alignment_error``: the mean squared
+        # distance of the aligned frame t+1 to frame t (normed patch tokens), for the optional auxiliary
+        # alignment loss (our addition, METHOD.md s9). Its gradient reaches the aligner only.
+        self.track_alignment = False
+        self.alignment_error: torch.Tensor | None = None
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         if self.aggregation == "softmax_sum":
@@ -242,6 +255,13 @@ class AMFlowBlock(nn.Module):
                 probs if probs is not None else attention_probs(self.attn, q, k)
             )
         return attention_scores_sum_softmax(q, k, self.temperature)
+
+    def _alignment_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance of the aligned frames t+1 to frames t, normed patch tokens; x (B, T, N, D)
+        detached, so the loss trains the aligner and nothing before it (no collapse of the tokens)."""
+        p = self.num_prefix_tokens
+        aligned = self.norm1(self.aligner(x)[:, :, p:])
+        return (aligned - self.norm1(x[:, :-1, p:])).pow(2).mean()
 
     def forward(self, x: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, BlockOutput]:
         """x: (B*T, N, D), frames of a clip contiguous -> (x, BlockOutput)."""
@@ -260,10 +280,13 @@ class AMFlowBlock(nn.Module):
         scores = self._scores(q, k, probs)  # (B*T, h, [windows,] n): per attention window
         per_clip = (B, T, *scores.shape[1:])
         next_scores = None
+        self.alignment_error = None
         if self.aligner is not None and T > 1:
             aligned = self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D)
             qa, ka, _ = self.split.project_qkv(self.attn, self.norm1(aligned))
             next_scores = self._scores(qa, ka, None).reshape(B, T - 1, *per_clip[2:])
+            if self.training and self.track_alignment:
+                self.alignment_error = self._alignment_error(x.detach().reshape(B, T, N, D))
         flow = am_flow(scores.reshape(per_clip), next_scores).flatten(0, 1)
         flow = self.split.to_tokens(self.attn, flow)  # (B*T, h, N) in the block's token order
 
@@ -386,6 +409,23 @@ class AMFlowExtractor(nn.Module):
             cls=family.pooled(vit, x.reshape(B, T, *x.shape[1:])[:, -1]),
             flow=flow,
         )
+
+    def track_alignment(self, on: bool = True) -> None:
+        """Whether training forwards record the aligners' errors for ``alignment_loss`` (costs one more
+        aligner forward per block)."""
+        for i in self.flow_block_indices:
+            self.family.blocks(self.vit)[i].track_alignment = on
+
+    def alignment_loss(self) -> torch.Tensor:
+        """The last training forward's alignment error, averaged over the aligner blocks (the optional
+        auxiliary loss, our addition); raises when there is none (no aligner, not tracked, not training)."""
+        blocks = self.family.blocks(self.vit)
+        errors = [blocks[i].alignment_error for i in self.flow_block_indices]
+        if any(e is None for e in errors):
+            raise RuntimeError(
+                "alignment_loss: needs aligning encoders, track_alignment() and a training forward with T > 1"
+            )
+        return torch.stack(errors).mean()
 
     def components(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by component, for the parameter report (``amflow model-info``)."""

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ def _sample_periodic(field: np.ndarray, y: np.ndarray, x: np.ndarray, shape: tup
     return _periodic_lerp(_periodic_lerp(field, y, shape[0], axis=0), x, shape[1], axis=1)
 
 
+@dataclass
+class MotionClip:
+    """A rendered clip and what the generator knows about it.
+
+    ``frames``: uint8 ``(T, H, W, 3)``; ``camera``: float ``(T, 2)``, the scene's offset (y, x) in pixels
+    at each frame (pixel p of frame t shows scene point p - camera[t], so frame t+1 is frame t moved by
+    ``camera[t+1] - camera[t]``; zeros for a static camera); ``object_mask``: bool ``(T, H, W)``.
+    """
+
+    frames: np.ndarray
+    camera: np.ndarray
+    object_mask: np.ndarray
+
+
 def make_motion_clip(
     motion: str,
     *,
@@ -119,7 +134,19 @@ def make_motion_clip(
     rng: np.random.Generator,
     pan: bool = False,
 ) -> np.ndarray:
-    """Renders one clip of ``motion`` as uint8 ``(T, H, W, 3)``; all appearance is drawn from ``rng``.
+    """Renders one clip of ``motion`` as uint8 ``(T, H, W, 3)`` (``render_motion_clip``'s frames)."""
+    return render_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=pan).frames
+
+
+def render_motion_clip(
+    motion: str,
+    *,
+    size: int | tuple[int, int],
+    num_frames: int,
+    rng: np.random.Generator,
+    pan: bool = False,
+) -> MotionClip:
+    """Renders one clip of ``motion`` with its camera path and object mask; appearance drawn from ``rng``.
 
     Translations move the object 30-50% of the frame over the clip; approach/recede scale it by 1.5-1.9x.
     With ``pan`` the camera drifts 20-40% of the frame in a random direction, moving background and
@@ -183,6 +210,7 @@ def make_motion_clip(
         cam_x = math.cos(direction) * drift * progress
 
     clip = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    masks = np.empty((num_frames, height, width), dtype=bool)
     background = None
     for t in range(num_frames):
         if background is None or pan:
@@ -204,7 +232,14 @@ def make_motion_clip(
         obj = np.where(pick[..., None], colours[0], colours[1])
         frame = np.where(mask[..., None], obj, frame)
         clip[t] = np.clip(frame, 0, 255).astype(np.uint8)
-    return clip
+        masks[t] = mask
+    camera = np.stack([np.broadcast_to(cam_y, (num_frames,)), np.broadcast_to(cam_x, (num_frames,))], 1)
+    return MotionClip(clip, camera.astype(np.float64), masks)
+
+
+def split_clip_rng(seed: int, split: str, motion: str, k: int) -> np.random.Generator:
+    """The generator of clip k of ``motion`` in ``split``, as ``make_folder_dataset`` draws it."""
+    return np.random.default_rng((seed, _SPLIT_NUMBERS[split], MOTIONS.index(motion), k))
 
 
 def make_folder_dataset(
@@ -221,7 +256,8 @@ def make_folder_dataset(
 
     Clip k of a class and split is drawn from ``default_rng((seed, split, class, k))``; the first
     ``round(pan_fraction * n)`` clips of each class and split have a panning camera. Files are written
-    under a temporary name and renamed; ``ROOT/manifest.json`` (each clip's motion and camera) comes last.
+    under a temporary name and renamed; ``ROOT/manifest.json`` (each clip's motion, whether it pans and
+    its camera offset (y, x) in pixels per frame, ``MotionClip.camera``) comes last.
     Returns a summary: classes (sorted, as the reader indexes them), clip and panning counts per split,
     seconds.
     """
@@ -249,12 +285,13 @@ def make_folder_dataset(
     for split, c, k in tqdm(jobs, desc=f"synthetic clips -> {root}", unit="clip", disable=len(jobs) < 50):
         motion = motions[c]
         pan = k < round(pan_fraction * splits[split])
-        rng = np.random.default_rng((seed, _SPLIT_NUMBERS[split], MOTIONS.index(motion), k))
-        frames = make_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=pan)
+        rng = split_clip_rng(seed, split, motion, k)
+        clip = render_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=pan)
         rel = f"{split}/{motion}/{motion}_{k:04d}.mp4"
         with atomic_path(root / rel, durable=False) as tmp:  # regenerated on demand: no fsync
-            write_video(tmp, frames, fps=fps)
-        manifest.append({"path": rel, "motion": motion, "pan": pan})
+            write_video(tmp, clip.frames, fps=fps)
+        camera = np.round(clip.camera, 3).tolist()
+        manifest.append({"path": rel, "motion": motion, "pan": pan, "camera": camera})
         panning[split] += int(pan)
     summary = {
         "root": str(root),

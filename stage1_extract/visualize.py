@@ -101,15 +101,25 @@ def _check_video(video_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def flow_heatmaps(
-    model: AMFlowExtractor, video_uint8: torch.Tensor | np.ndarray, blocks: Sequence[int] | None = None
+    model: AMFlowExtractor,
+    video_uint8: torch.Tensor | np.ndarray,
+    blocks: Sequence[int] | None = None,
+    *,
+    bypass_aligners: bool = False,
 ) -> np.ndarray:
     """AM flow per pixel, float32 ``(blocks, T, H, W)``: summed over heads, each block's token grid
     upsampled (nearest).
 
     ``video_uint8`` is one clip ``(T, 3, H, W)`` at the model's input size, normalised here with the
     backbone's mean and std as extraction does; ``blocks`` are 1-based block numbers (None = every
-    AM-flow block of the model).
+    AM-flow block of the model). ``bypass_aligners`` computes the flow as if the model had no aligning
+    encoders (frame t+1's own attention map), for comparing with the aligned flow.
     """
+    if bypass_aligners:
+        from stage1_extract.alignment import aligners_bypassed
+
+        with aligners_bypassed(model):
+            return flow_heatmaps(model, video_uint8, blocks)
     video = _check_video(video_uint8)
     positions = select_blocks(model, blocks)
     num_frames, _, height, width = video.shape
@@ -133,9 +143,13 @@ def _frames_hwc(video_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
     return _check_video(video_uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _scales(heatmaps: np.ndarray) -> np.ndarray:
-    """Each block's colour-scale maximum: its largest value over the clip (a tiny floor for static clips)."""
-    return np.maximum(heatmaps.reshape(len(heatmaps), -1).max(axis=1), 1e-6)
+def _scales(heatmaps: np.ndarray, shared: int = 1) -> np.ndarray:
+    """Each row's colour-scale maximum: its largest value over the clip (a tiny floor for static clips),
+    taken over each group of ``shared`` consecutive rows (2: a block's unaligned and aligned rows)."""
+    peaks = np.maximum(heatmaps.reshape(len(heatmaps), -1).max(axis=1), 1e-6)
+    if shared < 1 or len(peaks) % shared:
+        raise ValueError(f"shared: {len(peaks)} rows do not split into groups of {shared}")
+    return np.repeat(peaks.reshape(-1, shared).max(axis=1), shared)
 
 
 def overlay(frame: np.ndarray, heat01: np.ndarray, alpha: float = 0.65) -> np.ndarray:
@@ -162,8 +176,10 @@ def plot_flow(
     *,
     title: str | None = None,
     quantity: str = "AM flow",
+    shared_scale: int = 1,
 ) -> Path:
-    """Still figure: the frames in a row, then per block its heatmap over each frame, a colour bar per row."""
+    """Still figure: the frames in a row, then per block its heatmap over each frame, a colour bar per row
+    (one scale over each group of ``shared_scale`` consecutive rows)."""
     plt = _pyplot()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -176,7 +192,7 @@ def plot_flow(
     if suffix not in ("png", "pdf", "svg", "jpg", "jpeg"):
         raise ValueError(f"{path}: the figure's file type comes from its suffix: .png, .pdf, .svg or .jpg")
     num_blocks, T = heatmaps.shape[:2]
-    vmax = _scales(heatmaps)
+    vmax = _scales(heatmaps, shared_scale)
     fig, axes = plt.subplots(
         1 + num_blocks,
         T,
@@ -202,7 +218,8 @@ def plot_flow(
             pad=0.01,
         )
         bar.ax.tick_params(labelsize=6)
-    heading = f"{quantity} per patch (sum over heads); colour scale per row, 0 to the block's maximum"
+    scope = "row" if shared_scale == 1 else f"{shared_scale} rows"
+    heading = f"{quantity} per patch (sum over heads); colour scale per {scope}, 0 to their maximum"
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=9)
     try:
         with atomic_path(path) as tmp:
@@ -220,11 +237,13 @@ def save_gif(
     *,
     fps: float = 4.0,
     min_panel: int = 128,
+    shared_scale: int = 1,
 ) -> Path:
     """Animated GIF, one image per frame: the frame, then each block's heatmap over it, side by side.
 
-    Each block keeps one colour scale over the whole clip (0 to its maximum, printed in its label);
-    panels are enlarged with nearest neighbours to at least ``min_panel`` pixels.
+    Each block keeps one colour scale over the whole clip (0 to its maximum, printed in its label; shared
+    by each group of ``shared_scale`` consecutive rows); panels are enlarged with nearest neighbours to at
+    least ``min_panel`` pixels.
     """
     from PIL import Image, ImageDraw
 
@@ -234,7 +253,7 @@ def save_gif(
     if fps <= 0:
         raise ValueError(f"fps: expected a positive number, got {fps}")
     T, H, W = frames.shape[:3]
-    vmax = _scales(heatmaps)
+    vmax = _scales(heatmaps, shared_scale)
     zoom = max(1, math.ceil(min_panel / max(H, W)))
     header = 14
     labels = [f"{name} (max {v:.3g})" for name, v in zip(block_names, vmax)]

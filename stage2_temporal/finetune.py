@@ -153,6 +153,8 @@ class FinetuneRun:
             )
         self.model = build_finetune_model(plan.model)
         self.checkpoint_cfg = checkpoint_config(self.model, plan.model)
+        if ft.aligner_loss_weight:
+            self.model.track_alignment()
         if ft.gradient_checkpointing:
             use_gradient_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -321,6 +323,8 @@ class FinetuneRun:
         loss = F.cross_entropy(
             logits.float(), labels, label_smoothing=plan.recipe.label_smoothing, reduction="sum"
         )
+        if plan.recipe.aligner_loss_weight:  # our addition; per clip, as the summed cross-entropy
+            loss = loss + plan.recipe.aligner_loss_weight * len(labels) * self.model.alignment_loss().float()
         (loss * (weight / (self.micro * self.accumulation))).backward()
         correct = float((logits.argmax(dim=-1) == labels).sum()) * weight
         return torch.tensor(

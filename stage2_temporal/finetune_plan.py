@@ -41,6 +41,9 @@ class FinetuneConfig:
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    # Auxiliary alignment loss (our addition, not paper 000's; AM flow with aligning encoders only): this
+    # weight times the mean squared distance of each aligned frame t+1 to frame t (normed patch tokens).
+    aligner_loss_weight: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     gradient_checkpointing: bool = False  # recompute the transformer blocks in the backward pass
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast on CUDA; the CPU always computes in fp32
@@ -69,6 +72,10 @@ class FinetuneConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"key 'label_smoothing': expected [0, 1), got {self.label_smoothing}")
+        if self.aligner_loss_weight < 0:
+            raise ValueError(f"key 'aligner_loss_weight': expected >= 0, got {self.aligner_loss_weight}")
+        if self.aligner_loss_weight and self.gradient_checkpointing:
+            raise ValueError("key 'aligner_loss_weight': not with gradient_checkpointing (turn one off)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"key 'grad_clip': expected > 0 or null, got {self.grad_clip}")
         if self.num_workers < 0:
@@ -142,6 +149,11 @@ def plan_finetune(
         raise ConfigError(
             f"dataset crop_size {data_cfg.crop_size} differs from {model_config} backbone.img_size {img}: "
             "the ViT takes one input size (set data.crop_size or model.backbone.img_size)"
+        )
+    if ft.aligner_loss_weight and not getattr(model_cfg, "aligning_encoder", False):
+        raise ConfigError(
+            f"{recipe}: aligner_loss_weight {ft.aligner_loss_weight} needs an AM-flow model with "
+            "aligning_encoder: true"
         )
     crop = data_cfg.crop_size or img
     if crop is None:

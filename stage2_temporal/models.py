@@ -27,6 +27,9 @@ class AMFlowModelConfig(AMFlowConfig):
 
     num_classes: int = 31
     heads: HeadsConfig = field(default_factory=LSTMHeadsConfig)
+    # Temporal heads on the adapters' pooled embeddings; false leaves the AM-flow map heads (and the last
+    # frame, if on), as stage 2 does with ``adapters: []``.
+    embedding_heads: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -78,7 +81,7 @@ def build_amflow(cfg: AMFlowModelConfig, weights: str | None = None) -> AMFlowMo
         classifier = build_classifier(
             cfg.heads,
             num_classes=cfg.num_classes,
-            num_adapters=len(features.adapter_names),
+            num_adapters=len(features.adapter_names) if cfg.embedding_heads else 0,
             embed_dim=features.bottleneck,
             cls_dim=features.embed_dim,
             flow_blocks=len(features.flow_block_indices),

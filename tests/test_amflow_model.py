@@ -1,5 +1,6 @@
 """The AM-flow model against timm's own forward, hand-computed flow, and the paper's parameter counts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -111,9 +112,10 @@ def test_flow_concentrates_on_the_moving_object():
 def test_gradients_reach_only_trainable_parts():
     cfg = tiny_cfg(aligning_encoder=True, aligner_heads=3)
     model = build_amflow(cfg)
-    # Make W_up non-zero so gradients also flow through the adapters into later blocks.
+    # Make the zero-initialised projections (adapters' W_up, the aligners' last layers) non-zero, so
+    # gradients also flow through the adapters into later blocks and into every part of the aligners.
     for name, p in model.named_parameters():
-        if "adapter" in name and ".up." in name:
+        if ("adapter" in name and ".up." in name) or any(k in name for k in ("out_proj", "linear2")):
             torch.nn.init.normal_(p, std=0.02)
     before = {n: p.detach().clone() for n, p in model.vit.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -130,6 +132,28 @@ def test_gradients_reach_only_trainable_parts():
     for name, p in model.vit.named_parameters():
         if name in before:
             assert torch.equal(p, before[name]), name
+
+
+def test_aligner_starts_as_the_identity_for_the_flow():
+    # The same adapters, heads and backbone with and without aligners: at initialisation the AM flow,
+    # the embeddings and the logits are bit-identical (METHOD.md s9's identity start).
+    video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for blocks in ("all", [2]):
+        plain = build_amflow(tiny_cfg(blocks=blocks)).eval()
+        aligned = build_amflow(tiny_cfg(blocks=blocks, aligning_encoder=True, aligner_heads=3)).eval()
+        own = {k: v for k, v in aligned.state_dict().items() if ".aligner." in k}
+        aligned.load_state_dict({**own, **plain.state_dict()})
+        assert own
+        with torch.no_grad():
+            a, p = aligned.extract(video), plain.extract(video)
+            assert torch.equal(aligned(video), plain(video))
+        assert a.flow.abs().sum() > 0
+        assert torch.equal(a.flow, p.flow) and torch.equal(a.embeddings, p.embeddings)
+        # Moving the aligner's zero-initialised output projection changes the flow: it is wired in.
+        block = aligned.vit.blocks[aligned.flow_block_indices[0]]
+        torch.nn.init.normal_(block.aligner.layer.self_attn.out_proj.weight, std=0.5)
+        with torch.no_grad():
+            assert not torch.equal(aligned.extract(video).flow, p.flow)
 
 
 def test_local_weights_load_with_timm_keys(tmp_path):
@@ -219,3 +243,14 @@ def test_am_flow_on_an_stdha_backbone_matches_timm_with_stdha():
     # ...but AM flow reads the block's own q, k: block 1 (same input) has the same flow, block 2 not.
     assert torch.equal(feats.flow[:, 0], plain_feats.flow[:, 0])
     assert not torch.equal(feats.flow[:, 1], plain_feats.flow[:, 1])
+
+
+def test_without_embedding_heads_the_logits_are_the_flow_map_heads():
+    heads = dataclasses.replace(TINY_HEADS, last_frame=False)
+    model = build_amflow(tiny_cfg(embedding_heads=False, heads=heads)).eval()
+    assert model.classifier.temporal_heads is None
+    video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        maps = model.extract(video).flow[..., 1:]
+        expected = model.classifier.flow_heads(model.classifier.flow_encoder(maps)).mean(dim=1)
+        torch.testing.assert_close(model(video), expected)

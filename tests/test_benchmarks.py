@@ -1,6 +1,7 @@
 """The benchmarks that have no test of their own run end to end at toy sizes, so an API change in the
 code they measure breaks a test instead of the next person who runs them."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,30 @@ def test_train_views_prints_a_row_per_dataset_and_k(tmp_path):
     expected = [["demo", "0"], ["demo", "2"], ["varied", "0"], ["varied", "2"]]
     assert [line.split()[:2] for line in table] == expected
     assert not (tmp_path / "tv").exists()  # removed without --keep
+
+
+def test_aligner_panning_quick_writes_table_json_and_picture(tmp_path):
+    results = tmp_path / "results"
+    out = run("aligner_panning.py", "--quick", "--out", str(tmp_path / "work"), "--results", str(results))
+    table = (results / "aligner_panning.md").read_text()
+    assert table.strip() in out
+    for row in ("finetuned AM/2, no aligner", "finetuned AM/2, aligner", "(a) last-frame appearance"):
+        assert row in table
+    data = json.loads((results / "aligner_panning.json").read_text())
+    assert {(r["camera"], r["variant"]) for r in data["finetune"]} == {
+        (c, v) for c in ("static", "panning") for v in ("plain", "aligner")
+    }
+    assert all(0 <= r["test"] <= 1 for r in data["finetune"] + data["stage2"])
+    fresh = [r for r in data["alignment"] if r["state"] == "fresh"]
+    assert fresh and all(r["aligned"] == r["before"] > r["true_shift"] for r in fresh)  # identity start
+    assert (results / "aligner_panning_flow.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "work").exists()  # removed without --keep
+
+
+def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
+    out = run("aligner_oracle.py", "--quick", "--results", str(tmp_path))
+    data = json.loads((tmp_path / "aligner_oracle.json").read_text())
+    assert list(data["results"]) == ["static", "panning, raw", "panning, pairwise true shift undone",
+                                     "panning, all frames undone to frame 1"]  # fmt: skip
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in data["results"].values())
+    assert (tmp_path / "aligner_oracle.md").read_text().strip() in out

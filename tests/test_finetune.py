@@ -176,6 +176,34 @@ def test_finetuned_adapters_feed_stage1_extraction(amflow_run):
     assert (a.cls - b.cls).abs().max() > 1e-4  # W_up is no longer zero: the tokens changed too
 
 
+def test_one_finetuning_step_moves_the_aligning_encoder(videos, tmp_path):
+    # The aligner starts as the identity (zero last layers); one optimiser step of the classification
+    # loss must already move its output projections, so it is trained end to end.
+    plan = amflow_plan(videos, "model.aligning_encoder=true", "model.aligner_heads=3", "model.blocks=[1]")
+    fresh = build_model(plan.model).state_dict()
+    finetune(plan, tmp_path / "run", stop_after_steps=1, progress=False, tensorboard=False)
+    state, _ = load_trainable_checkpoint(tmp_path / "run" / "last.safetensors")
+    moved = {k for k, v in state.items() if ".aligner." in k and not torch.equal(v, fresh[k])}
+    layer = "vit.blocks.0.aligner.layer."
+    assert {layer + "self_attn.out_proj.weight", layer + "linear2.weight"} <= moved
+    assert not fresh[layer + "linear2.weight"].any() and state[layer + "linear2.weight"].any()
+
+
+def test_auxiliary_alignment_loss_adds_to_the_first_step_and_needs_an_aligner(videos, tmp_path):
+    # At the identity start the classification loss is the same with or without the auxiliary term, so
+    # the first step's logged loss grows by the (positive) weighted alignment error.
+    aligner = ["model.aligning_encoder=true", "model.aligner_heads=3", "model.blocks=[1]"]
+    losses = []
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight}"
+        plan = amflow_plan(videos, *aligner, f"aligner_loss_weight={weight}")
+        finetune(plan, out, stop_after_steps=1, progress=False, tensorboard=False)
+        losses.append(float(read_csv(out / "steps.csv")[0]["loss"]))
+    assert losses[1] > losses[0] + 1e-3
+    with pytest.raises(ConfigError, match="aligner_loss_weight.*aligning_encoder"):
+        amflow_plan(videos, "aligner_loss_weight=1.0")
+
+
 def test_stopped_run_resumes_to_the_same_weights(zeroi2v_run, videos, tmp_path):
     """Stop after 3 steps (mid-epoch), resume, stop after 6 (next epoch, past a validation), resume to
     the end: the weights, losses and curve equal the uninterrupted run's bit for bit."""

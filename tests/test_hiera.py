@@ -164,8 +164,9 @@ def test_am_flow_on_a_pooling_block_is_refused_naming_it():
 
 def test_gradients_reach_every_adapter_and_aligner_and_no_frozen_weight():
     model = build_amflow(tiny_cfg(aligning_encoder=True, aligner_heads=4, pooling="flow"))
-    for name, p in model.named_parameters():  # non-zero W_up: gradients also cross the adapters
-        if ".up." in name:
+    # non-zero W_up and aligner output layers (zero at init): gradients also cross adapters and aligners
+    for name, p in model.named_parameters():
+        if ".up." in name or any(k in name for k in ("out_proj", "linear2")):
             torch.nn.init.normal_(p, std=0.02)
     logits = model(torch.randn(2, 4, 3, 32, 32))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()

@@ -126,3 +126,17 @@ def test_errors_name_the_file_or_argument(square_video, model, tmp_path):
     with pytest.raises(ValueError, match="expects 64x64"):
         flow_heatmaps(model, torch.zeros(FRAMES, 3, 32, 32, dtype=torch.uint8))
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_aligned_view_draws_each_block_unaligned_and_aligned(square_video, tmp_path, capsys):
+    path, _ = square_video
+    out = tmp_path / "aligned.png"
+    argv = ["visualize", str(path), "--config", TINY, "--frames", str(FRAMES), "--out", str(out), "--aligned"]
+    assert _cli([*argv, "--set", *SMALL, "aligning_encoder=true", "aligner_heads=3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:6] in ("block1", "block2")]
+    assert [r[:2] for r in rows] == [[b, v] for b in ("block1", "block2") for v in ("unaligned", "aligned")]
+    assert rows[0][2:] == rows[1][2:]  # a fresh aligner is the identity: the same flow
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    with pytest.raises(ValueError, match="--aligned.*no aligning encoder"):
+        _cli([*argv, "--set", *SMALL])

@@ -34,6 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the figure to write (.png, .pdf, .svg or .jpg)")
     p.add_argument("--gif", action="store_true", help="also write an animated GIF beside it (<out>.gif)")
     p.add_argument("--fps", type=float, default=4.0, help="GIF frames per second (default 4)")
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="models with aligning encoders: per block, a row with the aligners bypassed (frame t+1 as "
+        "it is) above the aligned AM flow, so camera motion's flow and what the aligner removes show",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
     # An option, not trailing positionals: argparse cannot take positionals both before and after options.
     p.add_argument(
@@ -60,6 +66,8 @@ def _parse_blocks(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from stage1_extract.amflow_model import AMFlowConfig
     from stage1_extract.config import route_overrides
     from stage1_extract.visualize import (
@@ -86,14 +94,22 @@ def run(args: argparse.Namespace) -> int:
     model = load_visualization_model(
         args.config, args.checkpoint, num_frames=args.frames, overrides=overrides, device=args.device
     )
+    if args.aligned and not model.cfg.aligning_encoder:
+        raise ValueError(f"--aligned: {args.config} has no aligning encoder (model.aligning_encoder: false)")
     names = [model.flow_block_names[i] for i in select_blocks(model, blocks)]
     video = decode_clip(args.video, args.frames or model.cfg.num_frames, frame_size(model))
     heatmaps = flow_heatmaps(model, video, blocks)
+    if args.aligned:
+        bypassed = flow_heatmaps(model, video, blocks, bypass_aligners=True)
+        heatmaps = np.stack([m for pair in zip(bypassed, heatmaps) for m in pair])
+        names = [f"{n} {view}" for n in names for view in ("unaligned", "aligned")]
     quantity = "AM flow" if model.cfg.maps == "am_flow" else "feature difference (control)"
     title = f"{Path(args.video).name}: {Path(args.config).stem}"
-    written = [plot_flow(video, heatmaps, names, out, title=title, quantity=quantity)]
+    shared = 2 if args.aligned else 1  # a block's unaligned and aligned rows on one colour scale
+    written = [plot_flow(video, heatmaps, names, out, title=title, quantity=quantity, shared_scale=shared)]
     if args.gif:
-        written.append(save_gif(video, heatmaps, names, out.with_suffix(".gif"), fps=args.fps))
+        gif = out.with_suffix(".gif")
+        written.append(save_gif(video, heatmaps, names, gif, fps=args.fps, shared_scale=shared))
     print(
         f"{'block':<12}{'max':>10}{'mean':>10}   ({quantity} per patch, sum over heads, {len(video)} frames)"
     )
