@@ -17,6 +17,7 @@ from torch import nn
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
 from stage1_extract.config import ConfigError, build_config, merge_into, parse_overrides, read_yaml
+from stage1_extract.features import feature_type
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, LSTMHeadsConfig, build_classifier
 from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
 
@@ -75,9 +76,7 @@ def build_amflow(cfg: AMFlowModelConfig, weights: str | None = None) -> AMFlowMo
             num_adapters=len(features.adapter_names),
             embed_dim=features.bottleneck,
             cls_dim=features.embed_dim,
-            flow_blocks=len(features.flow_block_indices),
-            patch_grid=features.patch_grid,
-            num_prefix_tokens=features.num_prefix_tokens,
+            flow_blocks=feature_type(cfg).layout_of(features).flow_geometry,
             seed=cfg.seed,
         )
     return AMFlowModel(features.vit, cfg, classifier)

@@ -1,14 +1,16 @@
-"""Predicting actions in new videos with a trained run: stage 1 in memory, then the run's classifier.
+"""Predicting actions in new videos with a trained model: one ``Predictor`` interface whatever made it.
 
-A ``Predictor`` holds what scoring a video needs: the model, how clips are sampled into views (the
-dataset config of the run's features or finetuning), the input normalisation and the class names. Three
-kinds, all averaging the softmax probabilities over a video's views as evaluation does:
+A predictor scores clips (``forward``: uint8 views -> class probabilities, the softmax averaged over a
+video's views as evaluation does) and knows how clips are sampled into views (the dataset config of the
+run's features or finetuning), the input normalisation and the class names. One class per source, each
+with the ``kind`` an export records (``amflow export``; ``PREDICTORS`` maps it back to the class):
 
-- ``heads``: a ``train-heads`` run: the AM-flow extraction model rebuilt from the config recorded with the
-  run's features (stage 1 in memory), features rounded through the cache's dtype as the heads saw them,
-  then the run's heads;
-- ``finetune``: an end-to-end finetuning run (AM flow or ZeroI2V), its ``best.safetensors``;
-- ``merged``: a merged ZeroI2V model (``amflow merge``).
+- ``HeadsPredictor`` (``heads``): a ``train-heads`` run: the feature model rebuilt from the config
+  recorded with the run's features (stage 1 in memory), features rounded through the cache's dtype as
+  the heads saw them, then the run's heads;
+- ``FinetunePredictor`` (``finetune``): an end-to-end finetuning run (AM flow or ZeroI2V), its
+  ``best.safetensors``;
+- ``MergedPredictor`` (``merged``): a merged ZeroI2V model (``amflow merge``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import dataclasses
 import json
 import logging
 import warnings
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,6 +50,7 @@ from stage1_extract.checkpoint import (
 from stage1_extract.config import ConfigError, build_config, config_to_dict
 from stage1_extract.datasets import VIDEO_EXTENSIONS, ClipRecord, DatasetConfig
 from stage1_extract.extract import load_extraction_model
+from stage1_extract.features import FeatureExtractor
 from stage1_extract.models import feature_config_from_dict
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import MERGED_FORMAT
@@ -61,36 +65,57 @@ from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
 log = logging.getLogger(__name__)
 
 FINETUNE_BEST = "best.safetensors"
-KINDS = ("heads", "finetune", "merged")
 
 
-@dataclass
-class Predictor:
-    """A trained recogniser ready for videos (see the module docstring for the three kinds)."""
+class Predictor(metaclass=ABCMeta):
+    """A trained recogniser ready for videos: ``forward`` (or calling it) scores a batch of clips.
 
-    kind: str
-    model: nn.Module  # heads: the AM-flow extraction model; else the video classifier (logits)
-    data: DatasetConfig  # sampling, frames, views and crop size of the clips
-    class_names: list[str]
-    model_config: dict[str, Any]
+    Args:
+        model: the network an export saves (the feature model for heads, else the video classifier).
+        data: sampling, frames, views and crop size of the clips.
+        class_names: one name per class, in the model's order.
+        model_config: the resolved model config (recorded in exports).
+        device: where the model runs.
+        pixel_mean, pixel_std: the input normalisation; None = the backbone's pretrained_cfg.
+    """
+
+    kind: ClassVar[str]  # what an export records; ``PREDICTORS[kind]`` loads it back
+    # What an export stores beside the model: trained heads, their shape, the cache dtype they read.
     heads: AveragingClassifier | None = None
     heads_info: HeadsInfo | None = None
-    feature_dtype: str = "float32"  # heads: the cache dtype the heads were trained on
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    pixel_mean: list[float] | None = None  # input normalisation; None = the backbone's pretrained_cfg
-    pixel_std: list[float] | None = None
+    feature_dtype: str = "float32"
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"predictor kind: expected one of {KINDS}, got {self.kind!r}")
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DatasetConfig,
+        class_names: list[str],
+        model_config: dict[str, Any],
+        *,
+        device: torch.device | str = "cpu",
+        pixel_mean: list[float] | None = None,
+        pixel_std: list[float] | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.class_names = list(class_names)
+        self.model_config = model_config
+        self.device = torch.device(device)
         self.model.eval().to(self.device)
-        if self.heads is not None:
-            self.heads.eval().to(self.device)
-        self.mean, self.std = pixel_stats(self.model.vit, self.device)
-        if self.pixel_mean is not None and self.pixel_std is not None:
-            self.mean = torch.tensor(self.pixel_mean, device=self.device).view(3, 1, 1)
-            self.std = torch.tensor(self.pixel_std, device=self.device).view(3, 1, 1)
+        self.mean, self.std = pixel_stats(self.backbone, self.device)
+        if pixel_mean is not None and pixel_std is not None:
+            self.mean = torch.tensor(pixel_mean, device=self.device).view(3, 1, 1)
+            self.std = torch.tensor(pixel_std, device=self.device).view(3, 1, 1)
         self.pixel_mean, self.pixel_std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+
+    @property
+    @abstractmethod
+    def backbone(self) -> nn.Module:
+        """The image backbone (its pretrained_cfg normalisation is the default input normalisation)."""
+
+    @abstractmethod
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        """Normalised views (clips*V, T, 3, H, W), clip-major -> class probabilities (clips, C)."""
 
     @property
     def num_classes(self) -> int:
@@ -101,16 +126,51 @@ class Predictor:
         return self.data.num_clips * self.data.num_crops
 
     @torch.inference_mode()
-    def probabilities(self, video: torch.Tensor) -> np.ndarray:
+    def forward(self, video: torch.Tensor) -> np.ndarray:
         """uint8 views (B, V, T, 3, H, W) -> class probabilities (B, C), softmax averaged over the V views."""
-        B, V = video.shape[:2]
         on_cuda = self.device.type == "cuda"
         x = normalise_video(video.to(self.device, non_blocking=on_cuda).flatten(0, 1), self.mean, self.std)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            if self.kind != "heads":
-                logits = self.model(x).float()
-                return logits.softmax(dim=-1).double().reshape(B, V, -1).mean(dim=1).cpu().numpy()
-            f = self.model.extract(x)
+            return self.scores(x, video.shape[0])
+
+    __call__ = forward
+
+
+class HeadsPredictor(Predictor):
+    """A ``train-heads`` run: the feature model (stage 1 in memory), then the run's heads on its features.
+
+    Args (besides ``Predictor``'s):
+        heads: the trained averaging classifier.
+        heads_info: its shape (which adapters and flow blocks it reads).
+        feature_dtype: the cache dtype the heads were trained on (features are rounded through it).
+    """
+
+    kind = "heads"
+
+    def __init__(
+        self,
+        model: FeatureExtractor,
+        data: DatasetConfig,
+        class_names: list[str],
+        model_config: dict[str, Any],
+        *,
+        heads: AveragingClassifier,
+        heads_info: HeadsInfo,
+        feature_dtype: str = "float32",
+        **common: Any,
+    ) -> None:
+        super().__init__(model, data, class_names, model_config, **common)
+        self.heads = heads.eval().to(self.device)
+        self.heads_info = heads_info
+        self.feature_dtype = feature_dtype
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        B, V = clips, x.shape[0] // clips
+        f = self.model.extract(x)
         dtype = getattr(torch, self.feature_dtype)
 
         def cached(t: torch.Tensor, v: int) -> torch.Tensor:
@@ -118,18 +178,47 @@ class Predictor:
             return t.float().unflatten(0, (B, V))[:, v].to(dtype).float().cpu()
 
         views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(f.flow, v)) for v in range(V)]
-        m = self.model
+        layout = self.model.layout()
         data = CachedFeatures.from_clip_features(
             views,
             np.zeros(B, dtype=np.int64),
             self.num_classes,
-            m.adapter_names,
-            m.flow_block_names,
-            patch_grid=m.patch_grid,
-            num_prefix_tokens=m.num_prefix_tokens,
+            layout.adapter_names,
+            layout.flow_block_names,
+            flow_geometry=layout.flow_geometry,
         )
         data = select_for_heads(data, self.heads_info)
         return predict_proba(self.heads, data, batch_size=max(B, 1), device=self.device)
+
+
+class ClassifierPredictor(Predictor):
+    """A video classifier (normalised views -> logits): its softmax averaged over the views."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.vit
+
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        logits = self.model(x).float()
+        return logits.softmax(dim=-1).double().reshape(clips, -1, logits.shape[-1]).mean(dim=1).cpu().numpy()
+
+
+class FinetunePredictor(ClassifierPredictor):
+    """An end-to-end finetuning run (AM flow or ZeroI2V)."""
+
+    kind = "finetune"
+
+
+class MergedPredictor(ClassifierPredictor):
+    """A merged ZeroI2V model (``amflow merge``): a plain ViT with STDHA and its classifier."""
+
+    kind = "merged"
+
+
+# An export's recorded kind -> the predictor class that loads it back.
+PREDICTORS: dict[str, type[Predictor]] = {
+    p.kind: p for p in (HeadsPredictor, FinetunePredictor, MergedPredictor)
+}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -199,12 +288,11 @@ def load_heads_predictor(
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = load_extraction_model(model_cfg, checkpoint, torch.device("cpu"))
     names = class_labels(info.class_names or features.get("classes"), info.num_classes)
-    return Predictor(
-        "heads",
+    return HeadsPredictor(
         model,
         data,
         names,
-        config_to_dict(model.cfg),  # with a merged backbone's head offsets
+        config_to_dict(model.config),  # with a merged backbone's head offsets
         heads=heads,
         heads_info=info,
         feature_dtype=fields.get("dtype") or "float32",
@@ -230,8 +318,7 @@ def load_finetune_predictor(
     load_into(model, state, ckpt)
     data = _crop_size(build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)"), model_cfg)
     names = json.loads(read_metadata(ckpt).get("class_names", "null"))
-    return Predictor(
-        "finetune",
+    return FinetunePredictor(
         model,
         data,
         class_labels(names, model_cfg.num_classes),
@@ -250,8 +337,7 @@ def load_merged_predictor(
     cfg = model_config_from_dict(yaml.safe_load(meta["config"]), f"{path} (metadata 'config')")
     data = data or DatasetConfig(num_frames=cfg.num_frames, crop_size=cfg.backbone.img_size)
     names = json.loads(meta.get("class_names", "null"))
-    return Predictor(
-        "merged",
+    return MergedPredictor(
         model,
         _crop_size(data, cfg),
         class_labels(names, cfg.num_classes),
@@ -351,7 +437,7 @@ def predict_records(
             for item in batch["failed"]:
                 results[item["index"]] = (None, f"{item['error'][0]}: {item['error'][1]}")
             if batch["video"] is not None:
-                probs = predictor.probabilities(batch["video"])
+                probs = predictor(batch["video"])
                 for j, i in enumerate(batch["index"].tolist()):
                     results[i] = (probs[j], None)
             bar.update(len(batch["index"]) + len(batch["failed"]))

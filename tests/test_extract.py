@@ -37,7 +37,7 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
     failures = {f["clip_id"]: f for f in store.failures()}
     assert set(failures) == {"train/left/corrupt.mp4", "train/up/empty.mp4"}
     assert all(f["message"] for f in failures.values())
-    assert store.provenance["classes"] == ["left", "right", "up"]
+    assert store.class_names == ["left", "right", "up"]
     assert store.adapter_names[:2] == ["block1.attn", "block1.mlp"] and len(store.adapter_names) == 4
 
     # Independent check: decode one clip and run the model by hand.

@@ -223,7 +223,7 @@ def test_windows_of_a_long_video_are_sampled_as_clips(heads_run, capsys, tmp_pat
     frames = open_video(long).get_batch(list(range(36))).asnumpy()
     views = [frames[[12, 15, 18, 21]], frames[[14, 17, 20, 23]]]
     video = torch.from_numpy(np.stack(views)).permute(0, 1, 4, 2, 3).unsqueeze(0).contiguous()
-    expected = dict(zip(predictor.class_names, predictor.probabilities(video)[0]))
+    expected = dict(zip(predictor.class_names, predictor(video)[0]))
     got = {t["label"]: t["prob"] for t in lines[2]["top5"]}
     assert got == pytest.approx(expected, abs=1e-6)
 
