@@ -17,6 +17,7 @@ from torch import nn
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
 from stage1_extract.config import ConfigError, build_config, merge_into, parse_overrides, read_yaml
+from stage1_extract.families import family_of
 from stage1_extract.features import feature_type
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, LSTMHeadsConfig, build_classifier
 from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
@@ -127,13 +128,35 @@ def count_parameters(params: Iterable[nn.Parameter]) -> tuple[int, int]:
 
 
 def parameter_report(model: AMFlowModel | ZeroI2VModel) -> dict[str, Any]:
-    """``{"components": {name: {"total", "trainable"}}, "total", "trainable"}`` per ``model.components()``."""
+    """``{"components": {name: {"total", "trainable"}}, "total", "trainable", "family", "blocks"}``:
+    parameters per ``model.components()``, the backbone family and per block its geometry (token grid,
+    tokens, heads, width, prefix tokens, attention window, whether it pools)."""
     components = {}
     for name, params in model.components().items():
         total, trainable = count_parameters(params)
         components[name] = {"total": total, "trainable": trainable}
     total, trainable = count_parameters(model.parameters())
-    return {"components": components, "total": total, "trainable": trainable}
+    family = family_of(model.vit)
+    blocks = [
+        {
+            "block": i + 1,
+            "grid": list(g.grid),
+            "tokens": g.tokens,
+            "heads": g.heads,
+            "width": g.width,
+            "prefix_tokens": g.prefix_tokens,
+            "window": list(g.window) if g.window else None,
+            "pools": g.pools,
+        }
+        for i, g in enumerate(family.block_geometry(model.vit))
+    ]
+    return {
+        "components": components,
+        "total": total,
+        "trainable": trainable,
+        "family": family.__name__,
+        "blocks": blocks,
+    }
 
 
 def build_model_on_meta(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:
