@@ -31,15 +31,14 @@ from stage1_extract.backbone import (
     RANDOM_INIT_WARNING,
     file_sha256,
     normalise_video,
-    pixel_stats,
     resolve_device,
 )
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
 from stage1_extract.decode_plan import resolve_decode_device
-from stage1_extract.families import family_of
 from stage1_extract.features import FeatureExtractor, build_feature_extractor
-from stage1_extract.models import check_matches_dataset, feature_config_from_dict, load_feature_config
+from stage1_extract.models import feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
 from store.writer import BackgroundCommits, ShardWriter
@@ -101,6 +100,7 @@ class ExtractionPlan:
     records: list[tuple[str, int, int | None, int | None]]
     checkpoint: str | None
     options: ExtractOptions
+    geometry: ClipGeometry
 
 
 @dataclasses.dataclass
@@ -229,7 +229,6 @@ def extract_shards(
     )
     if device.startswith("cpu") and threads:
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
-    data_cfg = DatasetConfig(**plan.dataset_config)
     records = [ClipRecord(*plan.records[i]) for i in todo]
     sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
     decode_device = resolve_decode_device(opts.decode_device, sample)
@@ -240,15 +239,14 @@ def extract_shards(
             records,
             todo,
             plan.root,
-            data_cfg,
-            data_cfg.crop_size,
+            plan.geometry,
             views=opts.train_views,
             flip=opts.train_flip,
             seed=opts.train_views_seed,
         )
     else:
         dataset = VideoClipDataset(
-            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+            records, plan.root, plan.geometry, train=False,
             decode_threads=opts.decode_threads, decode_device=decode_device,
         )  # fmt: skip
     on_cuda = device.startswith("cuda")
@@ -265,7 +263,7 @@ def extract_shards(
     batches = iter(loader)  # decoding workers start now
     model_json = json.dumps(plan.model_config, sort_keys=True)
     model = _cached_model(model_json, plan.checkpoint, device, opts.compile)
-    mean, std = pixel_stats(model.backbone, device)
+    mean, std = plan.geometry.normalisation(model.backbone, device)
     writer: ShardWriter | None = None
     commits = BackgroundCommits()  # a finished shard is written to disk while the next one is computed
     try:
@@ -366,12 +364,8 @@ def plan_extraction(
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
     model_cfg = load_feature_config(model_config, routed["model"])
-    img_size = model_cfg.backbone.img_size
-    if data_cfg.crop_size is None:
-        if img_size is None:
-            raise ConfigError(f"{model_config}: set backbone.img_size (or the dataset's crop_size)")
-        data_cfg = dataclasses.replace(data_cfg, crop_size=img_size)
-    check_matches_dataset(model_cfg, model_config, data_cfg.num_frames, data=f"dataset {data_cfg.name!r}")
+    geometry = ClipGeometry.resolve(data_cfg, model_cfg, str(model_config))
+    data_cfg = geometry.with_crop(data_cfg)  # the dataset config a store records (and fingerprints)
     index = build_index(dataset, root, split, data_cfg)
     log.info(index.summary())
     if index.missing:
@@ -384,7 +378,7 @@ def plan_extraction(
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_feature_extractor(model_cfg)
-    check_input_size(meta, data_cfg.crop_size, model_config)
+    geometry.check_model(meta.backbone, str(model_config))
     shapes = meta.layout()
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
@@ -441,21 +435,9 @@ def plan_extraction(
         records=[(r.path, r.label, r.start_frame, r.end_frame) for r in records],
         checkpoint=checkpoint,
         options=options,
+        geometry=dataclasses.replace(geometry, class_names=tuple(index.classes)),
     )
     return plan, store
-
-
-def check_input_size(model: FeatureExtractor, crop_size: int, model_config: str | Path) -> None:
-    """The dataset's crop must be the size the ViT was built for (timm asserts it mid-forward otherwise)."""
-    vit = model.backbone
-    if getattr(vit, "dynamic_img_size", False) or not getattr(vit.patch_embed, "strict_img_size", True):
-        return
-    height, width = family_of(vit).input_size(vit)
-    if (height, width) != (crop_size, crop_size):
-        raise ConfigError(
-            f"crop_size={crop_size}: the model of {model_config} takes {height}x{width} frames; "
-            f"set crop_size={height} (or model.backbone.img_size={crop_size})"
-        )
 
 
 def run_extraction(

@@ -37,7 +37,6 @@ from stage1_extract.backbone import (
     RANDOM_INIT_WARNING,
     file_sha256,
     normalise_video,
-    pixel_stats,
     resolve_device,
 )
 from stage1_extract.checkpoint import (
@@ -47,6 +46,7 @@ from stage1_extract.checkpoint import (
     load_trainable_checkpoint,
     read_metadata,
 )
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.config import ConfigError, build_config, config_to_dict
 from stage1_extract.datasets import VIDEO_EXTENSIONS, ClipRecord, DatasetConfig
 from stage1_extract.extract import load_extraction_model
@@ -72,7 +72,8 @@ class Predictor(metaclass=ABCMeta):
 
     Args:
         model: the network an export saves (the feature model for heads, else the video classifier).
-        data: sampling, frames, views and crop size of the clips.
+        data: the dataset config of the clips (crop size set), recorded in exports; ``geometry`` is
+            the resolved sampling, views, crop, normalisation and class names the predictor decodes with.
         class_names: one name per class, in the model's order.
         model_config: the resolved model config (recorded in exports).
         device: where the model runs.
@@ -98,15 +99,15 @@ class Predictor(metaclass=ABCMeta):
     ) -> None:
         self.model = model
         self.data = data
-        self.class_names = list(class_names)
         self.model_config = model_config
         self.device = torch.device(device)
         self.model.eval().to(self.device)
-        self.mean, self.std = pixel_stats(self.backbone, self.device)
+        geometry = ClipGeometry.of_dataset(data, class_names=class_names)
         if pixel_mean is not None and pixel_std is not None:
-            self.mean = torch.tensor(pixel_mean, device=self.device).view(3, 1, 1)
-            self.std = torch.tensor(pixel_std, device=self.device).view(3, 1, 1)
+            geometry = dataclasses.replace(geometry, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.mean, self.std = geometry.normalisation(self.backbone, self.device)
         self.pixel_mean, self.pixel_std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        self.geometry = dataclasses.replace(geometry, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
 
     @property
     @abstractmethod
@@ -118,12 +119,16 @@ class Predictor(metaclass=ABCMeta):
         """Normalised views (clips*V, T, 3, H, W), clip-major -> class probabilities (clips, C)."""
 
     @property
+    def class_names(self) -> list[str]:
+        return list(self.geometry.class_names)
+
+    @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return len(self.geometry.class_names)
 
     @property
     def num_views(self) -> int:
-        return self.data.num_clips * self.data.num_crops
+        return self.geometry.num_views
 
     @torch.inference_mode()
     def forward(self, video: torch.Tensor) -> np.ndarray:
@@ -246,14 +251,6 @@ def _check_sha(path: str | None, recorded: str | None, what: str, option: str, r
         raise ConfigError(f"{option} {path}: the run's features were made without {what}")
 
 
-def _crop_size(data: DatasetConfig, model_cfg: Any) -> DatasetConfig:
-    if data.crop_size is None:
-        data = dataclasses.replace(data, crop_size=model_cfg.backbone.img_size)
-    if data.crop_size is None:
-        raise ConfigError("the run records no crop size and its model no backbone.img_size")
-    return data
-
-
 def load_heads_predictor(
     run_dir: str | Path, weights: str | None = None, checkpoint: str | None = None, device: str = "auto"
 ) -> Predictor:
@@ -281,7 +278,8 @@ def load_heads_predictor(
     _check_sha(weights, fields.get("weights_sha256"), "backbone weights", "--weights", run)
     _check_sha(checkpoint, fields.get("checkpoint_sha256"), "a checkpoint", "--checkpoint", run)
     model_cfg = feature_config_from_dict(_with_weights(model_dict, weights), f"{record_path} (model config)")
-    data = _crop_size(build_config(DatasetConfig, data_dict, f"{record_path} (dataset config)"), model_cfg)
+    data = build_config(DatasetConfig, data_dict, f"{record_path} (dataset config)")
+    data = ClipGeometry.resolve(data, model_cfg, f"{record_path} (model config)").with_crop(data)
     heads, info = load_heads(run)
     dev = resolve_device(device)
     with warnings.catch_warnings():
@@ -316,7 +314,8 @@ def load_finetune_predictor(
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_model(model_cfg)
     load_into(model, state, ckpt)
-    data = _crop_size(build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)"), model_cfg)
+    data = build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)")
+    data = ClipGeometry.resolve(data, model_cfg, f"{ckpt} (metadata 'config')").with_crop(data)
     names = json.loads(read_metadata(ckpt).get("class_names", "null"))
     return FinetunePredictor(
         model,
@@ -339,7 +338,7 @@ def load_merged_predictor(
     names = json.loads(meta.get("class_names", "null"))
     return MergedPredictor(
         model,
-        _crop_size(data, cfg),
+        ClipGeometry.resolve(data, cfg, f"{path} (metadata 'config')").with_crop(data),
         class_labels(names, cfg.num_classes),
         config_to_dict(cfg),
         device=resolve_device(device),
@@ -423,7 +422,7 @@ def predict_records(
 ) -> list[tuple[np.ndarray | None, str | None]]:
     """(probabilities, None) or (None, error) per record, decoded as the run's clips were."""
     # the videos are the user's own paths, not an annotation file's: no dataset root confines them
-    dataset = VideoClipDataset(records, None, predictor.data, crop_size=predictor.data.crop_size)
+    dataset = VideoClipDataset(records, None, predictor.geometry)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -50,10 +50,9 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
         tmp_path / "other.zarr",
         overrides=SMALL,
     )
-    from stage1_extract.datasets import ClipRecord, DatasetConfig
+    from stage1_extract.datasets import ClipRecord
 
-    data_cfg = DatasetConfig(**plan.dataset_config)
-    item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, data_cfg, 32)[0]
+    item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, plan.geometry)[0]
     cfg = load_feature_config(TINY, [o[6:] for o in SMALL[:2]] + ["num_frames=4", "num_classes=3"])
     model = load_extraction_model(cfg, None, torch.device("cpu"))
     mean = torch.tensor(model.vit.pretrained_cfg["mean"]).view(3, 1, 1)

@@ -5,6 +5,7 @@ What a type provides is ``base.FeatureExtractor``; each type is one module of th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from stage1_extract.config import ConfigError
@@ -18,14 +19,22 @@ FEATURE_TYPES: dict[str, type[FeatureExtractor]] = {
     "feature_diff": FeatureDifferenceControl,
 }
 
-__all__ = ["FEATURE_TYPES", "FeatureExtractor", "FeatureLayout", "build_feature_extractor", "feature_type"]
+__all__ = [
+    "FEATURE_TYPES",
+    "FeatureExtractor",
+    "FeatureLayout",
+    "build_feature_extractor",
+    "feature_type",
+    "feature_type_name",
+]
 
 
 def feature_type_name(cfg: Any) -> str:
-    """The feature type a model config selects: an AM-flow config's ``maps`` (``am_flow`` or the control
-    ``feature_diff``); any other config kind names its type by its ``kind``."""
-    kind = getattr(cfg, "kind", "amflow")
-    return getattr(cfg, "maps", "am_flow") if kind == "amflow" else kind
+    """The feature type a model config (object or mapping) selects: an AM-flow config's ``maps``
+    (``am_flow`` or the control ``feature_diff``); a config of another ``kind`` names its type by it."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda key, default: getattr(cfg, key, default)
+    kind = get("kind", "amflow")
+    return get("maps", "am_flow") if kind == "amflow" else kind
 
 
 def feature_type(cfg: Any) -> type[FeatureExtractor]:
