@@ -24,7 +24,6 @@ from stage1_extract.am_flow import (
 )
 from stage1_extract.attention import attend, attention_probs, project_qkv
 from stage1_extract.backbone import create_backbone, freeze
-from stage1_extract.block_maps import stack_block_maps
 from stage1_extract.families import family_of
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
@@ -35,8 +34,7 @@ class ClipFeatures:
     """What stage 1 computes per clip and stage 2 reads back from the cache.
 
     ``embeddings``: (B, A, T, r) pooled adapter embeddings E; ``flow``: (B, F, T, h, N) AM-flow maps of
-    the flow blocks (all N tokens, prefix tokens first), packed (B, T, M) when the blocks' maps differ
-    in shape (``block_maps.stack_block_maps``), or None; ``cls``: (B, D) final normed CLS of
+    the flow blocks (all N tokens, prefix tokens first) or None; ``cls``: (B, D) final normed CLS of
     the last frame.
     """
 
@@ -328,7 +326,7 @@ class AMFlowExtractor(nn.Module):
         return x, ClipFeatures(
             embeddings=torch.stack(embeddings, dim=1).reshape(B, T, -1, r).transpose(1, 2),
             cls=x.reshape(B, T, *x.shape[1:])[:, -1, 0],
-            flow=stack_block_maps(flows, B, T),
+            flow=torch.stack(flows, dim=1).reshape(B, T, len(flows), *flows[0].shape[1:]).transpose(1, 2),
         )
 
     def components(self) -> dict[str, list[nn.Parameter]]:

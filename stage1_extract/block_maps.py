@@ -1,6 +1,7 @@
-"""Per-block token maps of a clip in the layout the store keeps (``store.layout``): stacked when every
-block's map has one shape, else packed block after block (hierarchical backbones change tokens and
-heads from stage to stage)."""
+"""Per-block token maps in the layout the store keeps (``store.layout``): a ViT's blocks share one map
+shape and stay stacked (B, F, T, h, N); the blocks of a hierarchical backbone (tokens and heads change
+from stage to stage; ``ClipFeatures.flow`` is then a list, one (B, T, h_b, N_b) tensor per block) are
+packed block after block along one axis (B, T, M), M = the sum of h_b x N_b."""
 
 from __future__ import annotations
 
@@ -9,14 +10,9 @@ from collections.abc import Sequence
 import torch
 
 
-def stack_block_maps(maps: Sequence[torch.Tensor], clips: int, frames: int) -> torch.Tensor:
-    """Per block (clips*frames, channels_b, tokens_b), frames of a clip contiguous -> (clips, blocks,
-    frames, channels, tokens) when every block's map has one shape, else packed (clips, frames, M) with
-    each block's map flattened in block order (M = sum of channels_b x tokens_b)."""
-    if len({tuple(m.shape[1:]) for m in maps}) == 1:
-        return (
-            torch.stack(list(maps), dim=1)
-            .reshape(clips, frames, len(maps), *maps[0].shape[1:])
-            .transpose(1, 2)
-        )
-    return torch.cat([m.reshape(clips, frames, -1) for m in maps], dim=-1)
+def pack_block_maps(flow: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """``ClipFeatures.flow`` -> the store's layout: a stacked (B, F, T, h, N) tensor as it is, a list of
+    per-block (B, T, h_b, N_b) maps packed into (B, T, M), each block's map flattened, in block order."""
+    if isinstance(flow, torch.Tensor):
+        return flow
+    return torch.cat([m.flatten(2) for m in flow], dim=-1)

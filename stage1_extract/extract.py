@@ -26,19 +26,19 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from stage1_extract.amflow_model import AMFlowConfig
 from stage1_extract.backbone import (
     RANDOM_INIT_WARNING,
     file_sha256,
     normalise_video,
     resolve_device,
 )
+from stage1_extract.block_maps import pack_block_maps
 from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
 from stage1_extract.decode_plan import resolve_decode_device
-from stage1_extract.features import FeatureExtractor, build_feature_extractor
-from stage1_extract.models import feature_config_from_dict, load_feature_config
+from stage1_extract.features import FeatureExtractor, build_feature_extractor, feature_type_name
+from stage1_extract.models import feature_config_class, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
 from store.writer import BackgroundCommits, ShardWriter
@@ -141,7 +141,7 @@ def load_extraction_model(cfg: Any, checkpoint: str | None, device: torch.device
 
 
 def feature_fingerprint(
-    model_cfg: AMFlowConfig, data_cfg: DatasetConfig, checkpoint: str | None, dtype: str, store_flow: bool
+    model_cfg: Any, data_cfg: DatasetConfig, checkpoint: str | None, dtype: str, store_flow: bool
 ) -> dict[str, Any]:
     """Everything that changes the cached features (not the split: train/val/test stores must agree)."""
     model = config_to_dict(model_cfg)
@@ -334,7 +334,8 @@ def _forward(
     cls = f.cls.float().reshape(B, V, -1)
     out = {"embeddings": emb.cpu().numpy(), "cls": cls.cpu().numpy(), "flow": None}
     if with_flow:
-        flow = f.flow.float().reshape(B, V, *f.flow.shape[1:])
+        packed = pack_block_maps(f.flow)
+        flow = packed.float().reshape(B, V, *packed.shape[1:])
         if flow.ndim == 6:
             flow = flow.transpose(1, 2)  # (B, F, V, T, h, N)
         out["flow"] = flow.cpu().numpy()
@@ -360,7 +361,7 @@ def plan_extraction(
     """
     options = options or ExtractOptions()
     options.validate()
-    routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
+    routed = route_overrides(overrides, {"data": DatasetConfig, "model": feature_config_class(model_config)})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
     model_cfg = load_feature_config(model_config, routed["model"])
@@ -406,7 +407,7 @@ def plan_extraction(
             "seed": options.train_views_seed,
         },
         "skipped": index.skipped,
-        "maps": model_cfg.maps,
+        "maps": feature_type_name(model_cfg),  # the feature type (stage1_extract.features)
     }
     store = FeatureStore.create(
         out,

@@ -43,6 +43,14 @@ def feature_config_from_dict(data: dict[str, Any], source: str = "<config>") -> 
     return build_config(config_class, {k: v for k, v in data.items() if k in own}, source)
 
 
+def feature_config_class(path: str | Path) -> type:
+    """The config class of the feature type a model YAML selects (for routing overrides before loading)."""
+    name = feature_type_name(read_yaml(path))
+    if name not in FEATURE_TYPES:
+        raise ConfigError(f"{path}: feature type {name!r} is not registered; known: {sorted(FEATURE_TYPES)}")
+    return FEATURE_TYPES[name].config_class
+
+
 def load_feature_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     """Reads a model YAML's feature settings and applies ``key.sub=value`` overrides."""
     data = deep_merge(read_yaml(path), parse_overrides(overrides))

@@ -39,6 +39,7 @@ from stage1_extract.backbone import (
     normalise_video,
     resolve_device,
 )
+from stage1_extract.block_maps import pack_block_maps
 from stage1_extract.checkpoint import (
     FORMAT_KEY,
     check_backbone_weights,
@@ -182,7 +183,8 @@ class HeadsPredictor(Predictor):
             """View ``v`` of every clip, rounded through the cache's dtype as stage 2 read it."""
             return t.float().unflatten(0, (B, V))[:, v].to(dtype).float().cpu()
 
-        views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(f.flow, v)) for v in range(V)]
+        flow = pack_block_maps(f.flow) if f.flow is not None else None  # as the store keeps the maps
+        views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(flow, v)) for v in range(V)]
         layout = self.model.layout()
         data = CachedFeatures.from_clip_features(
             views,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_extract.block_maps import stack_block_maps
+from stage1_extract.block_maps import pack_block_maps
 from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures, load_store
@@ -148,13 +148,13 @@ def test_heads_learn_from_packed_flow_maps(tmp_path):
 
 def test_stage1_packs_block_maps_of_different_shapes_as_the_heads_unpack_them():
     g = torch.Generator().manual_seed(0)
-    maps = [torch.randn(2 * 3, b.channels, b.tokens, generator=g) for b in HIERARCHICAL]  # (B*T, h_b, N_b)
-    packed = stack_block_maps(maps, clips=2, frames=3)
+    maps = [torch.randn(2, 3, b.channels, b.tokens, generator=g) for b in HIERARCHICAL]  # (B, T, h_b, N_b)
+    packed = pack_block_maps(maps)
     assert packed.shape == (2, 3, 17 + 8)
     heads = LSTMHeadsConfig(hidden=8, layers=1, flow_maps=True, flow_grid=2, flow_embed=6, flow_hidden=8)
     encoder = build_classifier(heads, 2, 1, 4, 8, flow_blocks=HIERARCHICAL).flow_encoder
     for m, unpacked in zip(maps, encoder.block_maps(packed), strict=True):
-        assert torch.equal(unpacked, m.reshape(2, 3, *m.shape[1:]))
-    same = [torch.randn(6, 3, 17, generator=g) for _ in range(2)]
-    expected = torch.stack(same, dim=1).reshape(2, 3, 2, 3, 17).transpose(1, 2)  # (B, F, T, h, N)
-    assert torch.equal(stack_block_maps(same, clips=2, frames=3), expected)
+        assert torch.equal(unpacked, m)
+    torch.testing.assert_close(encoder(packed), encoder(maps))  # the list ClipFeatures may carry
+    stacked = torch.randn(2, 2, 3, 3, 17, generator=g)  # (B, F, T, h, N): one shape, kept as it is
+    assert pack_block_maps(stacked) is stacked

@@ -58,9 +58,12 @@ class FlowMapEncoder(nn.Module):
         self.fc1 = GroupedLinear(groups, in_dim, embed)
         self.fc2 = GroupedLinear(groups, embed, embed)
 
-    def block_maps(self, maps: torch.Tensor) -> list[torch.Tensor]:
-        """The stored maps -> per block (B, T, channels, tokens): ``maps`` is (B, G, T, h, N) when every
-        block's map has one shape, else packed (B, T, sum of channels x tokens) as the store keeps them."""
+    def block_maps(self, maps: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """The maps -> per block (B, T, channels, tokens): ``maps`` is (B, G, T, h, N) when every block's
+        map has one shape, packed (B, T, sum of channels x tokens) as the store keeps blocks of different
+        shapes (``stage1_extract.block_maps``), or already one (B, T, h_b, N_b) tensor per block."""
+        if isinstance(maps, list):
+            return maps
         if self.uniform and maps.ndim == 5:
             return list(maps.unbind(dim=1))
         B, T = maps.shape[:2]
