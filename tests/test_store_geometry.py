@@ -18,7 +18,7 @@ from stage2_temporal.run_dir import load_heads
 from stage2_temporal.stream import StreamedFeatures
 from stage2_temporal.synthetic import write_store
 from stage2_temporal.train import predict_logits, train_heads
-from store import FeatureStore, FlowBlock, load_arrays
+from store import FeatureStore, FlowBlock, export_h5, import_h5, load_arrays, verify_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -116,6 +116,12 @@ def test_flow_blocks_of_different_shapes_round_trip_through_the_store(tmp_path):
     batch = streamed.batch(np.array([3, 10]), np.array([1, 0]), "cpu")
     np.testing.assert_array_equal(batch.flow.numpy(), cache.flow[[3, 10], [1, 0], :, 17:])
     streamed.close()
+    assert verify_store(path, progress=False) == []
+    back = import_h5(
+        export_h5(path, tmp_path / "h.h5", progress=False), tmp_path / "back.zarr", progress=False
+    )
+    assert back.flow_geometry == HIERARCHICAL
+    np.testing.assert_array_equal(load_arrays(back, with_flow=True, progress=False).flow, cache.flow)
 
 
 def test_flow_map_heads_pool_each_block_on_its_own_grid():
