@@ -164,3 +164,20 @@ def test_stage1_packs_block_maps_of_different_shapes_as_the_heads_unpack_them():
     torch.testing.assert_close(encoder(packed), encoder(maps))  # the list ClipFeatures may carry
     stacked = torch.randn(2, 2, 3, 3, 17, generator=g)  # (B, F, T, h, N): one shape, kept as it is
     assert pack_block_maps(stacked) is stacked
+
+
+@pytest.mark.parametrize("source", ["--model", "--run"])
+def test_a_heads_run_and_export_made_before_predict_the_same(source, capsys):
+    """``heads_run`` / ``heads_export.safetensors``: a train-heads run (flow-map heads) on the schema-1
+    store's clips and its export, made by the code before; their predictions were recorded then."""
+    from amflow.cli import main
+
+    path = LEGACY / ("heads_export.safetensors" if source == "--model" else "heads_run")
+    capsys.readouterr()
+    argv = ["predict", str(LEGACY / "videos"), source, str(path), "--json", "--decode-workers", "0"]
+    assert main([*argv, "--device", "cpu", "--quiet"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = {(p["video"].split("/videos/")[1], t["label"]): t["prob"] for p in lines for t in p["top5"]}
+    recorded = json.loads((LEGACY / "heads_predictions.json").read_text())
+    expected = {(video, label): prob for video, probs in recorded.items() for label, prob in probs.items()}
+    assert got == pytest.approx(expected, abs=1e-6)
