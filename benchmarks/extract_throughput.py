@@ -133,9 +133,8 @@ def measure(args: argparse.Namespace) -> dict:
         records = [ClipRecord(*r) for r in plan.records]
         decode_device = resolve_decode_device(args.decode_device, Path(plan.root) / records[0].path)
         dataset = VideoClipDataset(
-            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
-            decode_device=decode_device,
-        )  # fmt: skip
+            records, plan.root, plan.geometry, train=False, decode_device=decode_device
+        )
         t = time.perf_counter()
         loader = DataLoader(
             dataset,

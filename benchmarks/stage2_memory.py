@@ -60,7 +60,8 @@ def build_store(path: Path, clips: int, dim: int, seed: int) -> float:
         num_frames=FRAMES,
         embed_dim=dim,
         cls_dim=CLS_DIM,
-        provenance={"classes": [f"class{c}" for c in range(CLASSES)], "num_classes": CLASSES},
+        provenance={"benchmark": "stage2_memory"},
+        class_names=[f"class{c}" for c in range(CLASSES)],
         fingerprint_fields={"benchmark": "stage2_memory", "bottleneck": dim},
         overwrite=True,
     )

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import stage1_extract  # noqa: F401  (before timm)
 from stage1_extract.backbone import RANDOM_INIT_WARNING
+from stage1_extract.features.am_flow import AMFlowFeatures
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import LSTMHeadsConfig
@@ -137,8 +138,7 @@ def main() -> None:
         num_classes=model_cfg.num_classes,
         adapter_names=model.adapter_names,
         flow_block_names=model.flow_block_names,
-        patch_grid=model.patch_grid,
-        num_prefix_tokens=model.num_prefix_tokens,
+        flow_geometry=AMFlowFeatures.layout_of(model).flow_geometry,
     )
     half = {k: getattr(cache, k).astype(np.float16) for k in ("embeddings", "cls", "flow")}
     cache = dataclasses.replace(cache, **half)  # as stage 1 stores them

@@ -53,16 +53,12 @@ class ClipFeatures:
         return self.flow[position] if isinstance(self.flow, list) else self.flow[:, position]
 
 
-# Keys of an AM-flow model YAML that belong to stage 2's classifier (``stage2_temporal.models``).
-CLASSIFIER_KEYS = ("num_classes", "heads", "embedding_heads")
-
-
 @dataclass
 class AMFlowConfig:
     """AM-flow features: backbone, which blocks get AM flow + adapters, aggregation, pooling, seed.
 
-    A model YAML also holds the classifier's keys (``CLASSIFIER_KEYS``): stage 2's end-to-end config
-    extends this one with them; extraction reads the rest.
+    A model YAML may also hold a classifier's keys: stage 2's end-to-end config extends this one with
+    them; extraction reads only these fields (``stage1_extract.models``).
     """
 
     kind: Literal["amflow"] = "amflow"

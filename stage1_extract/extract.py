@@ -26,22 +26,20 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, build_amflow_extractor
 from stage1_extract.backbone import (
     RANDOM_INIT_WARNING,
     file_sha256,
-    is_added_key,
     normalise_video,
-    pixel_stats,
     resolve_device,
 )
-from stage1_extract.checkpoint import load_trainable_checkpoint
+from stage1_extract.block_maps import pack_block_maps
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.config import ConfigError, config_to_dict, route_overrides
 from stage1_extract.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
 from stage1_extract.decode_plan import resolve_decode_device
-from stage1_extract.models import check_matches_dataset, feature_config_from_dict, load_feature_config
+from stage1_extract.features import FeatureExtractor, build_feature_extractor, feature_type_name
+from stage1_extract.models import feature_config_class, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
-from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
 from store.writer import BackgroundCommits, ShardWriter
 
@@ -102,6 +100,7 @@ class ExtractionPlan:
     records: list[tuple[str, int, int | None, int | None]]
     checkpoint: str | None
     options: ExtractOptions
+    geometry: ClipGeometry
 
 
 @dataclasses.dataclass
@@ -135,48 +134,14 @@ class ExtractSummary:
         return "\n".join(f"  {k:<24}{v}" for k, v in rows)
 
 
-def load_extraction_model(cfg: AMFlowConfig, checkpoint: str | None, device: torch.device) -> AMFlowExtractor:
-    """The AM-flow model in inference mode, with trained adapters or a merged ZeroI2V backbone if given.
-
-    A merged ZeroI2V file (``amflow merge``), or a ZeroI2V checkpoint (merged here), supplies the backbone
-    weights and its STDHA head offsets; an AM-flow finetuning checkpoint supplies adapters and aligning
-    encoders. Without a checkpoint the adapters are freshly initialised from ``cfg.seed`` (in the store).
-    """
-    if not checkpoint:
-        return build_amflow_extractor(cfg).eval().to(device)
-    if is_zeroi2v_file(checkpoint):
-        name, offsets, vit_state = merged_backbone(checkpoint)
-        if name != cfg.backbone.name:
-            raise ConfigError(
-                f"{checkpoint}: a ZeroI2V {name!r} model; the config's backbone is {cfg.backbone.name!r}"
-            )
-        model = build_amflow_extractor(
-            dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
-        )
-        source = "a merged ZeroI2V backbone"
-        state = {f"vit.{k}": v for k, v in vit_state.items()}
-        wanted = {k for k in model.state_dict() if k.startswith("vit.") and not is_added_key(k)}
-    else:
-        model = build_amflow_extractor(cfg)
-        state, _ = load_trainable_checkpoint(checkpoint)
-        # Only the adapters and aligning encoders shape the features; the heads (sized for the dataset
-        # they were trained on) are not needed to extract.
-        state = {k: v for k, v in state.items() if k.startswith("vit.")}
-        source = "trained adapters"
-        wanted = {k for k in model.state_dict() if k.startswith("vit.") and is_added_key(k)}
-    missing = sorted(wanted - set(state))
-    unknown = sorted(set(state) - set(model.state_dict()))
-    if missing or unknown:
-        raise ConfigError(
-            f"{checkpoint}: {source} that do not fit this model config: missing {missing[:4]}, "
-            f"unexpected {unknown[:4]}"
-        )
-    model.load_state_dict(state, strict=False)
-    return model.eval().to(device)
+def load_extraction_model(cfg: Any, checkpoint: str | None, device: torch.device) -> FeatureExtractor:
+    """The feature model of ``cfg`` (its registered type, ``stage1_extract.features``) in inference mode on
+    ``device``, with ``checkpoint``'s weights (trained adapters, a merged ZeroI2V backbone) if given."""
+    return build_feature_extractor(cfg, checkpoint).to(device)
 
 
 def feature_fingerprint(
-    model_cfg: AMFlowConfig, data_cfg: DatasetConfig, checkpoint: str | None, dtype: str, store_flow: bool
+    model_cfg: Any, data_cfg: DatasetConfig, checkpoint: str | None, dtype: str, store_flow: bool
 ) -> dict[str, Any]:
     """Everything that changes the cached features (not the split: train/val/test stores must agree)."""
     model = config_to_dict(model_cfg)
@@ -199,7 +164,7 @@ def feature_fingerprint(
 @functools.lru_cache(maxsize=2)
 def _cached_model(
     model_json: str, checkpoint: str | None, device: str, compile: bool = False
-) -> AMFlowExtractor:
+) -> FeatureExtractor:
     """One model per worker process and plan (dask runs many shard tasks in one process)."""
     cfg = feature_config_from_dict(json.loads(model_json), "<extraction plan>")
     with warnings.catch_warnings():
@@ -264,7 +229,6 @@ def extract_shards(
     )
     if device.startswith("cpu") and threads:
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
-    data_cfg = DatasetConfig(**plan.dataset_config)
     records = [ClipRecord(*plan.records[i]) for i in todo]
     sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
     decode_device = resolve_decode_device(opts.decode_device, sample)
@@ -275,15 +239,14 @@ def extract_shards(
             records,
             todo,
             plan.root,
-            data_cfg,
-            data_cfg.crop_size,
+            plan.geometry,
             views=opts.train_views,
             flip=opts.train_flip,
             seed=opts.train_views_seed,
         )
     else:
         dataset = VideoClipDataset(
-            records, plan.root, data_cfg, crop_size=data_cfg.crop_size, train=False,
+            records, plan.root, plan.geometry, train=False,
             decode_threads=opts.decode_threads, decode_device=decode_device,
         )  # fmt: skip
     on_cuda = device.startswith("cuda")
@@ -300,7 +263,7 @@ def extract_shards(
     batches = iter(loader)  # decoding workers start now
     model_json = json.dumps(plan.model_config, sort_keys=True)
     model = _cached_model(model_json, plan.checkpoint, device, opts.compile)
-    mean, std = pixel_stats(model.vit, device)
+    mean, std = plan.geometry.normalisation(model.backbone, device)
     writer: ShardWriter | None = None
     commits = BackgroundCommits()  # a finished shard is written to disk while the next one is computed
     try:
@@ -349,7 +312,7 @@ def extract_shards(
 
 @torch.inference_mode()
 def _forward(
-    model: AMFlowExtractor,
+    model: FeatureExtractor,
     video: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
@@ -360,7 +323,8 @@ def _forward(
     """uint8 views (B, V, T, 3, H, W) -> float32 numpy features laid out as the store's arrays.
 
     ``with_flow=False`` leaves the AM-flow maps on the device (``"flow": None``): for ViT-B/14 AM/12 they
-    are ~3.5 MB per clip, more than everything else a GPU sends back.
+    are ~3.5 MB per clip, more than everything else a GPU sends back. Maps of one shape per block are
+    (B, F, V, T, h, N); packed maps of blocks of different shapes (B, V, T, M), as the store keeps them.
     """
     B, V = video.shape[:2]
     x = normalise_video(video.to(device, non_blocking=on_cuda).flatten(0, 1), mean, std)
@@ -370,7 +334,10 @@ def _forward(
     cls = f.cls.float().reshape(B, V, -1)
     out = {"embeddings": emb.cpu().numpy(), "cls": cls.cpu().numpy(), "flow": None}
     if with_flow:
-        flow = f.flow.float().reshape(B, V, *f.flow.shape[1:]).transpose(1, 2)  # (B, F, V, T, h, N)
+        packed = pack_block_maps(f.flow)
+        flow = packed.float().reshape(B, V, *packed.shape[1:])
+        if flow.ndim == 6:
+            flow = flow.transpose(1, 2)  # (B, F, V, T, h, N)
         out["flow"] = flow.cpu().numpy()
     return out
 
@@ -394,16 +361,12 @@ def plan_extraction(
     """
     options = options or ExtractOptions()
     options.validate()
-    routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
+    routed = route_overrides(overrides, {"data": DatasetConfig, "model": feature_config_class(model_config)})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
     model_cfg = load_feature_config(model_config, routed["model"])
-    img_size = model_cfg.backbone.img_size
-    if data_cfg.crop_size is None:
-        if img_size is None:
-            raise ConfigError(f"{model_config}: set backbone.img_size (or the dataset's crop_size)")
-        data_cfg = dataclasses.replace(data_cfg, crop_size=img_size)
-    check_matches_dataset(model_cfg, model_config, data_cfg.num_frames, data=f"dataset {data_cfg.name!r}")
+    geometry = ClipGeometry.resolve(data_cfg, model_cfg, str(model_config))
+    data_cfg = geometry.with_crop(data_cfg)  # the dataset config a store records (and fingerprints)
     index = build_index(dataset, root, split, data_cfg)
     log.info(index.summary())
     if index.missing:
@@ -415,14 +378,9 @@ def plan_extraction(
         raise ConfigError(f"{dataset} split {split!r} under {root}: no clips found")
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
-        meta = build_amflow_extractor(model_cfg)
-    check_input_size(meta, data_cfg.crop_size, model_config)
-    if options.store_flow and not meta.uniform_flow:
-        raise ConfigError(
-            f"{model_config}: --flow: the AM-flow blocks' maps differ in (channels, grid) "
-            f"{meta.flow_layout} and the store holds one shape for every block; choose blocks of one stage "
-            "(model.blocks=[...]) or drop --flow"
-        )
+        meta = build_feature_extractor(model_cfg)
+    geometry.check_model(meta.backbone, str(model_config))
+    shapes = meta.layout()
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {
@@ -448,32 +406,27 @@ def plan_extraction(
             "flip": options.train_flip,
             "seed": options.train_views_seed,
         },
-        "classes": index.classes,
-        "num_classes": index.num_classes,
         "skipped": index.skipped,
-        "patch_grid": list(meta.patch_grid),
-        "num_prefix_tokens": meta.num_prefix_tokens,
-        "maps": model_cfg.maps,
+        "maps": feature_type_name(model_cfg),  # the feature type (stage1_extract.features)
     }
     store = FeatureStore.create(
         out,
         clip_ids=[r.path for r in records],
         labels=[r.label for r in records],
-        num_adapters=len(meta.adapter_names),
+        num_adapters=len(shapes.adapter_names),
         num_views=views,
         num_frames=data_cfg.num_frames,
-        embed_dim=meta.bottleneck,
-        cls_dim=meta.embed_dim,
+        embed_dim=shapes.embed_dim,
+        cls_dim=shapes.cls_dim,
         provenance=provenance,
         fingerprint_fields=fingerprint,
-        flow_shape=(len(meta.flow_block_names), meta.map_channels, meta.num_tokens)
-        if options.store_flow
-        else None,
+        flow_blocks=shapes.flow_geometry if options.store_flow else None,
+        class_names=index.classes,
         dtype=options.dtype,
         shard_clips=options.shard_clips,
         compression=options.compression,
-        adapter_names=meta.adapter_names,
-        flow_block_names=meta.flow_block_names,
+        adapter_names=shapes.adapter_names,
+        flow_block_names=shapes.flow_block_names,
     )
     plan = ExtractionPlan(
         store_path=str(out),
@@ -483,21 +436,9 @@ def plan_extraction(
         records=[(r.path, r.label, r.start_frame, r.end_frame) for r in records],
         checkpoint=checkpoint,
         options=options,
+        geometry=dataclasses.replace(geometry, class_names=tuple(index.classes)),
     )
     return plan, store
-
-
-def check_input_size(model: AMFlowExtractor, crop_size: int, model_config: str | Path) -> None:
-    """The dataset's crop must be the size the ViT was built for (timm asserts it mid-forward otherwise)."""
-    vit = model.vit
-    if getattr(vit, "dynamic_img_size", False) or not getattr(vit.patch_embed, "strict_img_size", True):
-        return
-    height, width = model.family.input_size(vit)
-    if (height, width) != (crop_size, crop_size):
-        raise ConfigError(
-            f"crop_size={crop_size}: the model of {model_config} takes {height}x{width} frames; "
-            f"set crop_size={height} (or model.backbone.img_size={crop_size})"
-        )
 
 
 def run_extraction(

@@ -1,51 +1,58 @@
-"""Reading a model YAML for stage 1: the AM-flow feature config, without stage 2's classifier keys."""
+"""Reading a model YAML for stage 1: the settings of its feature type (``stage1_extract.features``).
+
+A model YAML may hold more than stage 1 reads (an end-to-end config adds its classifier's keys); stage 1
+takes the fields of its feature type's config and leaves the rest to the stage that owns them, without
+naming them. A key that is none of its fields but close to one (a typo) is an error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stage1_extract.amflow_model import CLASSIFIER_KEYS, AMFlowConfig
 from stage1_extract.config import ConfigError, build_config, deep_merge, parse_overrides, read_yaml
+from stage1_extract.features import FEATURE_TYPES, feature_type_name
 
 
-def feature_config_from_dict(data: dict[str, Any], source: str = "<config>") -> AMFlowConfig:
-    """The feature part of an AM-flow model config (``kind: amflow``); the classifier's keys are skipped.
-
-    A ZeroI2V config is refused: its features come from a merged checkpoint (``amflow merge``) passed
-    with an AM-flow config of the same backbone.
-    """
+def feature_config_from_dict(data: dict[str, Any], source: str = "<config>") -> Any:
+    """The feature part of a model config: the config of the feature type it selects (``maps`` of an
+    AM-flow config); a ZeroI2V config is refused (its features come from a merged checkpoint, ``amflow
+    merge``, passed with an AM-flow config of the same backbone)."""
     kind = data.get("kind", "amflow")
-    if kind != "amflow":
-        raise ConfigError(
-            f"{source}: extraction runs an AM-flow model (kind: amflow), got kind {kind!r}; for ZeroI2V, "
-            "merge the checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow config"
+    name = feature_type_name(data)
+    if name not in FEATURE_TYPES:
+        hint = (
+            "; for ZeroI2V, merge the checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow "
+            "config"
+            if kind == "zeroi2v"
+            else ""
         )
-    return build_config(AMFlowConfig, {k: v for k, v in data.items() if k not in CLASSIFIER_KEYS}, source)
-
-
-def check_matches_dataset(
-    cfg: Any, source: str | Path, num_frames: int, num_classes: int | None = None, data: str = ""
-) -> None:
-    """A model config must describe the clips it is fed: a differing frame or class count is an error
-    naming both values and the override that fixes it (never silently replaced)."""
-    data = data or "the dataset"
-    if cfg.num_frames != num_frames:
         raise ConfigError(
-            f"{source}: num_frames={cfg.num_frames} but {data} samples num_frames={num_frames}; make them "
-            f"agree with num_frames={num_frames} (sets both), model.num_frames={num_frames} or "
-            f"data.num_frames={cfg.num_frames}"
+            f"{source}: kind {kind!r} selects feature type {name!r}, which stage 1 cannot extract; known "
+            f"types: {sorted(FEATURE_TYPES)}{hint}"
         )
-    if num_classes is not None and cfg.num_classes != num_classes:
-        raise ConfigError(
-            f"{source}: num_classes={cfg.num_classes} but {data} has {num_classes} classes; "
-            f"set model.num_classes={num_classes}"
-        )
+    config_class = FEATURE_TYPES[name].config_class
+    own = {f.name for f in dataclasses.fields(config_class)}
+    for key in data:
+        close = difflib.get_close_matches(key, own, n=1, cutoff=0.8) if key not in own else []
+        if close:
+            raise ConfigError(f"{source}: unknown key {key!r}; did you mean {close[0]!r}?")
+    return build_config(config_class, {k: v for k, v in data.items() if k in own}, source)
 
 
-def load_feature_config(path: str | Path, overrides: Sequence[str] = ()) -> AMFlowConfig:
-    """Reads an AM-flow model YAML's feature settings and applies ``key.sub=value`` overrides."""
+def feature_config_class(path: str | Path) -> type:
+    """The config class of the feature type a model YAML selects (for routing overrides before loading)."""
+    name = feature_type_name(read_yaml(path))
+    if name not in FEATURE_TYPES:
+        raise ConfigError(f"{path}: feature type {name!r} is not registered; known: {sorted(FEATURE_TYPES)}")
+    return FEATURE_TYPES[name].config_class
+
+
+def load_feature_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Reads a model YAML's feature settings and applies ``key.sub=value`` overrides."""
     data = deep_merge(read_yaml(path), parse_overrides(overrides))
     source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     return feature_config_from_dict(data, source)

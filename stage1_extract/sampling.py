@@ -13,9 +13,9 @@ nearest earlier frame), dense sampling clamps indices past the end to the last f
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Protocol
 
-from stage1_extract.datasets import DatasetConfig
+import numpy as np
 
 
 def _check(num_video_frames: int, num_frames: int, num_clips: int) -> None:
@@ -76,9 +76,19 @@ def dense_indices(
     return np.minimum(indices, num_video_frames - 1)
 
 
+class Sampling(Protocol):
+    """What sampling reads of a dataset config or a ``ClipGeometry``."""
+
+    num_frames: int
+    sampling: str
+    frame_interval: int
+    num_clips: int
+    num_crops: int
+
+
 def clip_indices(
     num_video_frames: int,
-    cfg: DatasetConfig,
+    cfg: Sampling,
     *,
     train: bool,
     rng: np.random.Generator | None = None,
@@ -104,7 +114,7 @@ def clip_indices(
     return idx + first
 
 
-def num_views(cfg: DatasetConfig, train: bool) -> int:
+def num_views(cfg: Sampling, train: bool) -> int:
     """Views per clip: 1 in training, ``num_clips * num_crops`` at test time."""
     return 1 if train else cfg.num_clips * cfg.num_crops
 

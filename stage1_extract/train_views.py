@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.clip_geometry import ClipGeometry
+from stage1_extract.datasets import ClipRecord
 from stage1_extract.video import DECODE_ERRORS, decode_views
 
 
 def train_views(
     path: str | Path,
-    cfg: DatasetConfig,
-    crop_size: int,
+    geometry: ClipGeometry,
     *,
     views: int,
     flip: float,
@@ -39,9 +39,7 @@ def train_views(
     out = []
     for k in range(views):
         rng = np.random.default_rng((seed, clip_index, k))
-        view = decode_views(
-            path, cfg, crop_size, train=True, rng=rng, start_frame=start_frame, end_frame=end_frame
-        )
+        view = decode_views(path, geometry, train=True, rng=rng, start_frame=start_frame, end_frame=end_frame)
         if flip > 0 and rng.random() < flip:
             view = view.flip(-1)
         out.append(view)
@@ -59,8 +57,7 @@ class TrainViewsDataset(Dataset):
         records: Sequence[ClipRecord],
         clip_indices: Sequence[int],
         root: str | Path,
-        cfg: DatasetConfig,
-        crop_size: int,
+        geometry: ClipGeometry,
         *,
         views: int,
         flip: float = 0.0,
@@ -71,7 +68,7 @@ class TrainViewsDataset(Dataset):
         if not 0.0 <= flip <= 1.0:
             raise ValueError(f"--train-flip {flip}: expected a probability in [0, 1]")
         self.records, self.clip_indices = list(records), [int(i) for i in clip_indices]
-        self.root, self.cfg, self.crop_size = Path(root), cfg, int(crop_size)
+        self.root, self.geometry = Path(root), geometry
         self.views, self.flip, self.seed = views, flip, seed
 
     def __len__(self) -> int:
@@ -83,8 +80,7 @@ class TrainViewsDataset(Dataset):
         try:
             item["video"] = train_views(
                 self.root / record.path,
-                self.cfg,
-                self.crop_size,
+                self.geometry,
                 views=self.views,
                 flip=self.flip,
                 seed=self.seed,

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.clip_paths import resolve_clip_path
-from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.datasets import ClipRecord
 from stage1_extract.decode_plan import PlannedReader, Unplannable, decord_may_miscopy
 from stage1_extract.sampling import clip_indices
 
@@ -166,8 +167,7 @@ def read_frames_pyav(
 
 def decode_views(
     path: str | Path,
-    cfg: DatasetConfig,
-    crop_size: int,
+    geometry: ClipGeometry,
     *,
     train: bool = False,
     rng: np.random.Generator | None = None,
@@ -178,7 +178,7 @@ def decode_views(
 ) -> torch.Tensor:
     """Decodes one video into its views, uint8 ``(V, T, 3, crop, crop)`` (V = clips x crops, clip-major).
 
-    Training: one random clip and (with ``cfg.train_crop == "random"``) one random crop, from ``rng``.
+    Training: one random clip and (with ``geometry.train_crop == "random"``) one random crop, from ``rng``.
     Frames come from one planned PyAV pass (``decode_plan``: the same frames as decord, less decoding;
     ``threads`` decoder threads, ``hwaccel="cuda"`` for NVDEC), else from decord as before.
     Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file.
@@ -188,8 +188,11 @@ def decode_views(
         raise FileNotFoundError(f"{path}: {what}")
 
     def index_for(n: int, generator: np.random.Generator | None) -> np.ndarray:
-        return clip_indices(n, cfg, train=train, rng=generator, start_frame=start_frame, end_frame=end_frame)
+        return clip_indices(
+            n, geometry, train=train, rng=generator, start_frame=start_frame, end_frame=end_frame
+        )
 
+    crop_size = geometry.crop_size
     fallback_rng = copy.deepcopy(rng)  # decord must draw what it would have drawn without the plan
     try:
         frames = planned_frames(path, crop_size, lambda n: index_for(n, rng), threads, hwaccel)
@@ -197,8 +200,8 @@ def decode_views(
         rng = fallback_rng
         frames = decord_frames(path, crop_size, lambda n: index_for(n, rng))
     h, w = frames.shape[2:4]
-    crop_rng = rng if train and cfg.train_crop == "random" else None
-    offsets = crop_offsets(h, w, crop_size, 1 if train else cfg.num_crops, crop_rng)
+    crop_rng = rng if train and geometry.train_crop == "random" else None
+    offsets = crop_offsets(h, w, crop_size, 1 if train else geometry.num_crops, crop_rng)
     views = [clip[:, y : y + crop_size, x : x + crop_size] for clip in frames for (y, x) in offsets]
     return torch.from_numpy(np.ascontiguousarray(np.stack(views))).permute(0, 1, 4, 2, 3).contiguous()
 
@@ -256,20 +259,15 @@ class VideoClipDataset(Dataset):
         self,
         records: Sequence[ClipRecord],
         root: str | Path | None,
-        cfg: DatasetConfig,
-        crop_size: int | None = None,
+        geometry: ClipGeometry,
         train: bool = False,
         seed: int = 0,
         decode_threads: int = 1,
         decode_device: str = "cpu",
     ) -> None:
-        crop_size = crop_size if crop_size is not None else cfg.crop_size
-        if crop_size is None:
-            raise ValueError("VideoClipDataset: crop_size is not set (pass the model's img size)")
         self.records = list(records)
         self.root = None if root is None else Path(root)  # None: paths as given (e.g. on the command line)
-        self.cfg = cfg
-        self.crop_size = int(crop_size)
+        self.geometry = geometry
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -293,8 +291,7 @@ class VideoClipDataset(Dataset):
                 path = resolve_clip_path(self.root, record.path)
             item["video"] = decode_views(
                 path,
-                self.cfg,
-                self.crop_size,
+                self.geometry,
                 train=self.train,
                 rng=rng,
                 start_frame=record.start_frame,

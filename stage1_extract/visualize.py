@@ -22,7 +22,7 @@ import torch
 
 from stage1_extract.amflow_model import AMFlowExtractor
 from stage1_extract.backbone import RANDOM_INIT_WARNING, normalise_video, pixel_stats
-from stage1_extract.datasets import DatasetConfig
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.video import decode_views
 from store.atomic import atomic_path
 
@@ -76,8 +76,7 @@ def frame_size(model: AMFlowExtractor) -> int:
 def decode_clip(path: str | Path, num_frames: int, crop_size: int) -> torch.Tensor:
     """``num_frames`` uniformly sampled frames of a video (middle of each segment), centre-cropped, uint8
     ``(T, 3, crop, crop)``. Raises FileNotFoundError naming ``path`` when there is no such file."""
-    cfg = DatasetConfig(num_frames=num_frames, sampling="uniform", num_clips=1, num_crops=1)
-    return decode_views(path, cfg, crop_size, train=False)[0]
+    return decode_views(path, ClipGeometry(num_frames=num_frames, crop_size=crop_size), train=False)[0]
 
 
 def select_blocks(model: AMFlowExtractor, blocks: Sequence[int] | None) -> list[int]:

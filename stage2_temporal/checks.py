@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def store_class_names(store: FeatureStore) -> list[str] | None:
-    """The class names a store was extracted with (provenance ``classes``), or None if it has none."""
-    names = store.provenance.get("classes")
-    return [str(n) for n in names] if names else None
+    """The class names a store was extracted with, or None if it has none."""
+    return store.class_names
 
 
 def check_class_names(

@@ -1,8 +1,9 @@
 """Cached clips in memory for stage 2: read a store once, then batch by index (no decoding, no re-reading).
 
 ``CachedFeatures`` lays every array out clip-major with the view axis second (``embeddings`` (clips, V,
-A, T, r), ``cls`` (clips, V, D), ``flow`` (clips, V, F, T, h, N)) so one fancy index ``[clips, views]``
-gives a batch in the ``ClipFeatures`` layout. Arrays keep the store's dtype (float16 halves the memory
+A, T, r), ``cls`` (clips, V, D), ``flow`` (clips, V, F, T, h, N), or packed (clips, V, T, M) when the flow
+blocks' maps differ in shape, as the store keeps them) so one fancy index ``[clips, views]`` gives a batch
+in the ``ClipFeatures`` layout. Arrays keep the store's dtype (float16 halves the memory
 of a Smarthome-size cache); each batch is cast to float32 on its way to the device, which is exact.
 """
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from stage1_extract.amflow_model import ClipFeatures
-from store.reader import resolve_selection
+from store.layout import FlowBlock
+from store.reader import flow_columns, resolve_selection
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,9 @@ class CachedFeatures:
     labels: np.ndarray  # (clips,) int64 class indices
     num_classes: int
     adapter_names: list[str]
-    flow: np.ndarray | None = None  # (clips, views, flow_blocks, T, heads, N)
+    flow: np.ndarray | None = None  # (clips, views, flow_blocks, T, heads, N), or packed (clips, views, T, M)
     flow_block_names: list[str] = field(default_factory=list)
-    patch_grid: tuple[int, int] | None = None  # needed by the flow-map heads
-    num_prefix_tokens: int = 1
+    flow_geometry: list[FlowBlock] = field(default_factory=list)  # map geometry per flow block
     class_names: list[str] | None = None
     clip_ids: list[str] | None = None
     fingerprint_fields: dict[str, Any] = field(default_factory=dict)
@@ -60,13 +61,22 @@ class CachedFeatures:
         if len(self.adapter_names) != a:
             raise ValueError(f"{where}: {len(self.adapter_names)} adapter names for {a} adapters")
         if self.flow is not None:
-            if self.flow.ndim != 6 or self.flow.shape[:2] != (n, v):
+            packed = self.flow.ndim == 4
+            if self.flow.ndim not in (4, 6) or self.flow.shape[:2] != (n, v):
                 raise ValueError(
-                    f"{where}: flow: expected ({n}, {v}, blocks, T, heads, N), got {self.flow.shape}"
+                    f"{where}: flow: expected ({n}, {v}, blocks, T, heads, N) or packed ({n}, {v}, T, M), "
+                    f"got {self.flow.shape}"
                 )
-            if len(self.flow_block_names) != self.flow.shape[2]:
+            if packed and not self.flow_geometry:
+                raise ValueError(f"{where}: packed flow maps (clips, views, T, M) need each block's geometry")
+            blocks = len(self.flow_geometry) if packed else self.flow.shape[2]
+            if len(self.flow_block_names) != blocks:
                 raise ValueError(
-                    f"{where}: {len(self.flow_block_names)} flow block names for {self.flow.shape[2]} blocks"
+                    f"{where}: {len(self.flow_block_names)} flow block names for {blocks} blocks"
+                )
+            if self.flow_geometry and len(self.flow_geometry) != blocks:
+                raise ValueError(
+                    f"{where}: {len(self.flow_geometry)} flow block geometries for {blocks} blocks"
                 )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{where}: {len(self.class_names)} class names for {self.num_classes} classes")
@@ -89,7 +99,14 @@ class CachedFeatures:
 
     @property
     def flow_heads(self) -> int:
-        return 0 if self.flow is None else self.flow.shape[4]
+        """Map channels of the first flow block (0 without flow)."""
+        return (
+            0
+            if self.flow is None
+            else self.flow_geometry[0].channels
+            if self.flow_geometry
+            else self.flow.shape[4]
+        )
 
     @property
     def num_frames(self) -> int:
@@ -97,8 +114,10 @@ class CachedFeatures:
 
     @property
     def flow_map_shape(self) -> tuple[int, ...] | None:
-        """(T, heads, N) of the flow maps, None without them."""
-        return None if self.flow is None else tuple(self.flow.shape[3:])
+        """(T, heads, N) of the flow maps ((T, M) when packed), None without them."""
+        if self.flow is None:
+            return None
+        return tuple(self.flow.shape[2:] if self.flow.ndim == 4 else self.flow.shape[3:])
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
         """A training epoch's order of clips (a random permutation)."""
@@ -155,14 +174,21 @@ class CachedFeatures:
                     "(extract with flow maps stored, or set heads.flow_maps=false)"
                 )
             f = resolve_selection("flow_blocks", self.flow_block_names, flow_blocks)
-            flow = self.flow if f == list(range(len(self.flow_block_names))) else self.flow[:, :, f]
             names = [self.flow_block_names[i] for i in f]
+            blocks = [self.flow_geometry[i] for i in f] if self.flow_geometry else []
+            if f == list(range(len(self.flow_block_names))):
+                flow = self.flow
+            elif self.flow.ndim == 4:  # packed: the selected blocks' columns, still packed
+                flow = self.flow[..., flow_columns(self.flow_geometry, f)]
+            else:
+                flow = self.flow[:, :, f]
         return replace(
             self,
             embeddings=emb,
             adapter_names=[self.adapter_names[i] for i in a],
             flow=flow,
             flow_block_names=names,
+            flow_geometry=blocks if with_flow else [],
         )
 
     def batch(
@@ -186,6 +212,15 @@ class CachedFeatures:
         return ClipFeatures(embeddings=take(self.embeddings), cls=take(self.cls), flow=take(self.flow))
 
 
+def num_classes_of(store: Any, labels: np.ndarray) -> int:
+    """A store's class count (its class names); from the labels, with a warning, when it records none."""
+    if store.num_classes is not None:
+        return int(store.num_classes)
+    count = int(labels.max()) + 1
+    log.warning("%s: records no classes; assuming %d from the labels", store.path, count)
+    return count
+
+
 def store_name(path: str | Path) -> str:
     """A store's short name for file names: ``/data/test.zarr`` -> ``test``."""
     p = Path(path)
@@ -203,7 +238,6 @@ def load_store(
     from store import FeatureStore, load_arrays
 
     st = FeatureStore.open(path, mode="r")
-    prov = st.provenance
     if with_flow and not st.has_flow:
         raise ValueError(
             f"{path}: AM-flow maps are asked for but the store holds none "
@@ -219,33 +253,27 @@ def load_store(
     if not labelled.all():
         log.warning("%s: %d done clips have no label (-1); they are left out", path, int((~labelled).sum()))
 
-    def rows(array: np.ndarray | None) -> np.ndarray | None:
+    def rows(array: np.ndarray | None, views_first: bool = False) -> np.ndarray | None:
         """Labelled clips only (no copy when all are), views moved to axis 1 (a view, no copy)."""
         if array is None:
             return None
         array = array if labelled.all() else array[labelled]
-        return array.swapaxes(1, 2) if array.ndim > 3 else array
+        return array if views_first else array.swapaxes(1, 2)
 
     embeddings = rows(arrays.embeddings)
     if not a:
         embeddings = embeddings[:, :, :0]
-    class_names = prov.get("classes")
-    num_classes = prov.get("num_classes") or (len(class_names) if class_names else None)
-    if num_classes is None:
-        num_classes = int(arrays.labels.max()) + 1
-        log.warning("%s: provenance has no num_classes; assuming %d from the labels", path, num_classes)
-    grid = prov.get("patch_grid")
+    packed = arrays.flow is not None and arrays.flow.ndim == 4
     return CachedFeatures(
         embeddings=embeddings,
-        cls=rows(arrays.cls),
-        flow=rows(arrays.flow),
+        cls=rows(arrays.cls, views_first=True),
+        flow=rows(arrays.flow, views_first=packed),
         labels=arrays.labels[labelled].astype(np.int64),
-        num_classes=int(num_classes),
+        num_classes=num_classes_of(st, arrays.labels),
         adapter_names=[st.adapter_names[i] for i in a],
         flow_block_names=arrays.flow_block_names,
-        patch_grid=tuple(grid) if grid else None,
-        num_prefix_tokens=int(prov.get("num_prefix_tokens", 1)),
-        class_names=list(class_names) if class_names else None,
+        flow_geometry=arrays.flow_geometry,
+        class_names=st.class_names,
         clip_ids=[str(c) for c in arrays.clip_ids[labelled]],
         fingerprint_fields=st.fingerprint_fields,
         source=str(path),

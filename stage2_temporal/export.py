@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from stage1_extract.amflow_model import build_amflow_extractor
 from stage1_extract.backbone import RANDOM_INIT_WARNING
 from stage1_extract.checkpoint import FORMAT_KEY, read_metadata, write_safetensors
 from stage1_extract.config import build_config, config_to_dict
 from stage1_extract.datasets import DatasetConfig
+from stage1_extract.features import build_feature_extractor
 from stage1_extract.linear_adapters import merge_linear_adapters
 from stage1_extract.models import feature_config_from_dict
 from stage2_temporal.models import build_model, model_config_from_dict
-from stage2_temporal.predict import Predictor
+from stage2_temporal.predict import PREDICTORS, Predictor
 from stage2_temporal.run_dir import HeadsInfo
 from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
 
@@ -62,7 +62,7 @@ def _build(kind: str, model_cfg: dict[str, Any], source: str) -> torch.nn.Module
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         if kind == "heads":  # stage 1's feature model; the heads are stored beside it
-            return build_amflow_extractor(feature_config_from_dict(model_cfg, f"{source} (model config)"))
+            return build_feature_extractor(feature_config_from_dict(model_cfg, f"{source} (model config)"))
         cfg = model_config_from_dict(model_cfg, f"{source} (model config)")
         if kind != "merged":
             return build_model(cfg)
@@ -93,16 +93,16 @@ def load_export(path: str | Path, device: str = "auto") -> Predictor:
         info = build_config(HeadsInfo, record["heads_info"], f"{path} (heads_info)")
         heads = info.build()
         heads.load_state_dict({k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")})
-    return Predictor(
-        record["kind"],
+    parts = (
+        dict(heads=heads, heads_info=info, feature_dtype=record["feature_dtype"]) if heads is not None else {}
+    )
+    return PREDICTORS[record["kind"]](
         model,
         build_config(DatasetConfig, record["data_config"], f"{path} (data_config)"),
         list(record["class_names"]),
         record["model_config"],
-        heads=heads,
-        heads_info=info,
-        feature_dtype=record["feature_dtype"],
         device=resolve_device(device),
         pixel_mean=record["pixel_mean"],
         pixel_std=record["pixel_std"],
+        **parts,
     )

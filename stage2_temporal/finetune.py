@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stage1_extract.backbone import normalise_video, pixel_stats
+from stage1_extract.backbone import normalise_video
 from stage1_extract.checkpoint import (
     CheckpointError,
     check_backbone_weights,
@@ -164,11 +164,9 @@ class FinetuneRun:
         self.schedule = WarmupCosine(self.optimizer, total, warmup)
         self.lr_factor = cosine_with_warmup(total, warmup)
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and ft.precision == "bf16" else None
-        clips = VideoClipDataset(
-            plan.train.records, plan.root, plan.data, plan.crop_size, train=True, seed=ft.seed
-        )
+        clips = VideoClipDataset(plan.train.records, plan.root, plan.geometry, train=True, seed=ft.seed)
         self.train_set = AugmentedClips(clips, ft.augment, seed=ft.seed)
-        self.val_set = VideoClipDataset(plan.val.records, plan.root, plan.data, plan.crop_size, train=False)
+        self.val_set = VideoClipDataset(plan.val.records, plan.root, plan.geometry, train=False)
         self.state = FinetuneState()
         self.step_rows: list[dict[str, Any]] = []
         self.board = EpochLogger(out, enabled=False)  # TensorBoard scalars per epoch (set by ``finetune``)
@@ -203,7 +201,7 @@ class FinetuneRun:
             if self.dist.is_main:
                 log.info("resuming %s after step %d (epoch %d)", out, state.global_step, state.epoch + 1)
         self.model.to(self.device)
-        self.mean, self.std = pixel_stats(self.model.vit, self.device)
+        self.mean, self.std = self.plan.geometry.normalisation(self.model.vit, self.device)
         self.trained = self.model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -310,7 +308,7 @@ class FinetuneRun:
             )
         video, labels, weight = batch["video"], batch["label"], 1.0
         if video is None:
-            T, S = plan.data.num_frames, plan.crop_size
+            T, S = plan.geometry.num_frames, plan.geometry.crop_size
             video, labels, weight = (
                 torch.zeros(1, 1, T, 3, S, S, dtype=torch.uint8),
                 torch.zeros(1).long(),

@@ -3,13 +3,22 @@ splits' indexes (``plan_finetune``), and how a resumed run's configs are compare
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stage1_extract.config import CONFIG_ROOT, ConfigError, config_to_dict, load_config, route_overrides
+from stage1_extract.clip_geometry import ClipGeometry
+from stage1_extract.config import (
+    CONFIG_ROOT,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    route_overrides,
+)
 from stage1_extract.datasets import (
     DatasetConfig,
     DatasetIndex,
@@ -17,7 +26,6 @@ from stage1_extract.datasets import (
     canonical_split,
     load_dataset_config,
 )
-from stage1_extract.models import check_matches_dataset
 from stage2_temporal.augment import AugmentConfig
 from stage2_temporal.models import ModelConfig, load_model_config, model_config_class
 from store.feature_store import MISSING, config_differences
@@ -95,7 +103,7 @@ class FinetunePlan:
     recipe: FinetuneConfig
     train: DatasetIndex
     val: DatasetIndex
-    crop_size: int
+    geometry: ClipGeometry  # frames, views, crop and classes of the clips, resolved once
 
     def resolved(self) -> dict[str, Any]:
         """The run's record, written to ``config.yaml``: dataset, root, val split, and the three configs."""
@@ -136,7 +144,8 @@ def plan_finetune(
     """Loads the three configs (overrides routed by ``route_overrides``: ``data.``, ``model.``, ``train.``
     or a bare key of one config) and indexes train and val splits.
 
-    The model config's class and frame counts must be the dataset's; the crop size is the backbone's input.
+    The clip geometry (``ClipGeometry.resolve``) reconciles frames and crop size; the class count is the
+    dataset's (a ``num_classes`` override that differs from it is an error).
     """
     sections = {"data": DatasetConfig, "model": model_config_class(model_config), "train": FinetuneConfig}
     routed = route_overrides(overrides, sections)
@@ -144,20 +153,12 @@ def plan_finetune(
     data_cfg = load_dataset_config(dataset, data_over)
     ft = load_config(FinetuneConfig, recipe, routed["train"])
     model_cfg = load_model_config(model_config, routed["model"])
-    img = model_cfg.backbone.img_size
-    if data_cfg.crop_size is not None and img is not None and data_cfg.crop_size != img:
-        raise ConfigError(
-            f"dataset crop_size {data_cfg.crop_size} differs from {model_config} backbone.img_size {img}: "
-            "the ViT takes one input size (set data.crop_size or model.backbone.img_size)"
-        )
+    geometry = ClipGeometry.resolve(data_cfg, model_cfg, str(model_config))
     if ft.aligner_loss_weight and not getattr(model_cfg, "aligning_encoder", False):
         raise ConfigError(
             f"{recipe}: aligner_loss_weight {ft.aligner_loss_weight} needs an AM-flow model with "
             "aligning_encoder: true"
         )
-    crop = data_cfg.crop_size or img
-    if crop is None:
-        raise ConfigError(f"{model_config}: set backbone.img_size (or data.crop_size)")
     root, name = Path(root).resolve(), data_cfg.name
     train = build_index(name, root, "train", data_cfg)
     val = build_index(name, root, resolve_val_split(name, ft.val_split), data_cfg)
@@ -171,10 +172,19 @@ def plan_finetune(
             log.warning("%s: %d listed paths leave the root: left out", index.split, len(index.refused))
     if train.classes != val.classes:
         raise ConfigError(f"{name}: train and {val.split} splits list different classes")
-    check_matches_dataset(
-        model_cfg, model_config, data_cfg.num_frames, train.num_classes, f"{name} split {train.split!r}"
-    )
-    return FinetunePlan(name, root, model_cfg, data_cfg, ft, train, val, int(crop))
+    asked = parse_overrides(routed["model"]).get("num_classes")
+    if asked is not None and asked != train.num_classes:
+        raise ConfigError(
+            f"model.num_classes={asked} but {name} split {train.split!r} has {train.num_classes} classes "
+            "(the class count comes from the dataset: leave num_classes out)"
+        )
+    if model_cfg.num_classes != train.num_classes:
+        log.info(
+            "num_classes=%d from %s (the model config has %d)", train.num_classes, name, model_cfg.num_classes
+        )
+        model_cfg = dataclasses.replace(model_cfg, num_classes=train.num_classes)
+    geometry = dataclasses.replace(geometry, class_names=tuple(train.classes))
+    return FinetunePlan(name, root, model_cfg, data_cfg, ft, train, val, geometry)
 
 
 def run_config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

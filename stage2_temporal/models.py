@@ -17,6 +17,8 @@ from torch import nn
 
 from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
 from stage1_extract.config import ConfigError, build_config, merge_into, parse_overrides, read_yaml
+from stage1_extract.families import family_of
+from stage1_extract.features import feature_type
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, LSTMHeadsConfig, build_classifier
 from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v
 
@@ -72,21 +74,13 @@ def build_amflow(cfg: AMFlowModelConfig, weights: str | None = None) -> AMFlowMo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         features = assemble_amflow(cfg, weights)
-        if cfg.heads.flow_maps and not features.uniform_flow:
-            raise ValueError(
-                f"heads.flow_maps: the AM-flow blocks' maps differ in (channels, grid) "
-                f"{features.flow_layout}; the flow-map heads need one shape: choose blocks of one stage, "
-                "or set heads.flow_maps: false"
-            )
         classifier = build_classifier(
             cfg.heads,
             num_classes=cfg.num_classes,
             num_adapters=len(features.adapter_names) if cfg.embedding_heads else 0,
             embed_dim=features.bottleneck,
             cls_dim=features.embed_dim,
-            flow_blocks=len(features.flow_block_indices),
-            patch_grid=features.patch_grid,
-            num_prefix_tokens=features.num_prefix_tokens,
+            flow_blocks=feature_type(cfg).layout_of(features).flow_geometry,
             seed=cfg.seed,
         )
     return AMFlowModel(features.vit, cfg, classifier)
@@ -137,13 +131,35 @@ def count_parameters(params: Iterable[nn.Parameter]) -> tuple[int, int]:
 
 
 def parameter_report(model: AMFlowModel | ZeroI2VModel) -> dict[str, Any]:
-    """``{"components": {name: {"total", "trainable"}}, "total", "trainable"}`` per ``model.components()``."""
+    """``{"components": {name: {"total", "trainable"}}, "total", "trainable", "family", "blocks"}``:
+    parameters per ``model.components()``, the backbone family and per block its geometry (token grid,
+    tokens, heads, width, prefix tokens, attention window, whether it pools)."""
     components = {}
     for name, params in model.components().items():
         total, trainable = count_parameters(params)
         components[name] = {"total": total, "trainable": trainable}
     total, trainable = count_parameters(model.parameters())
-    return {"components": components, "total": total, "trainable": trainable}
+    family = family_of(model.vit)
+    blocks = [
+        {
+            "block": i + 1,
+            "grid": list(g.grid),
+            "tokens": g.tokens,
+            "heads": g.heads,
+            "width": g.width,
+            "prefix_tokens": g.prefix_tokens,
+            "window": list(g.window) if g.window else None,
+            "pools": g.pools,
+        }
+        for i, g in enumerate(family.block_geometry(model.vit))
+    ]
+    return {
+        "components": components,
+        "total": total,
+        "trainable": trainable,
+        "family": family.__name__,
+        "blocks": blocks,
+    }
 
 
 def build_model_on_meta(cfg: ModelConfig) -> AMFlowModel | ZeroI2VModel:

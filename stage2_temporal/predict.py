@@ -1,14 +1,16 @@
-"""Predicting actions in new videos with a trained run: stage 1 in memory, then the run's classifier.
+"""Predicting actions in new videos with a trained model: one ``Predictor`` interface whatever made it.
 
-A ``Predictor`` holds what scoring a video needs: the model, how clips are sampled into views (the
-dataset config of the run's features or finetuning), the input normalisation and the class names. Three
-kinds, all averaging the softmax probabilities over a video's views as evaluation does:
+A predictor scores clips (``forward``: uint8 views -> class probabilities, the softmax averaged over a
+video's views as evaluation does) and knows how clips are sampled into views (the dataset config of the
+run's features or finetuning), the input normalisation and the class names. One class per source, each
+with the ``kind`` an export records (``amflow export``; ``PREDICTORS`` maps it back to the class):
 
-- ``heads``: a ``train-heads`` run: the AM-flow extraction model rebuilt from the config recorded with the
-  run's features (stage 1 in memory), features rounded through the cache's dtype as the heads saw them,
-  then the run's heads;
-- ``finetune``: an end-to-end finetuning run (AM flow or ZeroI2V), its ``best.safetensors``;
-- ``merged``: a merged ZeroI2V model (``amflow merge``).
+- ``HeadsPredictor`` (``heads``): a ``train-heads`` run: the feature model rebuilt from the config
+  recorded with the run's features (stage 1 in memory), features rounded through the cache's dtype as
+  the heads saw them, then the run's heads;
+- ``FinetunePredictor`` (``finetune``): an end-to-end finetuning run (AM flow or ZeroI2V), its
+  ``best.safetensors``;
+- ``MergedPredictor`` (``merged``): a merged ZeroI2V model (``amflow merge``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import dataclasses
 import json
 import logging
 import warnings
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,9 +37,9 @@ from stage1_extract.backbone import (
     RANDOM_INIT_WARNING,
     file_sha256,
     normalise_video,
-    pixel_stats,
     resolve_device,
 )
+from stage1_extract.block_maps import pack_block_maps
 from stage1_extract.checkpoint import (
     FORMAT_KEY,
     check_backbone_weights,
@@ -44,9 +47,11 @@ from stage1_extract.checkpoint import (
     load_trainable_checkpoint,
     read_metadata,
 )
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.config import ConfigError, build_config, config_to_dict
 from stage1_extract.datasets import VIDEO_EXTENSIONS, ClipRecord, DatasetConfig
 from stage1_extract.extract import load_extraction_model
+from stage1_extract.features import FeatureExtractor
 from stage1_extract.models import feature_config_from_dict
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import MERGED_FORMAT
@@ -61,80 +66,166 @@ from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
 log = logging.getLogger(__name__)
 
 FINETUNE_BEST = "best.safetensors"
-KINDS = ("heads", "finetune", "merged")
 
 
-@dataclass
-class Predictor:
-    """A trained recogniser ready for videos (see the module docstring for the three kinds)."""
+class Predictor(metaclass=ABCMeta):
+    """A trained recogniser ready for videos: ``forward`` (or calling it) scores a batch of clips.
 
-    kind: str
-    model: nn.Module  # heads: the AM-flow extraction model; else the video classifier (logits)
-    data: DatasetConfig  # sampling, frames, views and crop size of the clips
-    class_names: list[str]
-    model_config: dict[str, Any]
+    Args:
+        model: the network an export saves (the feature model for heads, else the video classifier).
+        data: the dataset config of the clips (crop size set), recorded in exports; ``geometry`` is
+            the resolved sampling, views, crop, normalisation and class names the predictor decodes with.
+        class_names: one name per class, in the model's order.
+        model_config: the resolved model config (recorded in exports).
+        device: where the model runs.
+        pixel_mean, pixel_std: the input normalisation; None = the backbone's pretrained_cfg.
+    """
+
+    kind: ClassVar[str]  # what an export records; ``PREDICTORS[kind]`` loads it back
+    # What an export stores beside the model: trained heads, their shape, the cache dtype they read.
     heads: AveragingClassifier | None = None
     heads_info: HeadsInfo | None = None
-    feature_dtype: str = "float32"  # heads: the cache dtype the heads were trained on
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    pixel_mean: list[float] | None = None  # input normalisation; None = the backbone's pretrained_cfg
-    pixel_std: list[float] | None = None
+    feature_dtype: str = "float32"
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"predictor kind: expected one of {KINDS}, got {self.kind!r}")
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DatasetConfig,
+        class_names: list[str],
+        model_config: dict[str, Any],
+        *,
+        device: torch.device | str = "cpu",
+        pixel_mean: list[float] | None = None,
+        pixel_std: list[float] | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.model_config = model_config
+        self.device = torch.device(device)
         self.model.eval().to(self.device)
-        if self.heads is not None:
-            self.heads.eval().to(self.device)
-        self.mean, self.std = pixel_stats(self.model.vit, self.device)
-        if self.pixel_mean is not None and self.pixel_std is not None:
-            self.mean = torch.tensor(self.pixel_mean, device=self.device).view(3, 1, 1)
-            self.std = torch.tensor(self.pixel_std, device=self.device).view(3, 1, 1)
+        geometry = ClipGeometry.of_dataset(data, class_names=class_names)
+        if pixel_mean is not None and pixel_std is not None:
+            geometry = dataclasses.replace(geometry, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.mean, self.std = geometry.normalisation(self.backbone, self.device)
         self.pixel_mean, self.pixel_std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        self.geometry = dataclasses.replace(geometry, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
+
+    @property
+    @abstractmethod
+    def backbone(self) -> nn.Module:
+        """The image backbone (its pretrained_cfg normalisation is the default input normalisation)."""
+
+    @abstractmethod
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        """Normalised views (clips*V, T, 3, H, W), clip-major -> class probabilities (clips, C)."""
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.geometry.class_names)
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return len(self.geometry.class_names)
 
     @property
     def num_views(self) -> int:
-        return self.data.num_clips * self.data.num_crops
+        return self.geometry.num_views
 
     @torch.inference_mode()
-    def probabilities(self, video: torch.Tensor) -> np.ndarray:
+    def forward(self, video: torch.Tensor) -> np.ndarray:
         """uint8 views (B, V, T, 3, H, W) -> class probabilities (B, C), softmax averaged over the V views."""
-        B, V = video.shape[:2]
         on_cuda = self.device.type == "cuda"
         x = normalise_video(video.to(self.device, non_blocking=on_cuda).flatten(0, 1), self.mean, self.std)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            if self.kind != "heads":
-                logits = self.model(x).float()
-                return logits.softmax(dim=-1).double().reshape(B, V, -1).mean(dim=1).cpu().numpy()
-            f = self.model.extract(x)
+            return self.scores(x, video.shape[0])
+
+    __call__ = forward
+
+
+class HeadsPredictor(Predictor):
+    """A ``train-heads`` run: the feature model (stage 1 in memory), then the run's heads on its features.
+
+    Args (besides ``Predictor``'s):
+        heads: the trained averaging classifier.
+        heads_info: its shape (which adapters and flow blocks it reads).
+        feature_dtype: the cache dtype the heads were trained on (features are rounded through it).
+    """
+
+    kind = "heads"
+
+    def __init__(
+        self,
+        model: FeatureExtractor,
+        data: DatasetConfig,
+        class_names: list[str],
+        model_config: dict[str, Any],
+        *,
+        heads: AveragingClassifier,
+        heads_info: HeadsInfo,
+        feature_dtype: str = "float32",
+        **common: Any,
+    ) -> None:
+        super().__init__(model, data, class_names, model_config, **common)
+        self.heads = heads.eval().to(self.device)
+        self.heads_info = heads_info
+        self.feature_dtype = feature_dtype
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        B, V = clips, x.shape[0] // clips
+        f = self.model.extract(x)
         dtype = getattr(torch, self.feature_dtype)
 
         def cached(t: torch.Tensor, v: int) -> torch.Tensor:
             """View ``v`` of every clip, rounded through the cache's dtype as stage 2 read it."""
             return t.float().unflatten(0, (B, V))[:, v].to(dtype).float().cpu()
 
-        m = self.model
-        # Per-block maps of differing shapes (Hiera) have no store layout yet: heads of them read none.
-        flow = f.flow if m.uniform_flow else None
-        views = [
-            ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), None if flow is None else cached(flow, v))
-            for v in range(V)
-        ]
+        flow = pack_block_maps(f.flow) if f.flow is not None else None  # as the store keeps the maps
+        views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(flow, v)) for v in range(V)]
+        layout = self.model.layout()
         data = CachedFeatures.from_clip_features(
             views,
             np.zeros(B, dtype=np.int64),
             self.num_classes,
-            m.adapter_names,
-            m.flow_block_names,
-            patch_grid=m.patch_grid,
-            num_prefix_tokens=m.num_prefix_tokens,
+            layout.adapter_names,
+            layout.flow_block_names,
+            flow_geometry=layout.flow_geometry,
         )
         data = select_for_heads(data, self.heads_info)
         return predict_proba(self.heads, data, batch_size=max(B, 1), device=self.device)
+
+
+class ClassifierPredictor(Predictor):
+    """A video classifier (normalised views -> logits): its softmax averaged over the views."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.vit
+
+    def scores(self, x: torch.Tensor, clips: int) -> np.ndarray:
+        logits = self.model(x).float()
+        return logits.softmax(dim=-1).double().reshape(clips, -1, logits.shape[-1]).mean(dim=1).cpu().numpy()
+
+
+class FinetunePredictor(ClassifierPredictor):
+    """An end-to-end finetuning run (AM flow or ZeroI2V)."""
+
+    kind = "finetune"
+
+
+class MergedPredictor(ClassifierPredictor):
+    """A merged ZeroI2V model (``amflow merge``): a plain ViT with STDHA and its classifier."""
+
+    kind = "merged"
+
+
+# An export's recorded kind -> the predictor class that loads it back.
+PREDICTORS: dict[str, type[Predictor]] = {
+    p.kind: p for p in (HeadsPredictor, FinetunePredictor, MergedPredictor)
+}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -160,14 +251,6 @@ def _check_sha(path: str | None, recorded: str | None, what: str, option: str, r
         )
     if path and not recorded:
         raise ConfigError(f"{option} {path}: the run's features were made without {what}")
-
-
-def _crop_size(data: DatasetConfig, model_cfg: Any) -> DatasetConfig:
-    if data.crop_size is None:
-        data = dataclasses.replace(data, crop_size=model_cfg.backbone.img_size)
-    if data.crop_size is None:
-        raise ConfigError("the run records no crop size and its model no backbone.img_size")
-    return data
 
 
 def load_heads_predictor(
@@ -197,19 +280,19 @@ def load_heads_predictor(
     _check_sha(weights, fields.get("weights_sha256"), "backbone weights", "--weights", run)
     _check_sha(checkpoint, fields.get("checkpoint_sha256"), "a checkpoint", "--checkpoint", run)
     model_cfg = feature_config_from_dict(_with_weights(model_dict, weights), f"{record_path} (model config)")
-    data = _crop_size(build_config(DatasetConfig, data_dict, f"{record_path} (dataset config)"), model_cfg)
+    data = build_config(DatasetConfig, data_dict, f"{record_path} (dataset config)")
+    data = ClipGeometry.resolve(data, model_cfg, f"{record_path} (model config)").with_crop(data)
     heads, info = load_heads(run)
     dev = resolve_device(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = load_extraction_model(model_cfg, checkpoint, torch.device("cpu"))
     names = class_labels(info.class_names or features.get("classes"), info.num_classes)
-    return Predictor(
-        "heads",
+    return HeadsPredictor(
         model,
         data,
         names,
-        config_to_dict(model.cfg),  # with a merged backbone's head offsets
+        config_to_dict(model.config),  # with a merged backbone's head offsets
         heads=heads,
         heads_info=info,
         feature_dtype=fields.get("dtype") or "float32",
@@ -233,10 +316,10 @@ def load_finetune_predictor(
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         model = build_model(model_cfg)
     load_into(model, state, ckpt)
-    data = _crop_size(build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)"), model_cfg)
+    data = build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)")
+    data = ClipGeometry.resolve(data, model_cfg, f"{ckpt} (metadata 'config')").with_crop(data)
     names = json.loads(read_metadata(ckpt).get("class_names", "null"))
-    return Predictor(
-        "finetune",
+    return FinetunePredictor(
         model,
         data,
         class_labels(names, model_cfg.num_classes),
@@ -255,10 +338,9 @@ def load_merged_predictor(
     cfg = model_config_from_dict(yaml.safe_load(meta["config"]), f"{path} (metadata 'config')")
     data = data or DatasetConfig(num_frames=cfg.num_frames, crop_size=cfg.backbone.img_size)
     names = json.loads(meta.get("class_names", "null"))
-    return Predictor(
-        "merged",
+    return MergedPredictor(
         model,
-        _crop_size(data, cfg),
+        ClipGeometry.resolve(data, cfg, f"{path} (metadata 'config')").with_crop(data),
         class_labels(names, cfg.num_classes),
         config_to_dict(cfg),
         device=resolve_device(device),
@@ -342,7 +424,7 @@ def predict_records(
 ) -> list[tuple[np.ndarray | None, str | None]]:
     """(probabilities, None) or (None, error) per record, decoded as the run's clips were."""
     # the videos are the user's own paths, not an annotation file's: no dataset root confines them
-    dataset = VideoClipDataset(records, None, predictor.data, crop_size=predictor.data.crop_size)
+    dataset = VideoClipDataset(records, None, predictor.geometry)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -356,7 +438,7 @@ def predict_records(
             for item in batch["failed"]:
                 results[item["index"]] = (None, f"{item['error'][0]}: {item['error'][1]}")
             if batch["video"] is not None:
-                probs = predictor.probabilities(batch["video"])
+                probs = predictor(batch["video"])
                 for j, i in enumerate(batch["index"].tolist()):
                     results[i] = (probs[j], None)
             bar.update(len(batch["index"]) + len(batch["failed"]))

@@ -19,6 +19,7 @@ import torch
 from stage1_extract.config import build_config, config_to_dict
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, build_classifier, drop_ignored_head_keys
 from store.atomic import atomic_path, write_text_atomic
+from store.layout import FlowBlock
 
 METRICS_FILE = "metrics.json"
 HEADS_FILE = "heads.safetensors"
@@ -39,10 +40,24 @@ class HeadsInfo:
     cls_dim: int
     flow_block_names: list[str] = dataclasses.field(default_factory=list)
     flow_heads: int = 0
+    # per flow block its map geometry (``store.layout.FlowBlock.to_dict``); runs saved before it
+    # recorded one ``patch_grid`` and ``num_prefix_tokens`` for all blocks instead
+    flow_geometry: list[dict[str, Any]] | None = None
     patch_grid: list[int] | None = None
     num_prefix_tokens: int = 1
     seed: int = 0
     class_names: list[str] | None = None
+
+    def flow_blocks(self) -> list[FlowBlock]:
+        """The map geometry of each flow block the heads read (empty without flow-map heads)."""
+        if not self.heads.flow_maps:
+            return []
+        if self.flow_geometry is not None:
+            return [FlowBlock.from_dict(b) for b in self.flow_geometry]
+        grid = tuple(self.patch_grid) if self.patch_grid else None
+        tokens = self.num_prefix_tokens + grid[0] * grid[1] if grid else 1
+        block = FlowBlock(self.flow_heads or 1, tokens, grid, self.num_prefix_tokens)
+        return [block] * len(self.flow_block_names)
 
     def build(self) -> AveragingClassifier:
         """A freshly initialised classifier of this shape (the voting layer is seeded by ``seed``)."""
@@ -52,9 +67,7 @@ class HeadsInfo:
             num_adapters=len(self.adapter_names),
             embed_dim=self.embed_dim,
             cls_dim=self.cls_dim,
-            flow_blocks=len(self.flow_block_names) if self.heads.flow_maps else 0,
-            patch_grid=tuple(self.patch_grid) if self.patch_grid else None,
-            num_prefix_tokens=self.num_prefix_tokens,
+            flow_blocks=self.flow_blocks(),
             seed=self.seed,
         )
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from stage1_extract.amflow_model import ClipFeatures
-from stage2_temporal.data import CachedFeatures, load_store
+from stage2_temporal.data import CachedFeatures, load_store, num_classes_of
 from store.objects import READ_THREADS
-from store.reader import resolve_selection
+from store.reader import resolve_selection, selected_shape
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,13 @@ def store_selection(
     st = FeatureStore.open(path, mode="r")
     a = resolve_selection("adapters", st.adapter_names, adapters)
     f = resolve_selection("flow_blocks", st.flow_block_names, flow_blocks) if with_flow else None
-    shapes = st.layout.clip_shapes()
     item = np.dtype(st.layout.dtype).itemsize
     per = {
-        "embeddings": math.prod(shapes["embeddings"]) // shapes["embeddings"][0] * max(1, len(a)),
-        "cls": math.prod(shapes["cls"]),
+        "embeddings": math.prod(selected_shape(st, "embeddings", a or [0])),
+        "cls": math.prod(selected_shape(st, "cls", None)),
     }
-    if f is not None and "flow" in shapes:
-        per["flow"] = math.prod(shapes["flow"]) // shapes["flow"][0] * len(f)
+    if f is not None and st.has_flow:
+        per["flow"] = math.prod(selected_shape(st, "flow", f))
     clip_bytes = item * sum(per.values())
     done = (st.status() == 1) & (st.labels >= 0)
     return StoreSelection(path, a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
@@ -231,7 +230,6 @@ class StreamedFeatures:
 
         st = FeatureStore.open(self.path, mode="r")
         self.source = str(self.path)
-        prov = st.provenance
         a = resolve_selection("adapters", st.adapter_names, self.adapters)
         if self.with_flow and not st.has_flow:
             raise ValueError(
@@ -257,20 +255,20 @@ class StreamedFeatures:
         self.labels = labels[self.indices].astype(np.int64)
         self.shard_clips = st.shard_clips
         self.shards = self.indices // self.shard_clips
-        class_names = prov.get("classes")
-        num_classes = prov.get("num_classes") or (len(class_names) if class_names else None)
-        self.num_classes = int(num_classes if num_classes is not None else self.labels.max() + 1)
-        self.class_names = list(class_names) if class_names else None
-        grid = prov.get("patch_grid")
-        self.patch_grid = tuple(grid) if grid else None
-        self.num_prefix_tokens = int(prov.get("num_prefix_tokens", 1))
+        self.num_classes = num_classes_of(st, self.labels)
+        self.class_names = st.class_names
+        self.flow_geometry = [st.flow_geometry[i] for i in f] if f is not None else []
         self.clip_ids = [str(c) for c in st.clip_ids[self.indices]]
         self.fingerprint_fields = st.fingerprint_fields
         layout = st.layout
         self.num_views, self.num_frames = layout.num_views, layout.num_frames
         self.embed_dim, self.cls_dim = layout.embed_dim, layout.cls_dim
-        self.flow_heads = layout.flow_shape[1] if f is not None else 0
-        self.flow_map_shape = (layout.num_frames, *layout.flow_shape[1:]) if f is not None else None
+        self._packed = layout.flow_packed
+        self.flow_heads = self.flow_geometry[0].channels if f is not None else 0
+        flow_shape = selected_shape(st, "flow", f) if f is not None else None
+        self.flow_map_shape = (
+            tuple(flow_shape[1:] if self._packed else flow_shape[2:]) if f is not None else None
+        )
         self._dtype = np.dtype(layout.dtype)
         self.shard_bytes = store_selection(self.path, a, f or [], f is not None).shard_bytes
         self.cache_shards = max(2, self.memory_budget // max(1, self.shard_bytes))
@@ -364,12 +362,13 @@ class StreamedFeatures:
             data = cache.get(s)
             hit = np.flatnonzero(shard == s)
             for name, block in data.items():
+                views_first = name == "cls" or (name == "flow" and self._packed)  # (clips, V, ...)
                 if name not in host:
-                    row_shape = block.shape[1:2] + block.shape[3:] if name != "cls" else block.shape[2:]
+                    row_shape = block.shape[2:] if views_first else block.shape[1:2] + block.shape[3:]
                     host[name] = torch.empty((len(pos), *row_shape), dtype=dtype, pin_memory=pin)
                 out = host[name]
                 for j in hit.tolist():
-                    row = block[local[j], view[j]] if name == "cls" else block[local[j], :, view[j]]
+                    row = block[local[j], view[j]] if views_first else block[local[j], :, view[j]]
                     out[j].copy_(torch.from_numpy(row))
             cache.used(s, len(hit))
         out = {n: t.to(device, non_blocking=pin).to(torch.float32) for n, t in host.items()}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from stage2_temporal.data import CachedFeatures
+from store.layout import FlowBlock
 
 
 def order_patterns(num_classes: int, num_frames: int) -> np.ndarray:
@@ -73,8 +74,7 @@ def synthetic_cache(
         num_classes=num_classes,
         adapter_names=[f"block{1 + i // 2}.{('attn', 'mlp')[i % 2]}" for i in range(num_adapters)],
         flow_block_names=[f"block{i + 1}" for i in range(flow_blocks)],
-        patch_grid=patch_grid,
-        num_prefix_tokens=1,
+        flow_geometry=[FlowBlock(flow_heads, tokens, patch_grid, 1)] * flow_blocks,
         class_names=[f"order{c}" for c in range(num_classes)],
         clip_ids=[f"clip{seed}_{i:05d}.mp4" for i in range(num_clips)],
         source=f"<synthetic seed={seed}>",
@@ -91,15 +91,7 @@ def write_store(
     """Writes a cache as a feature store (``FeatureStore.create`` + shard writers), provenance included."""
     from store import FeatureStore
 
-    flow_shape = (
-        None if cache.flow is None else (cache.flow.shape[2], cache.flow.shape[4], cache.flow.shape[5])
-    )
-    provenance = {
-        "classes": cache.class_names,
-        "num_classes": cache.num_classes,
-        "patch_grid": list(cache.patch_grid) if cache.patch_grid else None,
-        "num_prefix_tokens": cache.num_prefix_tokens,
-    }
+    provenance = {"source": cache.source}
     store = FeatureStore.create(
         path,
         clip_ids=cache.clip_ids or [f"clip{i:06d}" for i in range(cache.num_clips)],
@@ -111,12 +103,14 @@ def write_store(
         cls_dim=cache.cls_dim,
         provenance=provenance,
         fingerprint_fields=dict(fingerprint_fields),
-        flow_shape=flow_shape,
+        flow_blocks=cache.flow_geometry if cache.flow is not None else None,
+        class_names=cache.class_names or [f"class{c}" for c in range(cache.num_classes)],
         dtype=dtype,
         shard_clips=shard_clips,
         adapter_names=cache.adapter_names,
         flow_block_names=cache.flow_block_names if cache.flow is not None else None,
     )
+    packed = cache.flow is not None and cache.flow.ndim == 4  # (clips, V, T, M) is the store's own order
     for shard in range(store.num_shards):
         with store.shard_writer(shard, durable=False) as writer:
             for i in store.clips_in_shard(shard):
@@ -124,6 +118,10 @@ def write_store(
                     i,
                     embeddings=cache.embeddings[i].swapaxes(0, 1),
                     cls=cache.cls[i],
-                    flow=None if cache.flow is None else cache.flow[i].swapaxes(0, 1),
+                    flow=None
+                    if cache.flow is None
+                    else cache.flow[i]
+                    if packed
+                    else cache.flow[i].swapaxes(0, 1),
                 )
     return Path(path)

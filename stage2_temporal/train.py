@@ -68,8 +68,7 @@ def heads_info(data: CachedFeatures, cfg: TrainConfig) -> HeadsInfo:
         cls_dim=data.cls_dim,
         flow_block_names=list(data.flow_block_names) if cfg.heads.flow_maps else [],
         flow_heads=data.flow_heads if cfg.heads.flow_maps else 0,
-        patch_grid=list(data.patch_grid) if data.patch_grid else None,
-        num_prefix_tokens=data.num_prefix_tokens,
+        flow_geometry=[b.to_dict() for b in data.flow_geometry] if cfg.heads.flow_maps else None,
         seed=cfg.seed,
         class_names=data.class_names,
     )
@@ -371,7 +370,10 @@ def train_heads_from_stores(
         "fingerprint_fields": fields,
         "forced_differences": differences,
         # what ``amflow predict`` rebuilds stage 1 from: the model and dataset configs, weights, checkpoint
-        "features": {k: st.provenance.get(k) for k in ("config", "weights", "checkpoint", "classes")},
+        "features": {
+            **{k: st.provenance.get(k) for k in ("config", "weights", "checkpoint")},
+            "classes": st.class_names,
+        },
         "class_names": class_names,
     }
     return train_heads(

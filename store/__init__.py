@@ -25,6 +25,7 @@ from store.feature_store import (
     is_store,
 )
 from store.h5io import export_h5, import_h5
+from store.layout import FlowBlock
 from store.reader import StoreArrays, load_arrays
 from store.schema import ShardBusyError
 from store.summary import format_info, store_info, verify_store
@@ -40,6 +41,7 @@ __all__ = [
     "BackgroundCommits",
     "FeatureStore",
     "FingerprintMismatch",
+    "FlowBlock",
     "NonFiniteFeaturesError",
     "NotAStoreError",
     "ReadOnlyStoreError",

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from store.feature_store import STATUS_DONE, FeatureStore
-from store.reader import load_arrays, read_shard, selections
+from store.reader import load_arrays, read_shard, selected_shape, selections
 
 DEFAULT_MEMORY_FRACTION = 0.5  # of the RAM available when the dataset is made
 
@@ -61,9 +61,7 @@ class FeatureDataset(Dataset):
         self.shard_clips = st.shard_clips
         per_clip = 0
         for name, s in self._sel.items():
-            arr = st.array(name)
-            row = arr.nbytes // arr.shape[0]
-            per_clip += row if s is None else row * len(s) // arr.shape[1]
+            per_clip += int(np.prod(selected_shape(st, name, s))) * st.array(name).dtype.itemsize
         self.nbytes = per_clip * len(self.indices)
         limit = default_memory_limit() if memory_limit_bytes is None else memory_limit_bytes
         self.in_memory = self.nbytes <= limit if in_memory is None else bool(in_memory)

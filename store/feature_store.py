@@ -34,7 +34,9 @@ from store.fingerprint import flatten_dotted as flatten_dotted
 from store.layout import (
     ADDED_PROVENANCE_KEYS,
     ATTRS_KEY,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
+    FlowBlock,
     StoreLayout,
     _resolve_names,
     _stale_creation_dirs,
@@ -82,13 +84,14 @@ class FeatureStore:
         self.read_only = read_only
         self._group = group
         meta = dict(group.attrs[ATTRS_KEY])
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise StoreError(
-                f"{path}: schema version {meta.get('schema_version')!r} is not supported "
-                f"(this amflow {package_version()} reads version {SCHEMA_VERSION})"
+                f"{path}: schema version {meta.get('schema_version')!r} is not supported (this amflow "
+                f"{package_version()} reads versions {READABLE_SCHEMA_VERSIONS}); re-extract it with "
+                "amflow extract"
             )
         self._meta = meta
-        self.layout = StoreLayout.from_dict(meta["layout"])
+        self.layout = StoreLayout.from_dict(meta["layout"], meta.get("provenance"))
         self._arrays: dict[str, zarr.Array] = {}
         self._clip_ids: np.ndarray | None = None
         self._labels: np.ndarray | None = None
@@ -134,7 +137,8 @@ class FeatureStore:
         cls_dim: int,
         provenance: Mapping[str, Any],
         fingerprint_fields: Mapping[str, Any],
-        flow_shape: tuple[int, int, int] | None = None,
+        flow_blocks: Sequence[FlowBlock] | None = None,
+        class_names: Sequence[str] | None = None,
         dtype: str = "float16",
         shard_clips: int | None = None,
         chunk_clips: int | None = None,
@@ -152,6 +156,9 @@ class FeatureStore:
         A store at ``path`` made with another fingerprint raises :class:`FingerprintMismatch` naming the
         differing fields; other clips or shapes raise :class:`StoreError`. ``overwrite=True`` deletes an
         existing store (never a folder that is not a store) and starts afresh.
+
+        ``flow_blocks``: per flow block the geometry of its maps (None: no flow array); ``class_names``:
+        the dataset's classes, label ``i`` naming ``class_names[i]`` (None: unnamed).
         """
         path = StoreURL.parse(path) if is_url(path) else Path(path)
         ids, labs = _validate_table(clip_ids, labels)
@@ -162,7 +169,7 @@ class FeatureStore:
             num_frames=num_frames,
             embed_dim=embed_dim,
             cls_dim=cls_dim,
-            flow_shape=flow_shape,
+            flow_blocks=tuple(flow_blocks) if flow_blocks is not None else None,
             dtype=dtype,
             shard_clips=shard_clips or 1,
             chunk_clips=1,
@@ -172,12 +179,16 @@ class FeatureStore:
         layout = dataclasses.replace(probe, shard_clips=shards, chunk_clips=chunk_clips or shards)
         a_names = _resolve_names("adapter_names", adapter_names, num_adapters, "adapter")
         f_names = (
-            _resolve_names("flow_block_names", flow_block_names, layout.flow_shape[0], "block")
-            if layout.flow_shape is not None
+            _resolve_names("flow_block_names", flow_block_names, len(layout.flow_blocks), "block")
+            if layout.flow_blocks is not None
             else []
         )
         fields = json.loads(canonical_json(dict(fingerprint_fields), "fingerprint_fields"))
         prov = json.loads(canonical_json(dict(provenance), "provenance"))
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if len(labs) and labs.max() >= len(class_names):
+                raise StoreError(f"labels: {int(labs.max())} is beyond the {len(class_names)} class_names")
         clash = [k for k in ADDED_PROVENANCE_KEYS if k in prov]
         if clash:
             raise StoreError(f"provenance: keys {clash} are added by the store; do not pass them")
@@ -188,6 +199,7 @@ class FeatureStore:
             "layout": layout.to_dict(),
             "adapter_names": a_names,
             "flow_block_names": f_names,
+            "class_names": class_names,
             "fingerprint": compute_fingerprint(fields),
             "fingerprint_fields": fields,
             "provenance": prov,
@@ -336,7 +348,16 @@ class FeatureStore:
         if list(self.flow_block_names) != f_names:
             bad.append(f"flow_block_names: stored {self.flow_block_names}, asked {f_names}")
         if bad:
-            raise StoreError(f"{self.path}: existing store has another layout:\n  " + "\n  ".join(bad))
+            old = self._meta["schema_version"] != SCHEMA_VERSION
+            raise StoreError(
+                f"{self.path}: existing store has another layout:\n  "
+                + "\n  ".join(bad)
+                + (
+                    f"\n(a schema {self._meta['schema_version']} store: extract into a new path)"
+                    if old
+                    else ""
+                )
+            )
         if len(ids) != self.num_clips or (self.clip_ids != ids).any():
             n = min(len(ids), self.num_clips)
             first = (
@@ -389,7 +410,26 @@ class FeatureStore:
     @property
     def has_flow(self) -> bool:
         """Whether AM-flow maps are stored."""
-        return self.layout.flow_shape is not None
+        return self.layout.flow_blocks is not None
+
+    @property
+    def flow_geometry(self) -> list[FlowBlock]:
+        """Per flow block the geometry of its stored maps (empty without flow)."""
+        return list(self.layout.flow_blocks or ())
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names (label i names class i), or None when the store records none.
+
+        Stores of schema 1 recorded them in the provenance (``classes``); read from there."""
+        names = self._meta.get("class_names", self._meta["provenance"].get("classes"))
+        return [str(c) for c in names] if names else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of the dataset (from the class names; schema 1: the provenance's count)."""
+        names = self.class_names
+        return len(names) if names else self._meta["provenance"].get("num_classes")
 
     @property
     def num_clips(self) -> int:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from store.atomic import atomic_path, fsync_tree
 from store.feature_store import (
     ATTRS_KEY,
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     STRING_DTYPE,
     FeatureStore,
     NotAStoreError,
@@ -71,7 +71,7 @@ def export_h5(
     try:
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs[ATTRS_KEY] = json.dumps(st.attrs)
-            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["schema_version"] = st.attrs["schema_version"]
             f.attrs["fingerprint"] = st.fingerprint
             for name, arr in arrays.items():
                 is_text = name in ("clip_ids", "failure_type", "failure_message")
@@ -98,8 +98,11 @@ def _read_attrs(f: h5py.File, path: Path) -> dict:
     if ATTRS_KEY not in f.attrs:
         raise NotAStoreError(f"{path}: not an amflow store export (no {ATTRS_KEY!r} attribute)")
     attrs = json.loads(f.attrs[ATTRS_KEY])
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema version {attrs.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if attrs.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise StoreError(
+            f"{path}: schema version {attrs.get('schema_version')!r}, expected one of "
+            f"{READABLE_SCHEMA_VERSIONS}"
+        )
     return attrs
 
 
@@ -126,7 +129,7 @@ def import_h5(
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
     with h5py.File(src, "r") as f:
         attrs = _read_attrs(f, src)
-        layout = StoreLayout.from_dict(attrs["layout"])
+        layout = StoreLayout.from_dict(attrs["layout"], attrs.get("provenance"))
         ids = np.asarray(f["clip_ids"].asstr()[:], dtype=STRING_DTYPE)
         labels = np.asarray(f["labels"][:], dtype=np.int64)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,10 @@ from store.schema import (
     StoreError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this amflow reads: 1 (one flow map shape for every block, its grid in the provenance) is
+# upgraded on opening (``StoreLayout.from_dict``) and read-only.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 ATTRS_KEY = "amflow_store"
 DATA_ARRAYS = ("embeddings", "flow", "cls")
 SHARD_TARGET_BYTES = 32 * 2**20
@@ -37,6 +40,9 @@ DIMENSION_NAMES = {
     "flow": ("clip", "block", "view", "frame", "head", "token"),
     "cls": ("clip", "view", "feature"),
 }
+# Flow blocks of different map shapes (hierarchical backbones) are packed along one axis, block after
+# block, each block's (channels, tokens) map flattened: ``FlowBlock.offsets`` says where each lies.
+PACKED_FLOW_DIMENSIONS = ("clip", "view", "frame", "map")
 # Shard files side by side (``<array>/c.<shard>.0.0.0``), not nested folders (``c/<shard>/0/0/0``): a
 # commit then makes one new file durable with two fsyncs (file, folder) instead of one per new folder.
 FLAT_CHUNK_KEYS = {"name": "default", "separator": "."}
@@ -65,6 +71,73 @@ def parse_compression(spec: str) -> tuple[str, list[Any] | None]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlowBlock:
+    """The geometry of one flow block's stored maps: ``channels`` values per token (h heads for AM flow,
+    1 for the feature-difference control) over ``tokens`` tokens per frame, ``prefix_tokens`` (CLS,
+    registers) first, then the patch ``grid`` (rows, cols); the block's attention ``heads`` and ``width``.
+
+    Stores of schema 1 did not record ``heads`` and ``width`` (None), nor the grid when their provenance
+    lacks it."""
+
+    channels: int
+    tokens: int
+    grid: tuple[int, int] | None = None
+    prefix_tokens: int = 0
+    heads: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "tokens", "prefix_tokens", "heads", "width"):
+            value = getattr(self, name)
+            low = 0 if name == "prefix_tokens" else 1
+            if value is None and name in ("heads", "width"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise StoreError(f"flow block {name}={value!r}: expected an integer >= {low}")
+            object.__setattr__(self, name, int(value))
+        if self.grid is not None:
+            grid = tuple(int(g) for g in self.grid)
+            if len(grid) != 2 or min(grid) < 1 or self.prefix_tokens + grid[0] * grid[1] != self.tokens:
+                raise StoreError(
+                    f"flow block grid={self.grid!r}: expected (rows, cols) with prefix_tokens "
+                    f"{self.prefix_tokens} + rows*cols = tokens {self.tokens}"
+                )
+            object.__setattr__(self, "grid", grid)
+
+    @property
+    def map_size(self) -> int:
+        """Values per frame: channels x tokens."""
+        return self.channels * self.tokens
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        """(channels, tokens): one frame's map."""
+        return self.channels, self.tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (in the store's layout, and in trained heads' metadata)."""
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid) if self.grid is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FlowBlock:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**d, "grid": tuple(d["grid"]) if d.get("grid") else None})
+
+
+def flow_offsets(blocks: Sequence[FlowBlock]) -> list[tuple[int, int]]:
+    """(start, stop) of each block's flattened map along the packed flow axis."""
+    stops = np.cumsum([b.map_size for b in blocks]).tolist()
+    return [(stop - b.map_size, stop) for b, stop in zip(blocks, stops)]
+
+
+def uniform_flow(blocks: Sequence[FlowBlock]) -> bool:
+    """Whether every block's map has the same (channels, tokens): stored as one (blocks, h, N) axis set."""
+    return len({b.map_shape for b in blocks}) == 1
+
+
+@dataclasses.dataclass(frozen=True)
 class StoreLayout:
     """Shapes and storage settings of a store; everything needed to build its arrays."""
 
@@ -74,7 +147,7 @@ class StoreLayout:
     num_frames: int
     embed_dim: int
     cls_dim: int
-    flow_shape: tuple[int, int, int] | None  # (flow_blocks, heads, tokens); None = no flow array
+    flow_blocks: tuple[FlowBlock, ...] | None  # per flow block its map geometry; None = no flow array
     dtype: str
     shard_clips: int
     chunk_clips: int  # clips per Zarr chunk inside a shard (= shard_clips: one chunk per shard file)
@@ -94,13 +167,11 @@ class StoreLayout:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise StoreError(f"{name}={value!r}: expected a positive integer")
-        if self.flow_shape is not None:
-            fs = tuple(int(x) for x in self.flow_shape)
-            if len(fs) != 3 or min(fs) < 1:
-                raise StoreError(
-                    f"flow_shape={self.flow_shape!r}: expected (flow_blocks, heads, tokens) > 0 or None"
-                )
-            object.__setattr__(self, "flow_shape", fs)
+        if self.flow_blocks is not None:
+            blocks = tuple(self.flow_blocks)
+            if not blocks or not all(isinstance(b, FlowBlock) for b in blocks):
+                raise StoreError(f"flow_blocks={self.flow_blocks!r}: expected a non-empty list of FlowBlock")
+            object.__setattr__(self, "flow_blocks", blocks)
         if self.shard_clips % self.chunk_clips:
             raise StoreError(
                 f"chunk_clips={self.chunk_clips}: must divide shard_clips={self.shard_clips} "
@@ -121,10 +192,27 @@ class StoreLayout:
             "embeddings": (self.num_adapters, self.num_views, self.num_frames, self.embed_dim),
             "cls": (self.num_views, self.cls_dim),
         }
-        if self.flow_shape is not None:
-            blocks, heads, tokens = self.flow_shape
-            shapes["flow"] = (blocks, self.num_views, self.num_frames, heads, tokens)
+        if self.flow_blocks is not None:
+            if self.flow_shape is not None:
+                blocks, heads, tokens = self.flow_shape
+                shapes["flow"] = (blocks, self.num_views, self.num_frames, heads, tokens)
+            else:
+                total = sum(b.map_size for b in self.flow_blocks)
+                shapes["flow"] = (self.num_views, self.num_frames, total)
         return {name: shapes[name] for name in DATA_ARRAYS if name in shapes}
+
+    @property
+    def flow_shape(self) -> tuple[int, int, int] | None:
+        """(flow_blocks, channels, tokens) when every flow block's map has one shape (the flow array is
+        then (clips, blocks, V, T, h, N)); None without flow or for packed maps of different shapes."""
+        if self.flow_blocks is None or not uniform_flow(self.flow_blocks):
+            return None
+        return (len(self.flow_blocks), *self.flow_blocks[0].map_shape)
+
+    @property
+    def flow_packed(self) -> bool:
+        """Whether the flow maps are packed along one axis (blocks of different map shapes)."""
+        return self.flow_blocks is not None and self.flow_shape is None
 
     def clip_bytes(self) -> int:
         """Bytes of one clip's float data (all arrays) in the stored dtype."""
@@ -133,15 +221,28 @@ class StoreLayout:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form stored in the attributes."""
-        d = dataclasses.asdict(self)
-        d["flow_shape"] = list(self.flow_shape) if self.flow_shape is not None else None
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["flow_blocks"] = [b.to_dict() for b in self.flow_blocks] if self.flow_blocks is not None else None
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, d: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> StoreLayout:
+        """Inverse of :meth:`to_dict`; a schema-1 layout (``flow_shape``: one (blocks, heads, tokens)
+        for all) is upgraded, its grid and prefix tokens read from the ``provenance`` it recorded them in."""
         d = dict(d)
-        d["flow_shape"] = tuple(d["flow_shape"]) if d.get("flow_shape") is not None else None
+        if "flow_shape" in d:
+            shape = d.pop("flow_shape")
+            prov = provenance or {}
+            grid, prefix = prov.get("patch_grid"), prov.get("num_prefix_tokens")
+            if shape is None:
+                d["flow_blocks"] = None
+            else:
+                count, channels, tokens = (int(x) for x in shape)
+                prefix = 1 if prefix is None else int(prefix)  # schema 1's readers assumed one CLS
+                d["flow_blocks"] = [dict(channels=channels, tokens=tokens, grid=grid, prefix_tokens=prefix)]
+                d["flow_blocks"] *= count
+        if d.get("flow_blocks") is not None:
+            d["flow_blocks"] = tuple(FlowBlock.from_dict(b) for b in d["flow_blocks"])
         return cls(**d)
 
 
@@ -233,6 +334,7 @@ def build_empty_store(
     # One chunk per shard is stored without the sharding codec (same file, one copy less on read).
     sharded = layout.chunk_clips < layout.shard_clips
     for name, shape in layout.clip_shapes().items():
+        dimension_names = PACKED_FLOW_DIMENSIONS if name == "flow" and layout.flow_packed else None
         group.create_array(
             name,
             shape=(layout.num_clips, *shape),
@@ -241,7 +343,7 @@ def build_empty_store(
             shards=(layout.shard_clips, *shape) if sharded else None,
             compressors=compressors,
             fill_value=np.nan,
-            dimension_names=DIMENSION_NAMES[name],
+            dimension_names=dimension_names or DIMENSION_NAMES[name],
             chunk_key_encoding=FLAT_CHUNK_KEYS,
         )
     table_chunk = min(layout.num_clips, TABLE_CHUNK)

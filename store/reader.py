@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from store.fastio import read_shard as read_shard
+import store.fastio as fastio
 from store.feature_store import FeatureStore
+from store.layout import FlowBlock, flow_offsets
 from store.objects import READ_THREADS
 from store.schema import STATUS_DONE, StoreError
 
@@ -44,6 +45,41 @@ def resolve_selection(
     return out
 
 
+def flow_columns(blocks: Sequence[FlowBlock], selected: Sequence[int]) -> np.ndarray:
+    """Positions along a packed flow array's map axis of the ``selected`` blocks' maps, in that order."""
+    offsets = flow_offsets(blocks)
+    return np.concatenate([np.arange(*offsets[b]) for b in selected]).astype(np.int64)
+
+
+def read_shard(
+    store: FeatureStore,
+    name: str,
+    shard: int,
+    out: np.ndarray | None = None,
+    axis1: Sequence[int] | None = None,
+) -> np.ndarray:
+    """One whole shard of an array (``fastio.read_shard``); ``axis1`` selects flow *blocks* also when the
+    flow maps are packed (blocks of different map shapes: their columns of the last axis)."""
+    if name != "flow" or axis1 is None or not store.layout.flow_packed:
+        return fastio.read_shard(store, name, shard, out=out, axis1=axis1)
+    selected = fastio.read_shard(store, name, shard)[..., flow_columns(store.flow_geometry, axis1)]
+    if out is None:
+        return selected
+    out[...] = selected
+    return out
+
+
+def selected_shape(store: FeatureStore, name: str, selection: Sequence[int] | None) -> list[int]:
+    """Per-clip shape of array ``name`` read with the axis-1 ``selection`` (see :func:`read_shard`)."""
+    shape = list(store.array(name).shape[1:])
+    if selection is not None:
+        if name == "flow" and store.layout.flow_packed:
+            shape[-1] = sum(store.flow_geometry[b].map_size for b in selection)
+        else:
+            shape[0] = len(selection)
+    return shape
+
+
 @dataclasses.dataclass
 class StoreArrays:
     """Done clips of a store as in-memory numpy arrays (stored dtype), row k = clip ``indices[k]``."""
@@ -56,6 +92,7 @@ class StoreArrays:
     flow: np.ndarray | None
     adapter_names: list[str]
     flow_block_names: list[str]
+    flow_geometry: list[FlowBlock] = dataclasses.field(default_factory=list)  # of the read flow blocks
 
 
 def selections(
@@ -104,11 +141,7 @@ def load_arrays(
     indices = np.flatnonzero(done)
     out: dict[str, np.ndarray] = {}
     for name, s in sel.items():
-        shape = list(st.array(name).shape)
-        shape[0] = len(indices)
-        if s is not None:
-            shape[1] = len(s)
-        out[name] = np.empty(shape, dtype=st.array(name).dtype)
+        out[name] = np.empty((len(indices), *selected_shape(st, name, s)), dtype=st.array(name).dtype)
     per_shard = np.bincount(indices // st.shard_clips, minlength=st.num_shards)
     starts = np.concatenate([[0], np.cumsum(per_shard)])
     shards = [int(s) for s in np.flatnonzero(per_shard)]
@@ -144,4 +177,5 @@ def load_arrays(
         flow=out.get("flow"),
         adapter_names=[st.adapter_names[i] for i in emb_sel],
         flow_block_names=[st.flow_block_names[i] for i in flow_sel] if with_flow else [],
+        flow_geometry=[st.flow_geometry[i] for i in flow_sel] if with_flow else [],
     )

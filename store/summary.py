@@ -67,6 +67,8 @@ def store_info(store: FeatureStore | str | Path) -> dict[str, Any]:
         "bytes_on_disk": sum(a["bytes_on_disk"] for a in arrays.values()),
         "adapter_names": st.adapter_names,
         "flow_block_names": st.flow_block_names,
+        "flow_blocks": [b.to_dict() for b in st.flow_geometry],
+        "class_names": st.class_names,
         "fingerprint": st.fingerprint,
         "fingerprint_fields": st.fingerprint_fields,
         "provenance": st.provenance,
@@ -115,8 +117,14 @@ def format_info(info: dict[str, Any]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines += ["", f"adapters     {', '.join(info['adapter_names'])}"]
-    if info["flow_block_names"]:
-        lines.append(f"flow blocks  {', '.join(info['flow_block_names'])}")
+    for name, b in zip(info["flow_block_names"], info["flow_blocks"], strict=True):
+        grid = "x".join(map(str, b["grid"])) if b["grid"] else "?"
+        lines.append(
+            f"flow block   {name}: {b['channels']} x {b['tokens']} tokens (grid {grid}, "
+            f"{b['prefix_tokens']} prefix), heads {b['heads'] or '?'}, width {b['width'] or '?'}"
+        )
+    if info["class_names"]:
+        lines.append(f"classes      {len(info['class_names'])}: {', '.join(info['class_names'])}")
     lines += ["", "provenance"]
     for key, value in info["provenance"].items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

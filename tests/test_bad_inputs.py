@@ -253,8 +253,8 @@ def test_5_export_on_a_full_disk_is_an_error_and_leaves_no_file(stores, tmp_path
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["crop_size=100000"], "crop_size=100000: the model of"),
-        (["crop_size=48"], "set crop_size=32"),
+        (["crop_size=100000"], "backbone.img_size=32 but dataset 'folder' crops crop_size=100000"),
+        (["crop_size=48"], "set data.crop_size=32"),
         (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
         (["--batch-size", "-1"], "--batch-size: expected an integer >= 1, got -1"),
         (["--shard-clips", "0"], "--shard-clips: expected an integer >= 1, got 0"),

@@ -150,11 +150,12 @@ def test_finetune_reports_disagreements_and_ambiguous_keys(videos, tmp_path, cap
     assert error_line(capsys).endswith(
         "key 'seed' is in the model and train configs; write model.seed=1 or train.seed=1"
     )
-    assert finetune(videos, tmp_path / "a", "num_frames=4") == 2  # the tiny config is for 4 classes
+    # the class count comes from the dataset (the tiny config says 4): only an override can contradict it
+    assert finetune(videos, tmp_path / "a", "num_frames=4", "model.num_classes=4") == 2
     line = error_line(capsys)
-    assert "num_classes=4 but folder split 'train' has 3 classes; set model.num_classes=3" in line
-    assert finetune(videos, tmp_path / "a", "data.num_frames=4", "model.num_classes=3") == 2
-    assert "num_frames=8 but folder split 'train' samples num_frames=4" in error_line(capsys)
+    assert "model.num_classes=4 but folder split 'train' has 3 classes" in line
+    assert finetune(videos, tmp_path / "a", "data.num_frames=4") == 2
+    assert "num_frames=8 but dataset 'folder' samples num_frames=4" in error_line(capsys)
     assert not (tmp_path / "a").exists()
 
 

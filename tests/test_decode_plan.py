@@ -11,6 +11,7 @@ import torch
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from stage1_extract import video
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.datasets import DatasetConfig
 from stage1_extract.decode_plan import PlannedReader, decord_may_miscopy, resolve_decode_device
 from stage1_extract.synthetic_k400 import write_k400_like_video
@@ -72,7 +73,7 @@ def test_decode_views_same_views_as_decord_path(k400_like, monkeypatch, train):
 
 def decode_views_with(path: Path, cfg: DatasetConfig, train: bool, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed) if train else None
-    return video.decode_views(path, cfg, CROP, train=train, rng=rng)
+    return video.decode_views(path, ClipGeometry.of_dataset(cfg, CROP), train=train, rng=rng)
 
 
 def test_decode_device_cuda_falls_back_to_cpu_with_warning(k400_like):
@@ -86,8 +87,10 @@ def test_decode_device_cuda_falls_back_to_cpu_with_warning(k400_like):
     with pytest.raises(ValueError, match="decode-device"):
         resolve_decode_device("gpu", k400_like)
     cfg = DatasetConfig(num_frames=4, num_crops=1)
-    asked_cuda = video.decode_views(k400_like, cfg, CROP, hwaccel="cuda")  # per file: decord on the CPU
-    assert torch.equal(asked_cuda, video.decode_views(k400_like, cfg, CROP))
+    asked_cuda = video.decode_views(
+        k400_like, ClipGeometry.of_dataset(cfg, CROP), hwaccel="cuda"
+    )  # per file: decord on the CPU
+    assert torch.equal(asked_cuda, video.decode_views(k400_like, ClipGeometry.of_dataset(cfg, CROP)))
 
 
 def test_rotated_videos_are_left_to_decord(tmp_path):

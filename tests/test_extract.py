@@ -37,7 +37,7 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
     failures = {f["clip_id"]: f for f in store.failures()}
     assert set(failures) == {"train/left/corrupt.mp4", "train/up/empty.mp4"}
     assert all(f["message"] for f in failures.values())
-    assert store.provenance["classes"] == ["left", "right", "up"]
+    assert store.class_names == ["left", "right", "up"]
     assert store.adapter_names[:2] == ["block1.attn", "block1.mlp"] and len(store.adapter_names) == 4
 
     # Independent check: decode one clip and run the model by hand.
@@ -50,10 +50,9 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
         tmp_path / "other.zarr",
         overrides=SMALL,
     )
-    from stage1_extract.datasets import ClipRecord, DatasetConfig
+    from stage1_extract.datasets import ClipRecord
 
-    data_cfg = DatasetConfig(**plan.dataset_config)
-    item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, data_cfg, 32)[0]
+    item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, plan.geometry)[0]
     cfg = load_feature_config(TINY, [o[6:] for o in SMALL[:2]] + ["num_frames=4", "num_classes=3"])
     model = load_extraction_model(cfg, None, torch.device("cpu"))
     mean = torch.tensor(model.vit.pretrained_cfg["mean"]).view(3, 1, 1)

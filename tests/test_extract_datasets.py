@@ -207,7 +207,7 @@ def test_extract_cli_stores_the_listed_clips(case, tmp_path, clip_bytes, capsys)
     done = store.done_mask()
     stored = [(str(c), int(y)) for c, y in zip(store.clip_ids[done], store.labels[done])]
     assert stored == listed
-    assert store.provenance["classes"][: len(classes_head)] == classes_head
+    assert store.class_names[: len(classes_head)] == classes_head
     # A listed file absent on disk is not listed, and is recorded as a failure that names it.
     failures = store.failures()
     assert [f["clip_id"] for f in failures] == absent and int((~done).sum()) == len(absent)

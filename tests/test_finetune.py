@@ -151,7 +151,7 @@ def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     state, cfg = load_trainable_checkpoint(out / "best.safetensors")
     model = build_model(model_config_from_dict(cfg))
     load_into(model, state, out / "best.safetensors")
-    dataset = VideoClipDataset(plan.val.records, videos, plan.data, plan.crop_size)
+    dataset = VideoClipDataset(plan.val.records, videos, plan.geometry)
     probs, decoded = evaluate_clips(model, dataset, 4, 3, torch.device("cpu"), None, Distributed())
     labels = np.array([r.label for r in plan.val.records])
     assert decoded.all()
@@ -278,7 +278,7 @@ def test_resume_and_overwrite_guards(zeroi2v_run, videos, tmp_path):
         finetune(zeroi2v_plan(videos), tmp_path / "empty", resume=True, progress=False)
     with pytest.raises(ConfigError, match="batch_size 6 is not a multiple of micro_batch_size 4"):
         finetune(zeroi2v_plan(videos, "batch_size=6", "micro_batch_size=4"), tmp_path / "b", progress=False)
-    with pytest.raises(ConfigError, match="crop_size 48 differs"):
+    with pytest.raises(ConfigError, match="backbone.img_size=32 but dataset 'folder' crops crop_size=48"):
         zeroi2v_plan(videos, "data.crop_size=48")
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from amflow.cli import main
 from stage1_extract.backbone import normalise_video, pixel_stats
 from stage1_extract.checkpoint import load_trainable_checkpoint
-from stage1_extract.datasets import ClipRecord, DatasetConfig
+from stage1_extract.clip_geometry import ClipGeometry
+from stage1_extract.datasets import ClipRecord
 from stage1_extract.extract import load_extraction_model
 from stage1_extract.families import family_of
 from stage1_extract.families.base import BlockGeometry
@@ -150,8 +151,6 @@ def test_am_flow_on_a_pooling_block_is_refused_naming_it():
         build_amflow(tiny_cfg(blocks=[1, 3]))
     with pytest.raises(ValueError, match="pooling: 'cls'"):
         build_amflow(tiny_cfg(pooling="cls"))
-    with pytest.raises(ValueError, match="heads.flow_maps"):
-        build_amflow(tiny_cfg(heads=LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True)))
     with pytest.raises(ValueError, match=r"aligner_heads=12 must divide .* \[16, 32\]"):
         build_amflow(tiny_cfg(aligning_encoder=True))
     stdha = BackboneConfig("hiera_tiny_224", 32, timm_kwargs=TINY, head_offsets=[0])
@@ -212,11 +211,9 @@ def test_extract_train_evaluate_predict_end_to_end(videos, tmp_path, capsys):
         "--config",
         HIERA_CONFIG,
     ]
-    # one store layout for every block's maps: mixed-shape Hiera maps are refused before anything is written
-    assert main([*args, "--out", str(store), "--flow", "--decode-workers", "0", *SMALL]) == 2
-    assert "--flow" in capsys.readouterr().err and not store.exists()
-    assert main([*args, "--out", str(store), "--decode-workers", "0", *SMALL]) == 0
-    heads = ["heads.hidden=16", "heads.flow_maps=false", "epochs=2"]
+    # AM-flow blocks of both stages: maps of different heads and grids, each kept on its own shape
+    assert main([*args, "--out", str(store), "--flow", "--decode-workers", "0", *SMALL]) == 0
+    heads = ["heads.hidden=16", "heads.flow_maps=true", "heads.flow_grid=2", "epochs=2"]
     train = [
         "train-heads",
         "--store",
@@ -258,13 +255,13 @@ def test_store_of_one_stage_flow_blocks_holds_what_the_model_and_timm_compute(vi
         main([*args, "--out", str(out), "--flow", "--decode-workers", "0", *SMALL, "model.blocks=[5,6]"]) == 0
     )
     store = FeatureStore.open(out)
-    assert store.provenance["patch_grid"] == [2, 2] and store.provenance["num_prefix_tokens"] == 0
+    assert [(b.grid, b.prefix_tokens, b.heads) for b in store.layout.flow_blocks] == [((2, 2), 0, 4)] * 2
     cfg = load_feature_config(
         HIERA_CONFIG, ["backbone.img_size=32", "bottleneck=16", "num_frames=4", "blocks=[5,6]"]
     )
     model = load_extraction_model(cfg, None, torch.device("cpu"))
-    data_cfg = DatasetConfig(num_frames=4, crop_size=32)
-    item = VideoClipDataset([ClipRecord("val/up/up_0000.mp4", 2)], videos, data_cfg, 32)[0]
+    geometry = ClipGeometry(num_frames=4, crop_size=32)
+    item = VideoClipDataset([ClipRecord("val/up/up_0000.mp4", 2)], videos, geometry)[0]
     mean, std = pixel_stats(model.vit)
     video = normalise_video(item["video"], mean, std)
     with torch.no_grad():
@@ -295,3 +292,12 @@ def test_finetune_saves_only_trainable_weights(videos, tmp_path):
     assert any(".adapter_attn." in k for k in state) and not any(
         k.startswith("vit.blocks.0.attn.") for k in state
     )
+
+
+def test_flow_map_heads_read_blocks_of_different_shapes():
+    # blocks 1-2 (stage 1: 1 head, 8x8 grid) and 4 (stage 2: 2 heads, 4x4 grid) feed one classifier
+    model = build_amflow(tiny_cfg(heads=LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_grid=2)))
+    feats = model.extract(torch.randn(2, 4, 3, 32, 32))
+    assert [tuple(f.shape[2:]) for f in feats.flow] == [(1, 64), (1, 64), (2, 16)]
+    logits = model.classifier(feats)
+    assert logits.shape == (2, model.cfg.num_classes) and torch.isfinite(logits).all()

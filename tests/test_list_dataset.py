@@ -11,6 +11,7 @@ import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from amflow.cli import main
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.datasets import build_index, load_dataset_config
 from stage1_extract.synthetic import write_video
 from stage1_extract.video import VideoClipDataset
@@ -111,7 +112,7 @@ def test_segment_columns_choose_the_sampled_frames(tmp_path):
     _put(tmp_path / "test.txt", "clip.mp4 0 10 14\n")
     cfg = load_dataset_config("list", ["num_frames=4"])
     index = build_index("list", tmp_path, "test", cfg)
-    item = VideoClipDataset(index.records, tmp_path, cfg, crop_size=32)[0]
+    item = VideoClipDataset(index.records, tmp_path, ClipGeometry.of_dataset(cfg, 32))[0]
     assert item["error"] is None
     levels = item["video"][0].float().mean(dim=(1, 2, 3))  # (T,)
     assert np.allclose(levels.numpy(), [100, 110, 120, 130], atol=3)

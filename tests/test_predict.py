@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from amflow.cli import main
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.synthetic import make_folder_dataset, write_corrupt_video
 from stage2_temporal.predictions import read_predictions
 
@@ -161,7 +162,7 @@ def test_finetune_run_merged_model_and_export_agree(zeroi2v_run, capsys, tmp_pat
     from_run = all_probs(lines)
     # the finetuning's own validation code on the same clips (3 crops per clip, averaged)
     predictor = load_predictor(run, device="cpu")
-    dataset = VideoClipDataset(plan.val.records, videos, plan.data, plan.crop_size)
+    dataset = VideoClipDataset(plan.val.records, videos, plan.geometry)
     probs, decoded = evaluate_clips(predictor.model, dataset, 3, 4, torch.device("cpu"), None, Distributed())
     assert decoded.all() and predictor.num_views == 3
     names = plan.train.classes
@@ -171,7 +172,7 @@ def test_finetune_run_merged_model_and_export_agree(zeroi2v_run, capsys, tmp_pat
     merged = tmp_path / "merged.safetensors"
     assert main(["merge", str(run / "best.safetensors"), "--out", str(merged)]) == 0
     # a merged model knows no sampling beyond its frames: one centre view, as the run's single-view clip
-    single = VideoClipDataset(plan.val.records, videos, predictor.data.__class__(num_frames=4), 32)
+    single = VideoClipDataset(plan.val.records, videos, ClipGeometry(num_frames=4, crop_size=32))
     one_view, _ = evaluate_clips(predictor.model, single, 3, 4, torch.device("cpu"), None, Distributed())
     lines, _ = predict_json(capsys, str(videos / "val"), "--model", str(merged))
     from_merged = all_probs(lines)
@@ -223,7 +224,7 @@ def test_windows_of_a_long_video_are_sampled_as_clips(heads_run, capsys, tmp_pat
     frames = open_video(long).get_batch(list(range(36))).asnumpy()
     views = [frames[[12, 15, 18, 21]], frames[[14, 17, 20, 23]]]
     video = torch.from_numpy(np.stack(views)).permute(0, 1, 4, 2, 3).unsqueeze(0).contiguous()
-    expected = dict(zip(predictor.class_names, predictor.probabilities(video)[0]))
+    expected = dict(zip(predictor.class_names, predictor(video)[0]))
     got = {t["label"]: t["prob"] for t in lines[2]["top5"]}
     assert got == pytest.approx(expected, abs=1e-6)
 

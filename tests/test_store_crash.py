@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from store import STATUS_DONE, FeatureStore, load_arrays, verify_store
+from store.layout import FlowBlock
 
 NUM_CLIPS = 30
 SHARD_CLIPS = 4  # 8 shards, the last one partial
@@ -44,7 +45,7 @@ def create(path: Path) -> FeatureStore:
         path,
         clip_ids=[f"videos/clip_{i:03d}.mp4" for i in range(NUM_CLIPS)],
         labels=[i % 5 if i % 9 else -1 for i in range(NUM_CLIPS)],
-        flow_shape=FLOW_SHAPE,
+        flow_blocks=[FlowBlock(FLOW_SHAPE[1], FLOW_SHAPE[2])] * FLOW_SHAPE[0],
         shard_clips=SHARD_CLIPS,
         chunk_clips=CHUNK_CLIPS,
         provenance={"dataset": "synthetic", "split": "train"},

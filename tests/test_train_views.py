@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from amflow.cli import main
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.datasets import DatasetConfig
 from stage1_extract.sampling import uniform_indices
 from stage1_extract.synthetic import make_folder_dataset
@@ -33,14 +34,18 @@ def extract(videos, out, *extra):
 def test_train_views_are_seeded_training_samples(videos):
     cfg = DatasetConfig(num_frames=4, train_crop="random")
     path = videos / "train" / "left" / "left_0000.mp4"
-    a = train_views(path, cfg, 32, views=3, flip=0.5, seed=7, clip_index=5)
+    a = train_views(path, ClipGeometry.of_dataset(cfg, 32), views=3, flip=0.5, seed=7, clip_index=5)
     assert a.shape == (3, 4, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, train_views(path, cfg, 32, views=3, flip=0.5, seed=7, clip_index=5))
-    assert not torch.equal(a, train_views(path, cfg, 32, views=3, flip=0.5, seed=8, clip_index=5))
+    assert torch.equal(
+        a, train_views(path, ClipGeometry.of_dataset(cfg, 32), views=3, flip=0.5, seed=7, clip_index=5)
+    )
+    assert not torch.equal(
+        a, train_views(path, ClipGeometry.of_dataset(cfg, 32), views=3, flip=0.5, seed=8, clip_index=5)
+    )
     assert not torch.equal(a[0], a[1])  # other frames and crops per view
     # View k is exactly the training sample drawn from default_rng((seed, clip, k)), flipped on its draw.
     rng = np.random.default_rng((7, 5, 1))
-    view = decode_views(path, cfg, 32, train=True, rng=rng)
+    view = decode_views(path, ClipGeometry.of_dataset(cfg, 32), train=True, rng=rng)
     view = view.flip(-1) if rng.random() < 0.5 else view
     assert torch.equal(a[1:2], view)
     # Random frames: one per segment of the 12-frame video, drawn as uniform_indices does in training.

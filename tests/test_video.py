@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.sampling import clip_indices, dense_indices, num_views, uniform_indices, view_index
 from stage1_extract.synthetic import (
@@ -104,7 +105,7 @@ def coded_video(tmp_path_factory) -> Path:
 
 def test_decode_round_trip_frames_crops_and_order(coded_video):
     cfg = DatasetConfig(num_frames=4, num_clips=2, num_crops=3)
-    views = decode_views(coded_video, cfg, 32)
+    views = decode_views(coded_video, ClipGeometry.of_dataset(cfg, 32))
     assert views.dtype == torch.uint8 and views.shape == (6, 4, 3, 32, 32)  # (clips*crops, T, 3, H, W)
     # 48x64 -> short side 32 -> 32x43; clips sample frames [1,5,9,13] and [3,7,11,15] (see sampling tests)
     for clip, frames in enumerate(([1, 5, 9, 13], [3, 7, 11, 15])):
@@ -120,7 +121,7 @@ def test_decode_round_trip_frames_crops_and_order(coded_video):
 def test_widths_decord_copies_wrongly_fall_back_to_pyav(tmp_path):
     # decord returns a 48-px-wide frame as 4 channels and fails; the same frames must come back
     path = write_video(tmp_path / "portrait.mp4", _coded_clip(num_frames=8, height=64, width=48))
-    views = decode_views(path, DatasetConfig(num_frames=4, num_crops=3), 48)
+    views = decode_views(path, ClipGeometry(num_frames=4, num_crops=3, crop_size=48))
     assert views.shape == (3, 4, 3, 48, 48)  # 64x48 keeps its size; crops at y = 0, 8, 16
     green = views[:, :, 1].float().mean(dim=(0, 2, 3))
     assert torch.allclose(green, torch.tensor([255.0 - 15 * f for f in (1, 3, 5, 7)]), atol=4)
@@ -131,7 +132,7 @@ def test_widths_decord_copies_wrongly_fall_back_to_pyav(tmp_path):
 def test_train_items_depend_only_on_seed_epoch_index(coded_video, tmp_path):
     cfg = DatasetConfig(num_frames=4)
     records = [ClipRecord(coded_video.name, 0)] * 4
-    ds = VideoClipDataset(records, coded_video.parent, cfg, crop_size=32, train=True, seed=7)
+    ds = VideoClipDataset(records, coded_video.parent, ClipGeometry.of_dataset(cfg, 32), train=True, seed=7)
     single = [ds[i]["video"] for i in range(4)]
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_clips)
     in_workers = torch.cat([b["video"] for b in loader])
@@ -139,7 +140,7 @@ def test_train_items_depend_only_on_seed_epoch_index(coded_video, tmp_path):
     assert not all(torch.equal(single[0], v) for v in single[1:])  # indices differ
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["video"], single[0])  # epochs differ
-    test_ds = VideoClipDataset(records, coded_video.parent, cfg, crop_size=32, train=False)
+    test_ds = VideoClipDataset(records, coded_video.parent, ClipGeometry.of_dataset(cfg, 32), train=False)
     assert torch.equal(test_ds[0]["video"], test_ds[3]["video"])  # testing is deterministic
 
 
@@ -154,7 +155,7 @@ def test_bad_files_become_error_items_through_workers(coded_video, tmp_path):
     write_truncated_video(root / "streamable.mp4", root / "cut.mp4")  # opens, then fails mid-decode
     names = ["good.mp4", "corrupt.mp4", "empty.mp4", "missing.mp4", "truncated.mp4", "cut.mp4", "good.mp4"]
     records = [ClipRecord(n, label) for label, n in enumerate(names)]
-    ds = VideoClipDataset(records, root, DatasetConfig(num_frames=8, num_crops=3), crop_size=32)
+    ds = VideoClipDataset(records, root, ClipGeometry(num_frames=8, num_crops=3, crop_size=32))
     loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_clips)
     batches = list(loader)
     videos = torch.cat([b["video"] for b in batches if b["video"] is not None])

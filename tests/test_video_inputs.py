@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
+from stage1_extract.clip_geometry import ClipGeometry
 from stage1_extract.datasets import ClipRecord, DatasetConfig
 from stage1_extract.sampling import clip_indices
 from stage1_extract.synthetic import (
@@ -68,7 +69,9 @@ def test_rotated_videos_come_out_upright(tmp_path, rotation, shape):
     assert probe_video(path) == (*shown.shape[1:3], rotation)
     cfg = DatasetConfig(num_frames=4)
     idx = clip_indices(len(frames), cfg, train=False)[0]
-    views = decode_views(path, cfg, crop).permute(0, 1, 3, 4, 2).numpy()[0]  # (T, crop, crop, 3)
+    views = (
+        decode_views(path, ClipGeometry.of_dataset(cfg, crop)).permute(0, 1, 3, 4, 2).numpy()[0]
+    )  # (T, crop, crop, 3)
     h, w = shown.shape[1:3]
     scale = crop / min(h, w)
     assert scale == 1  # the short side is the crop: no resizing, the centre crop of the shown frames
@@ -96,7 +99,10 @@ def test_latin1_metadata_decodes_like_a_clean_file(tmp_path):
     with pytest.raises(UnicodeDecodeError):  # the file really is what HMDB51 has: PyAV's default refuses
         av.open(str(odd)).close()
     cfg = DatasetConfig(num_frames=4)
-    assert (decode_views(odd, cfg, 32) == decode_views(clean, cfg, 32)).all()
+    assert (
+        decode_views(odd, ClipGeometry.of_dataset(cfg, 32))
+        == decode_views(clean, ClipGeometry.of_dataset(cfg, 32))
+    ).all()
 
 
 def _audio_only(path: Path) -> Path:
@@ -133,7 +139,7 @@ def test_every_failure_names_the_file(tmp_path):
     specific = _bad_files(root)
     names = ["good.mp4", "corrupt.mp4", "empty.mp4", "truncated.mp4", *specific]
     records = [ClipRecord(n, 0) for n in [*names, "../outside.mp4", "/etc/passwd"]]
-    dataset = VideoClipDataset(records, root, DatasetConfig(num_frames=4), crop_size=32)
+    dataset = VideoClipDataset(records, root, ClipGeometry(num_frames=4, crop_size=32))
     items = {r.path: dataset[i] for i, r in enumerate(records)}
     assert items.pop("good.mp4")["error"] is None
     for name, item in items.items():

@@ -11,6 +11,7 @@ from stage2_temporal.heads import TransformerHeadsConfig, build_classifier
 from stage2_temporal.models import build_model, load_model_config
 from stage2_temporal.optim import adamw
 from stage2_temporal.train import make_optimiser
+from store.layout import FlowBlock
 
 # Named by hand from the modules' definitions (nn.MultiheadAttention: in_proj_bias), independently of
 # the modules' no_weight_decay().
@@ -76,7 +77,12 @@ def test_finetune_optimiser_decays_only_weight_matrices(config):
 def test_stage2_optimiser_decays_only_weight_matrices():
     heads = TransformerHeadsConfig(ff_dim=32, attn_heads=2, flow_maps=True, flow_embed=16)
     classifier = build_classifier(
-        heads, num_classes=3, num_adapters=4, embed_dim=16, cls_dim=24, flow_blocks=2, patch_grid=(4, 4)
+        heads,
+        num_classes=3,
+        num_adapters=4,
+        embed_dim=16,
+        cls_dim=24,
+        flow_blocks=[FlowBlock(1, 17, (4, 4), 1)] * 2,
     )
     optimiser, _ = make_optimiser(classifier, TrainConfig(heads=heads, weight_decay=0.1), steps_per_epoch=5)
     no_decay = check_groups(classifier, optimiser, 0.1)

@@ -7,6 +7,7 @@ linear classifier on the last frame's CLS. ``build_classifier`` reads a heads co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from stage1_extract.amflow_model import ClipFeatures
 from stage2_temporal.heads.base import BranchesConfig
 from stage2_temporal.heads.grouped import GroupedLayerNorm, GroupedLinear
 from stage2_temporal.heads.head_types import build_temporal_heads
+from store.layout import FlowBlock, flow_offsets
 
 
 class FlowMapEncoder(nn.Module):
@@ -28,27 +30,55 @@ class FlowMapEncoder(nn.Module):
     layer norm makes the heads see where things move whatever the flow's overall scale (tiny for a
     random-init backbone, whose attention is nearly uniform).
 
+    Blocks may differ in heads, tokens and grid (hierarchical backbones): each block's map is pooled to
+    the same grid (the smallest block grid's side when that is below ``out_grid``).
+
     Args:
-        groups: flow blocks G.
-        grid: the backbone's patch grid (rows, columns).
-        out_grid: side of the pooled grid (at most the patch grid's).
+        blocks: per flow block G its map geometry (channels, tokens, prefix tokens, patch grid).
+        out_grid: side of the pooled grid (at most each block's patch grid).
         embed: output features per frame.
     """
 
-    def __init__(self, groups: int, grid: tuple[int, int], out_grid: int, embed: int) -> None:
+    def __init__(self, blocks: Sequence[FlowBlock], out_grid: int, embed: int) -> None:
         super().__init__()
-        self.grid = grid
-        self.out_grid = (min(out_grid, grid[0]), min(out_grid, grid[1]))
-        in_dim = self.out_grid[0] * self.out_grid[1]
+        missing = [i for i, b in enumerate(blocks) if b.grid is None]
+        if not blocks or missing:
+            raise ValueError(
+                f"flow-map heads need each flow block's patch grid; flow blocks {missing} have none"
+            )
+        self.blocks = list(blocks)
+        self.uniform = len({b.map_shape for b in self.blocks}) == 1
+        self.offsets = flow_offsets(self.blocks)
+        self.out_grid = (
+            min(out_grid, *(b.grid[0] for b in self.blocks)),
+            min(out_grid, *(b.grid[1] for b in self.blocks)),
+        )
+        groups, in_dim = len(self.blocks), self.out_grid[0] * self.out_grid[1]
         self.norm = GroupedLayerNorm(groups, in_dim)
         self.fc1 = GroupedLinear(groups, in_dim, embed)
         self.fc2 = GroupedLinear(groups, embed, embed)
 
+    def block_maps(self, maps: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """The maps -> per block (B, T, channels, tokens): ``maps`` is (B, G, T, h, N) when every block's
+        map has one shape, packed (B, T, sum of channels x tokens) as the store keeps blocks of different
+        shapes (``stage1_extract.block_maps``), or already one (B, T, h_b, N_b) tensor per block."""
+        if isinstance(maps, list):
+            return maps
+        if self.uniform and maps.ndim == 5:
+            return list(maps.unbind(dim=1))
+        B, T = maps.shape[:2]
+        return [
+            maps[..., a:b].reshape(B, T, *blk.map_shape) for blk, (a, b) in zip(self.blocks, self.offsets)
+        ]
+
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """maps: (B, G, T, h, P) over the P = gh*gw patch tokens -> (B, G, T, embed)."""
-        B, G, T, h, P = maps.shape
-        x = maps.sum(dim=3).reshape(B * G * T, 1, *self.grid)
-        x = F.adaptive_avg_pool2d(x, self.out_grid).reshape(B, G, T, -1)
+        """maps (see ``block_maps``, prefix tokens included) -> (B, G, T, embed)."""
+        pooled = []
+        for blk, m in zip(self.blocks, self.block_maps(maps)):
+            B, T = m.shape[:2]
+            x = m[..., blk.prefix_tokens :].sum(dim=2).reshape(B * T, 1, *blk.grid)
+            pooled.append(F.adaptive_avg_pool2d(x, self.out_grid).reshape(B, T, -1))
+        x = torch.stack(pooled, dim=1)
         return self.fc2(F.relu(self.fc1(self.norm(x))))
 
 
@@ -63,7 +93,6 @@ class AveragingClassifier(nn.Module):
         last_frame_head: linear classifier of the last frame's CLS, or None.
         num_branches: total branch count K (A + F + 1 when all are on).
         combine: ``mean`` of the branch logits, or ``voting`` (a frozen random linear layer over them).
-        num_prefix_tokens: tokens before the patches in the flow maps (CLS, registers), dropped.
         seed: seeds the voting layer.
     """
 
@@ -76,7 +105,6 @@ class AveragingClassifier(nn.Module):
         last_frame_head: nn.Linear | None,
         num_branches: int,
         combine: str = "mean",
-        num_prefix_tokens: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -84,7 +112,6 @@ class AveragingClassifier(nn.Module):
             raise ValueError("the classifier has no branch: no adapters, no flow maps and no last-frame head")
         if (flow_encoder is None) != (flow_heads is None):
             raise ValueError("flow_encoder and flow_heads go together")
-        self.num_prefix_tokens = num_prefix_tokens
         self.num_branches = num_branches
         self.temporal_heads = temporal_heads
         self.flow_encoder = flow_encoder
@@ -108,8 +135,7 @@ class AveragingClassifier(nn.Module):
         if self.flow_heads is not None:
             if features.flow is None:
                 raise ValueError("heads.flow_maps is on but these features carry no AM-flow maps")
-            maps = features.flow[..., self.num_prefix_tokens :]
-            parts.append(self.flow_heads(self.flow_encoder(maps)))
+            parts.append(self.flow_heads(self.flow_encoder(features.flow)))
         if self.last_frame_head is not None:
             parts.append(self.last_frame_head(features.cls).unsqueeze(1))
         return torch.cat(parts, dim=1)
@@ -128,12 +154,11 @@ def build_classifier(
     num_adapters: int,
     embed_dim: int,
     cls_dim: int,
-    flow_blocks: int = 0,
-    patch_grid: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 1,
+    flow_blocks: Sequence[FlowBlock] = (),
     seed: int = 0,
 ) -> AveragingClassifier:
-    """The averaging classifier a heads config describes, for features of the given shapes.
+    """The averaging classifier a heads config describes, for features of the given shapes
+    (``flow_blocks``: the map geometry of each flow block the features hold).
 
     Layers are created in a fixed order (temporal heads, flow encoder, flow heads, last frame) from the
     current RNG state, so a seeded caller gets the same weights every time.
@@ -141,14 +166,12 @@ def build_classifier(
     temporal = build_temporal_heads(cfg, num_adapters, embed_dim, num_classes) if num_adapters else None
     encoder = flow_heads = None
     if cfg.flow_maps:
-        if not flow_blocks or patch_grid is None:
+        if not flow_blocks:
             raise ValueError("heads.flow_maps is on but the features hold no AM-flow maps")
-        encoder = FlowMapEncoder(flow_blocks, patch_grid, cfg.flow_grid, cfg.flow_embed)
+        encoder = FlowMapEncoder(flow_blocks, cfg.flow_grid, cfg.flow_embed)
         flow_heads = build_temporal_heads(
-            cfg, flow_blocks, cfg.flow_embed, num_classes, cfg.flow_hidden, cfg.flow_layers
+            cfg, len(flow_blocks), cfg.flow_embed, num_classes, cfg.flow_hidden, cfg.flow_layers
         )
     last = nn.Linear(cls_dim, num_classes) if cfg.last_frame else None
-    branches = num_adapters * (temporal is not None) + flow_blocks * cfg.flow_maps + int(cfg.last_frame)
-    return AveragingClassifier(
-        num_classes, temporal, encoder, flow_heads, last, branches, cfg.combine, num_prefix_tokens, seed
-    )
+    branches = num_adapters * (temporal is not None) + len(flow_blocks) * cfg.flow_maps + int(cfg.last_frame)
+    return AveragingClassifier(num_classes, temporal, encoder, flow_heads, last, branches, cfg.combine, seed)
