@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from store.fastio import read_shard as read_shard
 from store.feature_store import FeatureStore
-from store.objects import READ_THREADS
 from store.schema import STATUS_DONE, StoreError
+from store.shards import default_read_threads
 
 
 def resolve_selection(
@@ -129,7 +129,7 @@ def load_arrays(
         unit="shard",
         disable=not progress or len(shards) < 8,
     )
-    threads = read_threads or (READ_THREADS if st.objects is not None else 2)
+    threads = read_threads or default_read_threads(st)
     with bar, ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for _ in pool.map(read, shards):
             bar.update()
