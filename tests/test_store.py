@@ -410,7 +410,7 @@ def test_read_ahead_yields_the_same_batches(
     shard_order = list(dict.fromkeys(streamed.shard_of_items()[sampler.order()].tolist()))
     loader = iter(DataLoader(streamed, sampler=sampler, batch_size=None))
     batches = [next(loader)]
-    for _ in range(100):  # the next shard is being read before the first is used up
+    for _ in range(500):  # the next shard is being read before the first is used up
         if len(reads) >= 2:
             break
         time.sleep(0.01)
