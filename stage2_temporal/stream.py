@@ -12,12 +12,7 @@ one is trained on, so at most ``cache_shards`` shards (the budget) are held at a
 from __future__ import annotations
 
 import logging
-import math
-import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,85 +22,12 @@ import torch
 
 from stage1_extract.amflow_model import ClipFeatures
 from stage2_temporal.data import CachedFeatures, load_store, num_classes_of
-from store.objects import READ_THREADS
+from store.budget import StoreSelection, parse_memory_budget, store_selection
+from store.objects import default_read_threads
 from store.reader import resolve_selection, selected_shape
+from store.shards import ShardCache, read_shard_arrays
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BUDGET_FRACTION = 0.5
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9})
-
-
-def available_memory() -> int:
-    """Bytes of RAM available to new allocations now (psutil, which dask.distributed brings)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def parse_memory_budget(text: str | int | None) -> int:
-    """``"1GB"``, ``"512MiB"``, ``"2e9"`` or a fraction of the available RAM (``"0.25"``) -> bytes.
-
-    None means half the RAM available now.
-    """
-    if text is None:
-        return int(DEFAULT_BUDGET_FRACTION * available_memory())
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ValueError(
-            f"--memory-budget {text!r}: expected bytes with a unit (e.g. 1GB, 512MiB) or a fraction of "
-            "the available RAM in (0, 1]"
-        )
-    value = float(m.group(1))
-    if not unit and 0 < value <= 1:
-        return int(value * available_memory())
-    if value <= 0:
-        raise ValueError(f"--memory-budget {text!r}: must be positive")
-    return int(value * _UNITS[unit])
-
-
-@dataclass
-class StoreSelection:
-    """What one run reads from a store: the selected adapters / flow blocks, and their size."""
-
-    path: str | Path  # a folder or an s3:// URL
-    adapters: list[int]
-    flow_blocks: list[int] | None  # None = no flow maps
-    num_clips: int  # done, labelled clips
-    clip_bytes: int  # bytes per clip of the selected arrays (stored dtype)
-    shard_bytes: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_clips * self.clip_bytes
-
-
-def store_selection(
-    path: str | Path,
-    adapters: Sequence[int | str] | str = "all",
-    flow_blocks: Sequence[int | str] | str = "all",
-    with_flow: bool = False,
-) -> StoreSelection:
-    """The bytes a selection of a store needs in memory, read from its layout and status (no data read)."""
-    from store import FeatureStore
-
-    st = FeatureStore.open(path, mode="r")
-    a = resolve_selection("adapters", st.adapter_names, adapters)
-    f = resolve_selection("flow_blocks", st.flow_block_names, flow_blocks) if with_flow else None
-    item = np.dtype(st.layout.dtype).itemsize
-    per = {
-        "embeddings": math.prod(selected_shape(st, "embeddings", a or [0])),
-        "cls": math.prod(selected_shape(st, "cls", None)),
-    }
-    if f is not None and st.has_flow:
-        per["flow"] = math.prod(selected_shape(st, "flow", f))
-    clip_bytes = item * sum(per.values())
-    done = (st.status() == 1) & (st.labels >= 0)
-    return StoreSelection(path, a, f, int(done.sum()), clip_bytes, clip_bytes * st.shard_clips)
 
 
 def open_features(
@@ -140,73 +62,6 @@ def split_budget(train: StoreSelection, val: StoreSelection, budget: int) -> tup
     return budget - budget // 4, budget // 4
 
 
-class _ShardCache:
-    """Shards read on background threads in a planned order, at most ``capacity`` held at a time.
-
-    ``plan`` gives the coming uses (shard, clips); a shard is dropped once its planned clips are used, and
-    the next planned shards are read ahead into the freed room. Unplanned shards are read on demand and
-    evicted least recently used first. The arrays of a dropped shard are reused for the next read (fresh
-    25-100 MB arrays cost a page fault per 4 KiB page on every read).
-    """
-
-    def __init__(self, read, capacity: int, threads: int) -> None:
-        self._read = read
-        self.capacity = max(1, capacity)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-read")
-        self._held: OrderedDict[int, Future] = OrderedDict()
-        self._queue: list[int] = []
-        self._remaining: dict[int, int] = {}
-        self._spare: list[dict[str, np.ndarray]] = []
-        self._lock = threading.Lock()
-
-    def _submit(self, shard: int) -> None:
-        spare = self._spare.pop() if self._spare else None
-        self._held[shard] = self._pool.submit(self._read, shard, spare)
-
-    def _drop(self, shard: int) -> None:
-        future = self._held.pop(shard, None)
-        if future is not None and future.done() and future.exception() is None and len(self._spare) < 2:
-            self._spare.append(future.result())
-
-    def plan(self, shards: np.ndarray, counts: np.ndarray) -> None:
-        with self._lock:
-            self._queue = [int(s) for s in shards][::-1]  # popped from the end
-            self._remaining = {int(s): int(c) for s, c in zip(shards, counts, strict=True)}
-            for s in [s for s in self._held if s not in self._remaining]:
-                self._drop(s)
-            self._fill()
-
-    def _fill(self) -> None:
-        while self._queue and len(self._held) < self.capacity:
-            s = self._queue.pop()
-            if s not in self._held:
-                self._submit(s)
-
-    def get(self, shard: int) -> dict[str, np.ndarray]:
-        with self._lock:
-            if shard not in self._held:
-                while len(self._held) >= self.capacity:
-                    unplanned = [s for s in self._held if s not in self._remaining]
-                    self._drop(unplanned[0] if unplanned else next(iter(self._held)))
-                self._submit(shard)
-            self._held.move_to_end(shard)
-            future = self._held[shard]
-        return future.result()
-
-    def used(self, shard: int, clips: int) -> None:
-        with self._lock:
-            if shard in self._remaining:
-                self._remaining[shard] -= clips
-                if self._remaining[shard] <= 0:
-                    del self._remaining[shard]
-                    self._drop(shard)
-                    self._fill()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._held.clear()
-
-
 @dataclass
 class StreamedFeatures:
     """The labelled done clips of a store, read shard by shard as batches ask for them (out of core).
@@ -223,7 +78,7 @@ class StreamedFeatures:
     memory_budget: int = 2**30
     window_shards: int | None = None
     read_threads: int | None = None
-    _cache: _ShardCache | None = field(default=None, init=False, repr=False)
+    _cache: ShardCache | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from store import FeatureStore
@@ -241,9 +96,6 @@ class StreamedFeatures:
             if self.with_flow
             else None
         )
-        self._axis1 = {"embeddings": a or [0], "cls": None}
-        if f is not None:
-            self._axis1["flow"] = f
         self._keep_adapters = bool(a)
         self.adapter_names = [st.adapter_names[i] for i in a]
         self.flow_block_names = [st.flow_block_names[i] for i in f] if f is not None else []
@@ -270,7 +122,9 @@ class StreamedFeatures:
             tuple(flow_shape[1:] if self._packed else flow_shape[2:]) if f is not None else None
         )
         self._dtype = np.dtype(layout.dtype)
-        self.shard_bytes = store_selection(self.path, a, f or [], f is not None).shard_bytes
+        sel = store_selection(self.path, a, f or [], f is not None)
+        self._axis1 = sel.axis1
+        self.shard_bytes = sel.shard_bytes
         self.cache_shards = max(2, self.memory_budget // max(1, self.shard_bytes))
         if self.shard_bytes * 2 > self.memory_budget:
             log.warning(
@@ -376,26 +230,16 @@ class StreamedFeatures:
         return ClipFeatures(embeddings=emb, cls=out["cls"], flow=out.get("flow"))
 
     # ------------------------------------------------------------------ reading
-    def _read_shard(self, shard: int, spare: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """The selected arrays of one shard, into the arrays of a dropped shard when they fit."""
-        from store.reader import read_shard
-
-        st = self._store
-        rows = len(st.clips_in_shard(shard))
-        out = {}
-        for name, sel in self._axis1.items():
-            buf = spare.get(name) if spare else None
-            buf = buf if buf is not None and buf.shape[0] == rows else None
-            out[name] = read_shard(st, name, shard, out=buf, axis1=sel)
-        return out
-
-    def _reader(self) -> _ShardCache:
+    def _reader(self) -> ShardCache:
         if self._cache is None:
             from store import FeatureStore
 
             self._store = FeatureStore.open(self.path, mode="r")
-            threads = self.read_threads or (READ_THREADS if self._store.objects is not None else 2)
-            self._cache = _ShardCache(self._read_shard, self.cache_shards, threads)
+            store, axis1 = self._store, self._axis1
+            threads = self.read_threads or default_read_threads(store)
+            self._cache = ShardCache(
+                lambda shard, spare: read_shard_arrays(store, axis1, shard, spare), self.cache_shards, threads
+            )
         return self._cache
 
     def _plan(self, order: np.ndarray, uses_per_clip: int) -> None:

@@ -416,7 +416,7 @@ def run_sweep(
             if isinstance(train, StoreRef):  # workers open the stores themselves
                 train_f, val_f = train, val
                 if train.memory_budget is None and cluster is not None:
-                    from stage2_temporal.stream import parse_memory_budget
+                    from store.budget import parse_memory_budget
 
                     share = parse_memory_budget(None) // workers
                     train_f, val_f = (replace(r, memory_budget=share) for r in (train, val))
@@ -492,7 +492,7 @@ def run_sweep_from_stores(
     """
     from stage2_temporal.checks import check_out_dir, check_store_pair, check_store_usable, make_run_dir
     from stage2_temporal.data import check_same_features
-    from stage2_temporal.stream import parse_memory_budget
+    from store.budget import parse_memory_budget
 
     source = str(resolve_config_path(grid_path))
     grid = with_overrides(load_grid(grid_path), overrides, source)

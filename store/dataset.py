@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,19 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from store.budget import clip_bytes, default_memory_budget
 from store.feature_store import STATUS_DONE, FeatureStore
-from store.reader import load_arrays, read_shard, selected_shape, selections
-
-DEFAULT_MEMORY_FRACTION = 0.5  # of the RAM available when the dataset is made
-
-
-def default_memory_limit() -> int:
-    """Half the RAM available now (psutil, which dask.distributed brings; 8 GiB if it is missing)."""
-    try:
-        import psutil
-    except ImportError:
-        return 8 * 2**30
-    return int(DEFAULT_MEMORY_FRACTION * psutil.virtual_memory().available)
+from store.objects import default_read_threads
+from store.reader import load_arrays, selections
+from store.shards import ShardCache, read_shard_arrays
 
 
 class FeatureDataset(Dataset):
@@ -32,9 +23,11 @@ class FeatureDataset(Dataset):
 
     ``in_memory=None`` loads everything when it needs at most ``memory_limit_bytes`` (stored dtype;
     default half the RAM available now);
-    otherwise clips are read shard by shard with an LRU cache of ``cache_shards`` shards, so a
-    shard-ordered order (:class:`ShardOrderedSampler`) reads each shard once per epoch. Indexing with a
-    list of items returns a stacked batch, which is the fast way to train::
+    otherwise clips are read shard by shard (``store.shards``) holding at most ``cache_shards`` shards,
+    so a shard-ordered order (:class:`ShardOrderedSampler`) reads each shard once per epoch; the sampler
+    tells the dataset its order, and the next shards are read ahead on background threads while the
+    current one is used (in the process that reads the items: with ``num_workers=0``; a worker process
+    reads on demand). Indexing with a list of items returns a stacked batch, the fast way to train::
 
         loader = DataLoader(ds, sampler=ShardOrderedSampler(ds, batch_size=64), batch_size=None)
     """
@@ -59,11 +52,8 @@ class FeatureDataset(Dataset):
         self.indices = np.flatnonzero(st.status() == STATUS_DONE).astype(np.int64)
         self.labels = st.labels[self.indices]
         self.shard_clips = st.shard_clips
-        per_clip = 0
-        for name, s in self._sel.items():
-            per_clip += int(np.prod(selected_shape(st, name, s))) * st.array(name).dtype.itemsize
-        self.nbytes = per_clip * len(self.indices)
-        limit = default_memory_limit() if memory_limit_bytes is None else memory_limit_bytes
+        self.nbytes = clip_bytes(st, self._sel) * len(self.indices)
+        limit = default_memory_budget() if memory_limit_bytes is None else memory_limit_bytes
         self.in_memory = self.nbytes <= limit if in_memory is None else bool(in_memory)
         self.cache_shards = max(1, int(cache_shards))
         self._arrays: dict[str, np.ndarray] = {}
@@ -73,7 +63,8 @@ class FeatureDataset(Dataset):
             self.indices, self.labels = loaded.indices, loaded.labels  # the same status read as the data
         self._store: FeatureStore | None = st
         self._pid = os.getpid()
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._cache: ShardCache | None = None
+        self._plan: tuple[np.ndarray, np.ndarray] | None = None  # shards in order of first use, uses
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -82,23 +73,31 @@ class FeatureDataset(Dataset):
         """Shard of every item (for shard-ordered sampling)."""
         return self.indices // self.shard_clips
 
-    def _handle(self) -> FeatureStore:
-        if self._store is None or self._pid != os.getpid():
-            self._store, self._pid, self._cache = FeatureStore.open(self.path), os.getpid(), OrderedDict()
-        return self._store
+    def _reader(self) -> ShardCache:
+        """This process's shard cache (a worker process opens the store and starts its own)."""
+        if self._cache is None or self._pid != os.getpid():
+            st = self._store if self._pid == os.getpid() and self._store is not None else None
+            st = st or FeatureStore.open(self.path)
+            self._store, self._pid = st, os.getpid()
+            self._cache = ShardCache(
+                lambda shard, spare: read_shard_arrays(st, self._sel, shard, spare),
+                self.cache_shards,
+                default_read_threads(st),
+            )
+        if self._plan is not None:
+            self._cache.plan(*self._plan)
+            self._plan = None
+        return self._cache
 
-    def _shard(self, shard: int) -> dict[str, np.ndarray]:
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-            return self._cache[shard]
-        st = self._handle()
-        data = {}
-        for name, s in self._sel.items():
-            data[name] = read_shard(st, name, shard, axis1=s)
-        self._cache[shard] = data
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return data
+    def plan_reads(self, order: np.ndarray | Sequence[int]) -> None:
+        """The coming items, in order: their shards are read ahead, and each dropped once its items
+        are read. Takes effect at the next item access in this process; no effect in memory."""
+        if self.in_memory or not len(order):
+            return
+        shards = self.shard_of_items()[np.asarray(order, dtype=np.int64) % max(1, len(self))]
+        first = np.unique(shards, return_index=True)[1]
+        sequence = shards[np.sort(first)]
+        self._plan = (sequence, np.bincount(shards)[sequence])
 
     def _gather(self, items: np.ndarray) -> dict[str, np.ndarray]:
         """Rows of the selected arrays for dataset positions ``items`` (stored dtype)."""
@@ -107,13 +106,15 @@ class FeatureDataset(Dataset):
         index = self.indices[items]
         shards = index // self.shard_clips
         rows: dict[str, np.ndarray] = {}
+        cache = self._reader()
         for shard in dict.fromkeys(shards.tolist()):  # shards in order of first use
-            data = self._shard(shard)
+            data = cache.get(shard)
             hit = shards == shard
             for name, block in data.items():
                 if name not in rows:
                     rows[name] = np.empty((len(items), *block.shape[1:]), dtype=block.dtype)
                 rows[name][hit] = block[index[hit] - shard * self.shard_clips]
+            cache.used(shard, int(hit.sum()))
         return rows
 
     def __getitem__(self, item: int | Sequence[int] | np.ndarray) -> dict[str, Any]:
@@ -134,8 +135,14 @@ class FeatureDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_store"], state["_cache"] = None, OrderedDict()
+        state["_store"], state["_cache"], state["_plan"] = None, None, None
         return state
+
+    def close(self) -> None:
+        """Stops the read-ahead threads and drops the held shards."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
 
 
 class ShardOrderedSampler(Sampler):
@@ -157,6 +164,7 @@ class ShardOrderedSampler(Sampler):
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer or None")
+        self.dataset = dataset
         self.shards = dataset.shard_of_items()
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -187,6 +195,7 @@ class ShardOrderedSampler(Sampler):
 
     def __iter__(self) -> Iterator[int] | Iterator[list[int]]:
         order = self.order()
+        self.dataset.plan_reads(order)
         if self.batch_size is None:
             return iter(order.tolist())
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)

@@ -424,3 +424,9 @@ class ObjectLease:
             self._etag = None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+
+def default_read_threads(store: Any) -> int:
+    """Shards read at once by default: READ_THREADS from object storage (each request waits on the
+    network), 2 from a folder (file reads overlap the copies)."""
+    return READ_THREADS if store.objects is not None else 2

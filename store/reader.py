@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 import store.fastio as fastio
 from store.feature_store import FeatureStore
 from store.layout import FlowBlock, flow_offsets
-from store.objects import READ_THREADS
+from store.objects import default_read_threads
 from store.schema import STATUS_DONE, StoreError
 
 
@@ -162,7 +162,7 @@ def load_arrays(
         unit="shard",
         disable=not progress or len(shards) < 8,
     )
-    threads = read_threads or (READ_THREADS if st.objects is not None else 2)
+    threads = read_threads or default_read_threads(st)
     with bar, ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for _ in pool.map(read, shards):
             bar.update()

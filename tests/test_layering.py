@@ -115,3 +115,14 @@ def test_the_circle_search_finds_a_lazy_circle(tmp_path):
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import store.a\n"
     )
     assert import_circle("store", tmp_path) == ["store.a", "store.b", "store.a"]
+
+
+def test_one_out_of_core_reader():
+    """The RAM is read in one place (store.budget), and both out-of-core readers read shards through
+    store.shards and size selections through store.budget."""
+    readers = {p for pkg in PACKAGES for p in modules(pkg) if "psutil" in imports(p)}
+    assert readers == {ROOT / "store" / "budget.py"}
+    for reader in ("store/dataset.py", "stage2_temporal/stream.py"):
+        found = imports(ROOT / reader)
+        assert {"store.shards.ShardCache", "store.shards.read_shard_arrays"} <= found, reader
+        assert any(name.startswith("store.budget.") for name in found), reader

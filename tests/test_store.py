@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -35,6 +37,8 @@ from store import (
     store_info,
     verify_store,
 )
+from store.budget import clip_bytes, store_selection
+from store.shards import read_shard_arrays
 
 A, V, T, R, D = 3, 2, 4, 8, 6
 FLOW = (2, 3, 5)  # blocks, heads, tokens
@@ -370,6 +374,60 @@ def test_sampler_visits_shards_one_at_a_time(full_store: FeatureStore) -> None:
         sampler.set_epoch(epoch)
         orders.add(tuple(sampler))
     assert len(orders) > 1
+
+
+def test_memory_budget_and_clip_bytes_by_hand(full_store: FeatureStore) -> None:
+    # float16 per clip: embeddings A x V x T x R = 192 values (64 an adapter), cls V x D = 12, flow
+    # blocks x V x T x heads x tokens = 240 (120 a block).
+    assert clip_bytes(full_store, {"embeddings": None, "cls": None}) == 2 * (192 + 12)
+    assert clip_bytes(full_store, {"embeddings": [2, 0], "cls": None, "flow": [1]}) == 2 * (128 + 12 + 120)
+    ds = FeatureDataset(full_store, adapters=["b2.attn", 0], flow_blocks=[1], with_flow=True)
+    assert ds.nbytes == 520 * len(DONE) and ds.in_memory  # 8 done clips fit half the available RAM
+    kwargs = dict(adapters=["b2.attn", 0], flow_blocks=[1], with_flow=True)
+    assert FeatureDataset(full_store, memory_limit_bytes=520 * 8, **kwargs).in_memory
+    assert not FeatureDataset(full_store, memory_limit_bytes=520 * 8 - 1, **kwargs).in_memory
+    # Stage 2 reads done, labelled clips (clip 4 has no label); no adapter still reads one (64 values).
+    sel = store_selection(full_store.path, ["b2.attn", 0], [1], with_flow=True)
+    assert (sel.clip_bytes, sel.num_clips, sel.nbytes, sel.shard_bytes) == (520, 7, 520 * 7, 520 * SHARD)
+    assert store_selection(full_store.path, [], with_flow=False).clip_bytes == 2 * (64 + 12)
+
+
+def test_read_ahead_yields_the_same_batches(
+    full_store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[int] = []
+    released = threading.Event()
+
+    def read(store, axis1, shard, spare=None):
+        reads.append(shard)
+        if shard != shard_order[0]:
+            released.wait(10)  # reads ahead wait until the first batch has been taken
+        return read_shard_arrays(store, axis1, shard, spare)
+
+    monkeypatch.setattr("store.dataset.read_shard_arrays", read)
+    streamed = FeatureDataset(full_store, with_flow=True, in_memory=False, cache_shards=2)
+    held = FeatureDataset(full_store, with_flow=True, in_memory=True)
+    sampler = ShardOrderedSampler(streamed, batch_size=1, seed=5)  # a shard holds 2-3 done clips
+    shard_order = list(dict.fromkeys(streamed.shard_of_items()[sampler.order()].tolist()))
+    loader = iter(DataLoader(streamed, sampler=sampler, batch_size=None))
+    batches = [next(loader)]
+    for _ in range(500):  # the next shard is being read before the first is used up
+        if len(reads) >= 2:
+            break
+        time.sleep(0.01)
+    assert sorted(reads) == sorted(shard_order[:2])
+    released.set()
+    batches += list(loader)
+    assert sorted(reads) == sorted(shard_order)  # each shard read once
+    expected_batches = list(
+        DataLoader(held, sampler=ShardOrderedSampler(held, batch_size=1, seed=5), batch_size=None)
+    )
+    assert len(batches) == len(expected_batches) == len(DONE)
+    for a, b in zip(batches, expected_batches, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    streamed.close()
 
 
 def test_info_verify_and_cli(full_store: FeatureStore, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
