@@ -43,6 +43,7 @@ from stage1_extract.models import check_matches_dataset, feature_config_from_dic
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
+from store.repair import damage_summary, find_damage
 from store.writer import BackgroundCommits, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -469,6 +470,9 @@ def plan_extraction(
         adapter_names=meta.adapter_names,
         flow_block_names=meta.flow_block_names,
     )
+    damage = find_damage(store)  # the cheap half of `store verify`: a damaged store is never "complete"
+    if damage:
+        raise StoreError(f"{out}: {damage_summary(store, damage)}")
     plan = ExtractionPlan(
         store_path=str(out),
         root=str(root),
