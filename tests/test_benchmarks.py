@@ -40,3 +40,10 @@ def test_train_views_prints_a_row_per_dataset_and_k(tmp_path):
     expected = [["demo", "0"], ["demo", "2"], ["varied", "0"], ["varied", "2"]]
     assert [line.split()[:2] for line in table] == expected
     assert not (tmp_path / "tv").exists()  # removed without --keep
+
+
+def test_store_checksums_prints_every_path(tmp_path):
+    out = run("store_checksums.py", "--mib", "0.25", "--row", "64", "--repeats", "1", "--dir", str(tmp_path))
+    for path in ("raw", "zarr", "zarr+crc32c", "crc32c only"):
+        assert any(line.startswith(path + " ") for line in out.splitlines()), out
+    assert "crc32c on Zarr's path: write x" in out
