@@ -83,7 +83,13 @@ def test_verify_repair_extract_mends_status_labels_metadata_and_a_deleted_chunk(
     assert "embeddings/zarr.json: unreadable (JSONDecodeError" in err
     assert "cls: cls/c.2.0.0 missing (2 done clip(s))" in err
 
-    # Stage 2 refuses it, in one line naming the route.
+    # Stage 2 and export refuse it, in one line naming the route.
+    code, _, err = run_cli(capsys, "store", "export", path, "--h5", tmp_path / "s.h5", "--quiet")
+    assert (
+        code == 2
+        and "damaged store: " in error_line(err, "store export")
+        and not (tmp_path / "s.h5").exists()
+    )
     with pytest.raises(ValueError, match=r"damaged store: .* \(and 2 more\); run `amflow store repair"):
         check_store_usable(path)
     # repair mends what it can; the labels come from the dataset: it leaves them to extract, saying so.
