@@ -126,6 +126,7 @@ class Damage:
     array: str
     shard: int | None = None  # the shard whose file is damaged; None: the array's metadata or table
     clips: tuple[int, ...] = ()  # clips to hand back to extraction
+    metadata: bool = False  # the array's zarr.json (rebuilt from the layout by repair)
 
 
 def _opens(st: FeatureStore, name: str) -> bool:
@@ -188,7 +189,7 @@ def find_damage(st: FeatureStore) -> list[Damage]:
         fault = _metadata_fault(st, name)
         if fault is not None:
             broken.add(name)
-            found.append(Damage(f"{name}/zarr.json: {fault}", "repair", name))
+            found.append(Damage(f"{name}/zarr.json: {fault}", "repair", name, metadata=True))
     if "clip_ids" not in broken:
         try:
             ids = st.clip_ids
@@ -342,7 +343,7 @@ def repair_store(store: FeatureStore | str | Path, *, progress: bool = False) ->
     st.require_writable()
     report = RepairReport([], [], [], [])
     damage = find_damage(st)
-    metadata = [d for d in damage if d.shard is None and d.line.startswith(f"{d.array}/zarr.json")]
+    metadata = [d for d in damage if d.metadata]
     if metadata:
         report.rebuilt = _rebuild_metadata(st, [d.array for d in metadata])
         st = FeatureStore.open(path, mode="r+")
