@@ -109,7 +109,7 @@ SPELLINGS = {
 def test_lists_read_as_editors_write_them(case, tmp_path, clip_bytes):
     for rel in ("clips/a.mp4", "clips/b.mp4"):
         put(tmp_path, rel, clip_bytes)
-    put(tmp_path, "classes.txt", "\ufeffcat\r\ndog\r\n".encode("utf-8").decode("utf-8"))
+    put(tmp_path, "classes.txt", "\ufeffcat\r\ndog\r\n")  # a BOM and CRLF here too
     put(tmp_path, "plain.txt", PLAIN)
     name = "train.csv" if "csv" in case else "train.txt"
     put(tmp_path, name, SPELLINGS[case])
