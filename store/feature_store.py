@@ -284,11 +284,11 @@ class FeatureStore:
                 f"first difference at index {first})"
             )
         try:
-            damaged = bool((self.labels < -1).any())
+            damage = "values below -1" if (self.labels < -1).any() else None
         except StoreError as e:
-            damaged = True
-            log.warning("%s: labels unreadable (%r); rewriting them from the dataset", self.path, e.__cause__)
-        if damaged:
+            damage = f"unreadable ({e.__cause__!r})"
+        if damage is not None:  # labels come from the dataset: the resuming command mends them
+            log.warning("%s: labels %s; rewriting them from the dataset", self.path, damage)
             self.rewrite_labels(labs)
         if (self.labels != labs).any():
             first = int(np.flatnonzero(self.labels != labs)[0])
