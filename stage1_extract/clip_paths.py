@@ -28,6 +28,16 @@ def clip_path_error(rel: str) -> str | None:
     return None
 
 
+def normalise_clip_path(rel: str) -> str:
+    """One spelling per file: ``./a//b.mp4``, ``a\\b.mp4`` (a Windows editor) and ``a/x/../b.mp4`` are all
+    ``a/b.mp4``, so two spellings of one video are one clip (and a duplicate when listed twice)."""
+    rel = rel.strip().replace("\\", "/")
+    if not rel:
+        return rel
+    norm = posixpath.normpath(rel)
+    return "" if norm == "." else norm
+
+
 def resolve_clip_path(root: str | Path, rel: str) -> Path:
     """``root / rel``, or ``PathOutsideRoot`` naming the path when ``rel`` is absolute or leaves ``root``."""
     error = clip_path_error(rel)

@@ -8,7 +8,9 @@ never opened; extraction records them as failed) and counts of clips left out an
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import re
@@ -18,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stage1_extract.clip_paths import clip_path_error
+from stage1_extract.clip_paths import clip_path_error, normalise_clip_path
 from stage1_extract.config import CONFIG_ROOT, ConfigError, load_config
+from stage1_extract.k400_classes import KINETICS400_CLASSES
 
 DATASETS = ("smarthome", "k400", "ssv2", "ucf101", "hmdb51", "diving48", "folder", "list")
 SPLITS: dict[str, tuple[str, ...]] = {
     "smarthome": ("train", "validation", "test"),
     "k400": ("train", "val", "test"),
-    "ssv2": ("train", "validation"),
+    "ssv2": ("train", "validation", "test"),
     "ucf101": ("train", "test"),
     "hmdb51": ("train", "test"),
     "diving48": ("train", "test"),
@@ -115,6 +118,9 @@ class DatasetConfig:
     annotation_dir: str | None = None
     # list dataset only: the split's annotation file (may contain "{split}"); None = ROOT/<split>.txt|.csv.
     annotations: str | None = None
+    # list dataset only: text lines may be 'path label start end' (a segment). Off, a line with more than
+    # one value after the path is refused: it reads the same as mmaction2's multi-label 'path l1 l2 l3'.
+    segments: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.protocol, int) and not isinstance(self.protocol, bool):
@@ -139,6 +145,8 @@ class DatasetConfig:
             raise ValueError(f"key 'num_crops': expected 1 or 3, got {self.num_crops}")
         if self.annotations is not None and self.name != "list":
             raise ValueError(f"key 'annotations': only the list dataset reads it, not {self.name!r}")
+        if self.segments and self.name != "list":
+            raise ValueError(f"key 'segments': only the list dataset reads it, not {self.name!r}")
         if self.crop_size is not None and self.crop_size < 1:
             raise ValueError(f"key 'crop_size': expected an integer >= 1 or null, got {self.crop_size}")
 
@@ -222,6 +230,11 @@ def build_index(name: str, root: str | Path, split: str, cfg: DatasetConfig | No
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a directory")
     index = _READERS[name](root, split, cfg)
+    seen: set[str] = set()
+    for record in (*index.records, *index.missing, *index.refused):
+        if record.path in seen:
+            raise ValueError(f"{name} split {split!r} under {root}: {record.path!r} is listed twice")
+        seen.add(record.path)
     index.records.sort(key=lambda r: r.path)
     index.missing.sort(key=lambda r: r.path)
     index.refused.sort(key=lambda r: r.path)
@@ -229,6 +242,32 @@ def build_index(name: str, root: str | Path, split: str, cfg: DatasetConfig | No
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+_BOMS = (  # longest first: UTF-32 LE's BOM begins with UTF-16 LE's
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def read_text_file(path: str | Path) -> str:
+    """An annotation file's text as editors and scripts write it: UTF-8 with or without a BOM, UTF-16 or
+    UTF-32 with one (Windows' "Unicode"); CRLF line ends are split by ``str.splitlines``. Anything else
+    is one ValueError naming the file."""
+    data = Path(path).read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text, nor UTF-16 with a BOM ({e.reason} at byte {e.start})"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"{path}: holds NUL characters (UTF-16 without a BOM? save it as UTF-8)")
+    return text
 
 
 def _is_video(name: str) -> bool:
@@ -292,6 +331,7 @@ def _place(
 
     A listed path that is absolute or leaves ROOT goes to ``refused`` before any look-up.
     """
+    rel = normalise_clip_path(rel)
     listed = rel if os.path.isabs(rel) else files.expected(rel)
     if clip_path_error(listed) is not None:
         index.refused.append(ClipRecord(listed, label, **segment))
@@ -339,29 +379,39 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
+_K400_SPLIT_NAMES = {"train": ("train",), "val": ("val", "validate", "validation"), "test": ("test",)}
+
+
 def _read_k400(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
-    """Kinetics-400: ``<split>.csv`` rows -> ``<youtube_id>_<start:06d>_<end:06d>`` files, found by name."""
-    rows_by_split: dict[str, list[dict[str, str]]] = {}
-    for s in SPLITS["k400"]:
-        try:
-            path = _find_annotation(root, cfg, ["{split}.csv"], s)
-        except FileNotFoundError:
-            if s == split:
-                raise
-            continue
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            needed = {"youtube_id", "time_start", "time_end"}
-            if not needed <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path}: expected columns label,youtube_id,time_start,time_end,split")
-            rows_by_split[s] = list(reader)
-    labels = {(r.get("label") or "").strip() for rows in rows_by_split.values() for r in rows}
-    classes = sorted(label for label in labels if label)
+    """Kinetics-400: ``<split>.csv`` rows -> ``<youtube_id>_<start:06d>_<end:06d>`` files, found by name.
+
+    The release names its validation split ``validate`` (``validate.csv``); ``val`` and ``validation``
+    are found too, for the CSV and the video folder. Class indices are positions in the canonical
+    400-class list (``k400_classes``), whichever CSVs are present; a label outside it is refused.
+    """
+    names = _K400_SPLIT_NAMES[split]
+    path = _find_annotation(root, cfg, [f"{n}.csv" for n in names], split)
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    needed = {"youtube_id", "time_start", "time_end"}
+    if not needed <= {f.strip() for f in reader.fieldnames or ()}:
+        raise ValueError(f"{path}: expected columns label,youtube_id,time_start,time_end,split")
+    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    classes = list(KINETICS400_CLASSES)
     class_index = {c: i for i, c in enumerate(classes)}
-    files = _VideoFiles(root, _first_dir(root, cfg.video_dir, _VIDEO_DIRS["k400"], split))
+    unknown = sorted(
+        {label for r in rows if (label := (r.get("label") or "").strip()) and label not in class_index}
+    )
+    if unknown:
+        raise ValueError(
+            f"{path}: label(s) {unknown[:3]}{' ...' if len(unknown) > 3 else ''} are not among "
+            f"Kinetics-400's 400 classes ({len(unknown)} unknown); a Kinetics-600/700 file? Use the list "
+            "dataset for it"
+        )
+    videos = tuple(d.format(split=n) for n in names for d in _VIDEO_DIRS["k400"])
+    files = _VideoFiles(root, _first_dir(root, cfg.video_dir, videos, split))
     index = DatasetIndex("k400", split, None, root, classes)
     skipped: Counter[str] = Counter()
-    for row in rows_by_split[split]:
+    for row in rows:
         label = (row.get("label") or "").strip()
         if not label:
             skipped["no label in csv"] += 1
@@ -370,7 +420,7 @@ def _read_k400(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
             stem = (
                 f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
             )
-        except ValueError:
+        except (TypeError, ValueError):
             skipped["bad time_start/time_end"] += 1
             continue
         _place(index, files, f"{stem}.mp4", class_index[label], by_stem=True)
@@ -379,22 +429,33 @@ def _read_k400(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
 
 
 def _read_ssv2(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
-    """Something-Something v2: label = ``labels.json`` index of the template with ``[`` ``]`` removed."""
+    """Something-Something v2: label = ``labels.json`` index of the template with ``[`` ``]`` removed.
+
+    The ``test`` split's json holds ids only; its labels come from ``test-answers.csv`` (``id;label``)
+    when present, else the clips are unlabelled (-1).
+    """
     labels_path = _find_annotation(root, cfg, ["labels.json", "something-something-v2-labels.json"], split)
     split_path = _find_annotation(root, cfg, ["{split}.json", "something-something-v2-{split}.json"], split)
-    templates = json.loads(labels_path.read_text())
+    templates = _read_json(labels_path)
     if not isinstance(templates, dict):
         raise ValueError(f"{labels_path}: expected a mapping template -> index")
     template_index = {t: int(i) for t, i in templates.items()}
     classes = [t for t, _ in sorted(template_index.items(), key=lambda kv: kv[1])]
     if [template_index[c] for c in classes] != list(range(len(classes))):
         raise ValueError(f"{labels_path}: class indices are not 0..{len(classes) - 1}")
-    entries = json.loads(split_path.read_text())
+    entries = _read_json(split_path)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
+        raise ValueError(f"{split_path}: expected a list of objects with an 'id'")
+    answers = _ssv2_answers(root, cfg, split) if split == "test" else {}
     files = _VideoFiles(root, _first_dir(root, cfg.video_dir, _VIDEO_DIRS["ssv2"], split))
     index = DatasetIndex("ssv2", split, None, root, classes)
     skipped: Counter[str] = Counter()
     for entry in entries:
-        template = str(entry.get("template", "")).replace("[", "").replace("]", "")
+        template = entry.get("template", answers.get(str(entry["id"])))
+        if template is None:  # the test split without answers: unlabelled clips
+            _place(index, files, f"{entry['id']}.webm", -1, by_stem=True)
+            continue
+        template = str(template).replace("[", "").replace("]", "")
         if template not in template_index:
             skipped["template not in labels.json"] += 1
             continue
@@ -403,10 +464,36 @@ def _read_ssv2(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
+def _ssv2_answers(root: Path, cfg: DatasetConfig, split: str) -> dict[str, str]:
+    """``test-answers.csv`` (``id;label`` lines) as id -> label, or {} when the file is absent."""
+    try:
+        path = _find_annotation(
+            root, cfg, ["test-answers.csv", "something-something-v2-test-answers.csv"], split
+        )
+    except FileNotFoundError:
+        return {}
+    answers = {}
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if line.strip():
+            clip_id, sep, label = line.partition(";")
+            if not sep:
+                raise ValueError(f"{path}:{number}: expected 'id;label', got {line.strip()!r}")
+            answers[clip_id.strip()] = label.strip()
+    return answers
+
+
+def _read_json(path: Path) -> object:
+    """A JSON annotation file (any encoding ``read_text_file`` reads); a syntax error names the file."""
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _read_ucf101(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """UCF101: ``classInd.txt`` and ``{train,test}list0N.txt``; test labels from the folder name."""
     class_path = _find_annotation(root, cfg, ["classInd.txt"], split)
-    numbered = [line.split() for line in class_path.read_text().splitlines() if line.strip()]
+    numbered = [line.split() for line in read_text_file(class_path).splitlines() if line.strip()]
     try:
         classes = [name for _, name in sorted(((int(i), n) for i, n in numbered), key=lambda x: x[0])]
     except ValueError as e:
@@ -417,7 +504,7 @@ def _read_ucf101(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     files = _VideoFiles(root, _first_dir(root, cfg.video_dir, _VIDEO_DIRS["ucf101"], split))
     index = DatasetIndex("ucf101", split, str(cfg.protocol), root, classes)
     skipped: Counter[str] = Counter()
-    for line in list_path.read_text().splitlines():
+    for line in read_text_file(list_path).splitlines():
         parts = line.split()
         if not parts:
             continue
@@ -453,7 +540,7 @@ def _read_hmdb51(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     index = DatasetIndex("hmdb51", split, str(cfg.protocol), root, classes)
     skipped: Counter[str] = Counter()
     for label, cls in enumerate(classes):
-        for line in split_files[cls].read_text().splitlines():
+        for line in read_text_file(split_files[cls]).splitlines():
             parts = line.split()
             if len(parts) != 2:
                 continue
@@ -469,9 +556,9 @@ def _read_hmdb51(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
 def _read_diving48(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Diving48 V2: ``Diving48_V2_<split>.json`` entries with label and frame segment; ``rgb/<vid>.mp4``."""
     split_path = _find_annotation(root, cfg, ["Diving48_V2_{split}.json"], split)
-    entries = json.loads(split_path.read_text())
+    entries = _read_json(split_path)
     try:
-        vocab = json.loads(_find_annotation(root, cfg, ["Diving48_vocab.json"], split).read_text())
+        vocab = _read_json(_find_annotation(root, cfg, ["Diving48_vocab.json"], split))
         classes = [" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in vocab]
     except FileNotFoundError:
         classes = [f"class_{i:02d}" for i in range(DIVING48_NUM_CLASSES)]

@@ -41,6 +41,7 @@ from stage1_extract.features import FeatureExtractor, build_feature_extractor, f
 from stage1_extract.models import feature_config_class, feature_config_from_dict, load_feature_config
 from stage1_extract.video import VideoClipDataset, collate_clips
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
+from store.repair import damage_summary, find_damage
 from store.writer import BackgroundCommits, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -428,6 +429,9 @@ def plan_extraction(
         adapter_names=shapes.adapter_names,
         flow_block_names=shapes.flow_block_names,
     )
+    damage = find_damage(store)  # the cheap half of `store verify`: a damaged store is never "complete"
+    if damage:
+        raise StoreError(f"{out}: {damage_summary(store, damage)}")
     plan = ExtractionPlan(
         store_path=str(out),
         root=str(root),

@@ -2,9 +2,11 @@
 
 Two formats, chosen by the file's extension:
 
-- text (mmaction2's video lists): ``relative/path.mp4 label`` or ``relative/path.mp4 label start end``,
-  whitespace-separated; blank lines and lines starting with ``#`` are ignored. Paths with spaces need
-  the CSV format.
+- text (mmaction2's video lists): ``relative/path.mp4 label``, whitespace-separated; blank lines and
+  lines starting with ``#`` are ignored. Paths with spaces need the CSV format. With ``segments: true``
+  also ``relative/path.mp4 label start end``; without it a line with more values after the path is
+  refused, since mmaction2 writes its multi-label lines so (``path l1 l2 l3``) and amflow stores one
+  label per clip.
 - CSV (``.csv``): ``path,label`` or ``path,label,start,end`` rows; an optional header row whose first
   cell is ``path``; rows whose first cell starts with ``#`` are ignored.
 
@@ -13,7 +15,9 @@ index order; in ROOT, else beside the annotation file); without it, from the lab
 found: if all are integers they are the indices (classes ``"0"`` .. ``"max"``), else they are names, sorted.
 ``start``/``end`` are frame numbers (``end`` exclusive): frames are sampled inside that segment, clamped
 to the video. Paths are relative to ROOT; an absolute path or one that leaves ROOT is an error naming the
-file and line, as is any malformed line. Each video may be listed once per split.
+file and line, as is any malformed line. Each video may be listed once per split: ``./a//b.mp4`` and
+``a\\b.mp4`` are ``a/b.mp4``. Files are read as editors write them (``datasets.read_text_file``: UTF-8
+with or without a BOM, UTF-16 with one, CRLF line ends, trailing spaces).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from stage1_extract.clip_paths import clip_path_error
-from stage1_extract.datasets import SPLITS, ClipRecord, DatasetConfig, DatasetIndex
+from stage1_extract.clip_paths import clip_path_error, normalise_clip_path
+from stage1_extract.datasets import SPLITS, ClipRecord, DatasetConfig, DatasetIndex, read_text_file
 
 _FILE_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 _EXTENSIONS = (".txt", ".csv")
@@ -65,13 +69,19 @@ def _frame(value: str, what: str, where: str) -> int:
     return frame
 
 
-def _entry(source: Path, line: int, cells: list[str], text_format: bool) -> ListEntry:
+def _entry(source: Path, line: int, cells: list[str], text_format: bool, segments: bool) -> ListEntry:
     where = f"{source}:{line}"
+    if text_format and not segments and len(cells) > 2:
+        raise ValueError(
+            f"{where}: {len(cells) - 1} values after the path ({' '.join(cells[1:])}): a multi-label line "
+            "(mmaction2's 'path l1 l2 ...')? amflow takes one label per clip; for a segment 'path label "
+            "start end' set data.segments=true, or use a .csv file with a path,label,start,end header"
+        )
     if len(cells) not in (2, 4):
         expected = "'path label' or 'path label start end'" if text_format else "path,label[,start,end]"
         hint = " (for paths with spaces use a .csv file)" if text_format else ""
         raise ValueError(f"{where}: expected {expected}, got {len(cells)} columns{hint}")
-    path, label = cells[0], cells[1]
+    path, label = normalise_clip_path(cells[0]), cells[1]
     if not label:
         raise ValueError(f"{where}: empty label")
     error = clip_path_error(path)
@@ -86,12 +96,9 @@ def _entry(source: Path, line: int, cells: list[str], text_format: bool) -> List
     return entry
 
 
-def parse_list_file(source: Path) -> list[ListEntry]:
+def parse_list_file(source: Path, segments: bool = False) -> list[ListEntry]:
     """The entries of one annotation file (text or CSV by extension); a ValueError names file and line."""
-    try:
-        text = source.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text_file(source)
     entries: list[ListEntry] = []
     if source.suffix.lower() == ".csv":
         reader = csv.reader(text.splitlines())
@@ -101,23 +108,24 @@ def parse_list_file(source: Path) -> list[ListEntry]:
                 continue
             if not entries and cells[0].lower() == "path":
                 continue  # header row
-            entries.append(_entry(source, reader.line_num, cells, text_format=False))
+            entries.append(_entry(source, reader.line_num, cells, text_format=False, segments=True))
     else:
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip() and not line.lstrip().startswith("#"):
-                entries.append(_entry(source, number, line.split(), text_format=True))
+                entries.append(_entry(source, number, line.split(), text_format=True, segments=segments))
     seen: dict[str, int] = {}
     for entry in entries:
         if entry.path in seen:
             raise ValueError(
-                f"{entry.where()}: {entry.path!r} is listed twice (also line {seen[entry.path]})"
+                f"{entry.where()}: {entry.path!r} is listed twice (also line {seen[entry.path]}; "
+                "spellings such as ./a//b.mp4 or a\\b.mp4 name one file)"
             )
         seen[entry.path] = entry.line
     return entries
 
 
 def _read_classes(path: Path) -> list[str]:
-    names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines()]
+    names = [n.strip() for n in read_text_file(path).splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise ValueError(f"{path}: no class names")
@@ -137,7 +145,7 @@ def read_list(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
                                 f"(tried {', '.join(tried)}; or pass --annotations FILE)")  # fmt: skip
     if not source.is_file():
         raise FileNotFoundError(f"list dataset: annotation file {source} not found")
-    entries = parse_list_file(source)
+    entries = parse_list_file(source, cfg.segments)
     candidates = (root / "classes.txt", source.parent / "classes.txt")
     classes_path = next((p for p in candidates if p.is_file()), None)
     if classes_path is not None:
@@ -147,7 +155,7 @@ def read_list(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
         for other in SPLITS["list"]:
             other_file = split_file(root, other, cfg)
             if other != split and other_file is not None and other_file.is_file():
-                labels.update(e.label for e in parse_list_file(other_file))
+                labels.update(e.label for e in parse_list_file(other_file, cfg.segments))
         if all(label.isdigit() for label in labels):
             classes = [str(i) for i in range(max(int(label) for label in labels) + 1)] if labels else []
         else:

@@ -13,9 +13,16 @@ nearest earlier frame), dense sampling clamps indices past the end to the last f
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class SegmentOutsideVideo(ValueError):
+    """An annotated segment that starts after the video's last frame (recorded as the clip's failure)."""
 
 
 def _check(num_video_frames: int, num_frames: int, num_clips: int) -> None:
@@ -94,14 +101,32 @@ def clip_indices(
     rng: np.random.Generator | None = None,
     start_frame: int | None = None,
     end_frame: int | None = None,
+    source: str = "video",
 ) -> np.ndarray:
     """Frame indices ``(clips, T)`` for one video under ``cfg``'s sampling.
 
     Training: one random clip (``rng`` required). Testing: ``cfg.num_clips`` deterministic clips. An
-    optional segment ``[start_frame, end_frame)`` (Diving48) is clamped to the video and sampled inside.
+    optional segment ``[start_frame, end_frame)`` (Diving48, lists) is sampled inside; one that ends after
+    the video is cut at its end with a warning, one that starts after it is a ``SegmentOutsideVideo``
+    (a clip of copies of the last frame would be stored silently otherwise). ``source`` names the video.
     """
     if train and rng is None:
         raise ValueError("clip_indices: train=True needs an rng (numpy.random.Generator)")
+    if num_video_frames > 0 and start_frame is not None and start_frame >= num_video_frames:
+        raise SegmentOutsideVideo(
+            f"{source}: segment [{start_frame}, {end_frame}) starts after the video's last frame "
+            f"{num_video_frames - 1}"
+        )
+    if num_video_frames > 0 and end_frame is not None and end_frame > num_video_frames:
+        log.warning(
+            "%s: segment [%s, %d) ends after the video's %d frames: sampled inside [%s, %d)",
+            source,
+            start_frame or 0,
+            end_frame,
+            num_video_frames,
+            start_frame or 0,
+            num_video_frames,
+        )
     first = min(max(start_frame or 0, 0), num_video_frames - 1) if num_video_frames > 0 else 0
     last = num_video_frames if end_frame is None else min(end_frame, num_video_frames)
     length = max(last - first, 1) if num_video_frames > 0 else 0

@@ -37,7 +37,8 @@ def video_codec() -> str:
 def write_video(
     path: str | Path, frames: np.ndarray, fps: int = 25, crf: int = 18, faststart: bool = False
 ) -> Path:
-    """Writes uint8 RGB frames ``(T, H, W, 3)`` as an mp4 (yuv420p, single-threaded, deterministic).
+    """Writes uint8 RGB frames ``(T, H, W, 3)`` as an mp4 (yuv420p, single-threaded; the same bytes on
+    every call at ``crf=0`` only: at crf 18 libx264's output for the same frames varied between calls).
 
     H and W must be even (yuv420p). ``crf`` sets libx264's quality (lower = closer to the input);
     ``faststart`` puts the index (moov atom) before the frames, as streaming files have it.
@@ -62,7 +63,10 @@ def write_video(
         else:
             stream.bit_rate = 8 * width * height * fps
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            # RGB -> YUV in one swscale thread: PyAV's default (one per CPU) gave other pixels now and
+            # then under load, so two runs of the demo wrote different videos for a few clips
+            rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            container.mux(stream.encode(rgb.reformat(format="yuv420p", threads=1)))
         container.mux(stream.encode())
     return path
 
@@ -254,7 +258,10 @@ def make_folder_dataset(
 ) -> dict[str, Any]:
     """Writes ``ROOT/<split>/<motion>/<motion>_<k>.mp4`` for the ``folder`` reader; deterministic per seed.
 
-    Clip k of a class and split is drawn from ``default_rng((seed, split, class, k))``; the first
+    Clip k of a class and split is drawn from ``default_rng((seed, split, class, k))`` and written with
+    ``crf=0``: at crf 18, libx264 encoded the same frames differently now and then within one process on
+    our 2-core VM (up to 135 of 200 tries; other pixels after decoding, so two demo runs extracted other
+    features for a few clips); at crf 0 every try gave the same bytes. The first
     ``round(pan_fraction * n)`` clips of each class and split have a panning camera. Files are written
     under a temporary name and renamed; ``ROOT/manifest.json`` (each clip's motion, whether it pans and
     its camera offset (y, x) in pixels per frame, ``MotionClip.camera``) comes last.
@@ -289,7 +296,7 @@ def make_folder_dataset(
         clip = render_motion_clip(motion, size=size, num_frames=num_frames, rng=rng, pan=pan)
         rel = f"{split}/{motion}/{motion}_{k:04d}.mp4"
         with atomic_path(root / rel, durable=False) as tmp:  # regenerated on demand: no fsync
-            write_video(tmp, clip.frames, fps=fps)
+            write_video(tmp, clip.frames, fps=fps, crf=0)  # see the docstring
         camera = np.round(clip.camera, 3).tolist()
         manifest.append({"path": rel, "motion": motion, "pan": pan, "camera": camera})
         panning[split] += int(pan)

@@ -188,9 +188,8 @@ def decode_views(
         raise FileNotFoundError(f"{path}: {what}")
 
     def index_for(n: int, generator: np.random.Generator | None) -> np.ndarray:
-        return clip_indices(
-            n, geometry, train=train, rng=generator, start_frame=start_frame, end_frame=end_frame
-        )
+        segment = {"start_frame": start_frame, "end_frame": end_frame, "source": str(path)}
+        return clip_indices(n, geometry, train=train, rng=generator, **segment)
 
     crop_size = geometry.crop_size
     fallback_rng = copy.deepcopy(rng)  # decord must draw what it would have drawn without the plan

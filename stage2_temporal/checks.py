@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stage2_temporal.run_dir import METRICS_FILE
 from store import FeatureStore
-from store.repair import clips_text, scan_clips
+from store.repair import clips_text, damage_summary, find_damage, scan_clips
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ def check_store_usable(
 ) -> FeatureStore:
     """Opens a store for stage 2: complete (or ``allow_incomplete``), no damaged done clip in ``arrays``."""
     st = FeatureStore.open(path, mode="r")
+    # Damaged data files are left to the scan below, which reads only the arrays stage 2 uses.
+    damage = [d for d in find_damage(st) if d.shard is None or d.array not in st.data_arrays]
+    if damage:
+        raise ValueError(f"{path}: {damage_summary(st, damage)}")
     counts = st.counts()
     if counts["missing"]:
         done_or_failed = st.num_clips - counts["missing"]

@@ -51,6 +51,14 @@ class DemoConfig:
         """A reduced run (half the clips; a few minutes on 2 cores) with the same pipeline."""
         return cls(clips_per_class={"train": 50, "val": 10, "test": 25})
 
+    @classmethod
+    def smoke(cls) -> DemoConfig:
+        """The whole pipeline in seconds (4 clips a class, 32 px, 4 frames, a 2-block ViT, 4 epochs,
+        decoding in the process): for checking that it runs and reproduces, not for its numbers."""
+        clips = {"train": 4, "val": 2, "test": 2}
+        depth = ["backbone.timm_kwargs.depth=2"]
+        return cls(clips, size=32, num_frames=4, epochs=4, decode_workers=0, model_overrides=depth)
+
 
 @dataclass
 class Row:
@@ -166,7 +174,7 @@ def _run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
             row.scores[camera] = metrics["mean_class_acc"]
         t["train + evaluate heads (stage 2)"] = time.perf_counter() - start
 
-    result = {
+    result = {  # paths relative to ``out``: two runs into two folders write the same bytes
         "rows": [{"name": r.name, **{c: r.scores[c] for c in CAMERAS}} for r in rows],
         "clips_per_class": cfg.clips_per_class,
         "chance": 1.0 / len(MOTIONS),
@@ -188,23 +196,25 @@ def demo_predictions(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     from stage2_temporal.predict import load_predictor, predict_videos, top_k
 
     camera, row = PREDICT_RUN
-    run_dir = out / "runs" / camera / f"row{row}"
-    videos = [str(out / f"videos_{camera}" / "test" / m / f"{m}_0000.mp4") for m in PREDICT_VIDEOS]
-    predictor = load_predictor(run_dir, device="cpu")
-    scored = predict_videos(predictor, videos, decode_workers=cfg.decode_workers, progress=False)
-    return {
+    run_dir = f"runs/{camera}/row{row}"
+    videos = [f"videos_{camera}/test/{m}/{m}_0000.mp4" for m in PREDICT_VIDEOS]
+    predictor = load_predictor(out / run_dir, device="cpu")
+    scored = predict_videos(
+        predictor, [str(out / v) for v in videos], decode_workers=cfg.decode_workers, progress=False
+    )
+    return {  # relative to the demo's folder, where the command runs
         "command": f"amflow predict {' '.join(videos)} --run {run_dir}",
         "videos": [
-            {"video": p.video, "top5": top_k(p.probs, predictor.class_names)}
-            for p in scored
+            {"video": video, "top5": top_k(p.probs, predictor.class_names)}
+            for video, p in zip(videos, scored, strict=True)
             if p.probs is not None
         ],
     }
 
 
-def format_predictions(result: dict[str, Any]) -> str:
-    """The demo's closing ``amflow predict``: the command, then each video's top-5 classes."""
-    lines = [f"$ {result['predictions']['command']}"]
+def format_predictions(result: dict[str, Any], out: str | Path) -> str:
+    """The demo's closing ``amflow predict`` (run in ``out``): the command, then each video's top-5."""
+    lines = [f"$ cd {out} && {result['predictions']['command']}"]
     for p in result["predictions"]["videos"]:
         lines.append(p["video"])
         lines.extend(f"  {r + 1}. {t['label']:<8}{100 * t['prob']:6.2f}%" for r, t in enumerate(p["top5"]))

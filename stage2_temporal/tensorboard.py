@@ -7,6 +7,7 @@ learning rate and the validation metrics, under ``train/...``, ``val/...`` and `
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -23,6 +24,12 @@ def scalar_tag(key: str) -> str:
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix) :]}"
     return key
+
+
+@functools.cache
+def _note_missing_tensorboard() -> None:
+    """Says once per process, not once per trained run, that no event files are written."""
+    log.info("tensorboard is not installed: no event files (pip install 'amflow[tensorboard]')")
 
 
 class EpochLogger:
@@ -42,7 +49,7 @@ class EpochLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log.info("tensorboard is not installed: no event files (pip install 'amflow[tensorboard]')")
+            _note_missing_tensorboard()
             return
         self.writer = SummaryWriter(log_dir=str(run_dir))
 

@@ -66,9 +66,13 @@ class ZeroI2VConfig:
     num_frames: int = 8
     num_classes: int = 400
     adapter: LinearAdapterConfig = field(default_factory=LinearAdapterConfig)
+    head_dropout: float = 0.0  # dropout before the classifier when training (the release's I3D head: 0.5)
+    train_norm: bool = False  # train the final norm with the adapters (the release trains its ln_post)
     seed: int = 0
 
     def validate(self) -> None:
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"key 'head_dropout': expected a value in [0, 1), got {self.head_dropout}")
         if self.num_frames < 1:
             raise ValueError(f"key 'num_frames': expected >= 1, got {self.num_frames}")
         if self.num_classes < 1:
@@ -99,12 +103,20 @@ class ZeroI2VHead(nn.Module):
     """Temporal position embedding (added before the blocks), mean over frames, linear classifier.
 
     ``dim``: the width of the tokens before the first block; ``feature_dim``: of the pooled feature
-    (the same for a ViT; Swin's final stage is 8x its first).
+    (the same for a ViT; Swin's final stage is 8x its first); ``dropout`` before the classifier.
     """
 
-    def __init__(self, num_frames: int, dim: int, num_classes: int, feature_dim: int | None = None):
+    def __init__(
+        self,
+        num_frames: int,
+        dim: int,
+        num_classes: int,
+        feature_dim: int | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.num_frames = num_frames
+        self.drop = nn.Dropout(dropout)  # no parameters: checkpoints and merged files are unchanged
         # Zero-initialised: at initialisation the backbone sees exactly what the image model sees.
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
         self.fc = nn.Linear(feature_dim or dim, num_classes)
@@ -121,7 +133,7 @@ class ZeroI2VHead(nn.Module):
 
     def forward(self, frame_features: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) from per-frame pooled features (B, T, D)."""
-        return self.fc(frame_features.mean(dim=1))
+        return self.fc(self.drop(frame_features.mean(dim=1)))
 
 
 class ZeroI2VModel(nn.Module):
@@ -179,6 +191,8 @@ def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
         torch.manual_seed(cfg.seed)
         vit, offsets = build_zeroi2v_backbone(cfg.backbone, cfg.num_frames, cfg.adapter)
         head = zeroi2v_head(vit, cfg)
+    if cfg.train_norm:
+        vit.norm.requires_grad_(True)  # the final norm (ln_post), saved with the adapters
     model = ZeroI2VModel(vit, head)
     model.config = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, head_offsets=offsets))
     return model
@@ -186,7 +200,9 @@ def build_zeroi2v(cfg: ZeroI2VConfig) -> ZeroI2VModel:
 
 def zeroi2v_head(vit: nn.Module, cfg: ZeroI2VConfig) -> ZeroI2VHead:
     """The head of ``cfg`` for backbone ``vit``: its embedding width and pooled feature width."""
-    return ZeroI2VHead(cfg.num_frames, family_of(vit).embed_dim(vit), cfg.num_classes, vit.num_features)
+    return ZeroI2VHead(
+        cfg.num_frames, family_of(vit).embed_dim(vit), cfg.num_classes, vit.num_features, cfg.head_dropout
+    )
 
 
 @dataclass

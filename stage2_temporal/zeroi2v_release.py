@@ -21,13 +21,21 @@ config's ``backbone.head_offsets`` must describe it (``shift_div=12`` on ViT-B: 
 
 The release trains ``ln_post`` too, so the backbone written beside the converted checkpoint holds the
 checkpoint's frozen CLIP weights with its trained final norm: with it, the converted model computes
-exactly the release's logits.
+exactly the release's logits. The converted config also trains like the release when finetuned
+(:data:`RELEASE_TRAINING`): dropout 0.5 before the classifier (``I3DHead(dropout_ratio=0.5)``), a
+trainable final norm, and the release's pixel mean/std exactly (its ``data_preprocessor``, on 0-255).
+
+Nothing in the file is dropped or resized silently: unknown keys, unknown adapter names in any block,
+a position embedding for another grid and tensors of the wrong shape are refused before anything is
+written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +43,7 @@ from pathlib import Path
 import torch
 from timm.models import vision_transformer as timm_vit
 
-from stage1_extract.backbone import WeightsError, file_sha256, read_state_dict
+from stage1_extract.backbone import RANDOM_INIT_WARNING, WeightsError, file_sha256, read_state_dict
 from stage1_extract.checkpoint import (
     CheckpointError,
     load_into,
@@ -63,6 +71,11 @@ HEAD_KEYS = {
     "cls_head.fc_cls.weight": "head.fc.weight",
     "cls_head.fc_cls.bias": "head.fc.bias",
 }
+# The release's configs (configs/recognition/vit_zero_clip/*.py): data_preprocessor mean/std on 0-255
+# pixels (timm's OpenAI values differ in the 5th digit), I3DHead dropout_ratio=0.5, ln_post trained.
+RELEASE_MEAN = (122.769, 116.74, 104.04)
+RELEASE_STD = (68.493, 66.63, 70.321)
+RELEASE_TRAINING = {"head_dropout": 0.5, "train_norm": True}
 
 
 def is_release_checkpoint(state: dict[str, torch.Tensor]) -> bool:
@@ -91,14 +104,48 @@ def read_release_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def release_places(state: dict[str, torch.Tensor]) -> list[str]:
-    """The amflow adapter places of a release checkpoint's block 0, in the order of ``ADAPTERS``."""
-    found = {m.group(2) for k in state if (m := ADAPTER_KEY.fullmatch(k)) and m.group(1) == "0"}
-    unknown = sorted(found - set(ADAPTERS))
+    """The amflow adapter places of a release checkpoint's block 0, in the order of ``ADAPTERS``; an
+    adapter name amflow does not know, in any block, is refused (it would otherwise be dropped)."""
+    blocks: dict[str, set[str]] = {}
+    for k in state:
+        if m := ADAPTER_KEY.fullmatch(k):
+            blocks.setdefault(m.group(2), set()).add(m.group(1))
+    unknown = {name: sorted(b, key=int) for name, b in blocks.items() if name not in ADAPTERS}
+    if unknown:
+        where = ", ".join(f"{name} (blocks {', '.join(b)})" for name, b in sorted(unknown.items()))
+        raise CheckpointError(
+            f"release adapters {where} have no amflow counterpart (known: {list(ADAPTERS)})"
+        )
+    return [place for name, (place, _) in ADAPTERS.items() if "0" in blocks.get(name, ())]
+
+
+def check_release_keys(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses keys that are neither the backbone's (``backbone.``) nor the head's: never dropped silently."""
+    unknown = sorted(k for k in state if not k.startswith(PREFIX) and k not in HEAD_KEYS)
     if unknown:
         raise CheckpointError(
-            f"release adapters {unknown} have no amflow counterpart (known: {list(ADAPTERS)})"
+            f"{source}: keys {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are neither the backbone's "
+            f"nor the I3D head's (cls_head.fc_cls); amflow would drop them"
         )
-    return [place for name, (place, _) in ADAPTERS.items() if name in found]
+
+
+def check_position_grid(state: dict[str, torch.Tensor], model: ZeroI2VModel, cfg: ZeroI2VConfig) -> None:
+    """The release's ``positional_embedding`` must be for the config's patch grid: timm's filter would
+    resize it silently (a model of other logits); refused, naming the ``img_size`` it was trained at."""
+    pos = state.get(PREFIX + "positional_embedding")
+    if pos is None:
+        return
+    want = model.vit.pos_embed.shape[1]
+    if pos.shape[0] == want:
+        return
+    side = math.isqrt(pos.shape[0] - 1)
+    patch = model.vit.patch_embed.patch_size[0]
+    grid = "x".join(str(g) for g in model.vit.patch_embed.grid_size)
+    hint = f"; set backbone.img_size={side * patch}" if side * side == pos.shape[0] - 1 else ""
+    raise ConfigError(
+        f"positional_embedding: {pos.shape[0]} tokens ({side}x{side} patches + CLS), but the config's "
+        f"backbone makes a {grid} grid ({want} tokens){hint} (resizing it would change every logit)"
+    )
 
 
 def release_backbone_state(state: dict[str, torch.Tensor], model: ZeroI2VModel) -> dict[str, torch.Tensor]:
@@ -182,28 +229,41 @@ def convert_release_checkpoint(
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} exists (pass --overwrite to replace it)")
     state = read_release_checkpoint(path)
+    check_release_keys(state, str(path))
     check_release_fits(state, cfg, str(path))
+    cfg = release_training_config(cfg)
     # The structure first, on the meta device: the backbone file's keys come from timm's own model.
-    with torch.device("meta"):
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)  # its weights are loaded below
         skeleton = build_zeroi2v(dataclasses.replace(cfg, backbone=_no_weights(cfg)))
+    check_position_grid(state, skeleton, cfg)
     backbone = release_backbone_state(state, skeleton)
-    expected = set(skeleton.vit.state_dict()) - {k for k in skeleton.vit.state_dict() if "adapter" in k}
-    if set(backbone) != expected:
+    want = {k: v for k, v in skeleton.vit.state_dict().items() if "adapter" not in k}
+    if set(backbone) != set(want):
         raise CheckpointError(
             f"{path}: its CLIP backbone does not fit {cfg.backbone.name!r}: missing "
-            f"{sorted(expected - set(backbone))[:4]}, unexpected {sorted(set(backbone) - expected)[:4]}"
+            f"{sorted(set(want) - set(backbone))[:4]}, unexpected {sorted(set(backbone) - set(want))[:4]}"
         )
+    wrong = [
+        f"{k} {tuple(v.shape)} (expected {tuple(want[k].shape)})"
+        for k, v in backbone.items()
+        if v.shape != want[k].shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: backbone tensors of the wrong shape: {'; '.join(wrong[:3])}")
     write_safetensors(backbone, backbone_out, {"format": "timm", "converted_from": str(path)})
-    b = dataclasses.replace(cfg.backbone, weights=str(backbone_out.resolve()), pretrained=False)
-    model = build_zeroi2v(dataclasses.replace(cfg, backbone=b))
-    trainable = release_trainable_state(state)
     try:
+        b = dataclasses.replace(cfg.backbone, weights=str(backbone_out.resolve()), pretrained=False)
+        model = build_zeroi2v(dataclasses.replace(cfg, backbone=b))
+        trained = {n for n, q in model.named_parameters() if q.requires_grad}  # with the final norm
+        trainable = release_trainable_state(state)
+        trainable |= {f"vit.{k}": v for k, v in backbone.items() if f"vit.{k}" in trained}
         load_into(model, trainable, path)
-    except CheckpointError:
+        meta = {"converted_from": str(path), "converted_from_sha256": file_sha256(path) or ""}
+        save_trainable_checkpoint(model, model.config, out, meta)
+    except BaseException:  # never leave a backbone without its checkpoint
         backbone_out.unlink(missing_ok=True)
         raise
-    meta = {"converted_from": str(path), "converted_from_sha256": file_sha256(path) or ""}
-    save_trainable_checkpoint(model, model.config, out, meta)
     return ConvertSummary(
         out_path=out,
         backbone_path=backbone_out,
@@ -213,6 +273,16 @@ def convert_release_checkpoint(
         num_classes=cfg.num_classes,
         head_offsets=model.config.backbone.head_offsets,
     )
+
+
+def release_training_config(cfg: ZeroI2VConfig) -> ZeroI2VConfig:
+    """``cfg`` with the release's training set-up (:data:`RELEASE_TRAINING`) and its exact pixel mean/std
+    (timm's ``pretrained_cfg_overlay``, read by every amflow command that normalises frames)."""
+    overlay = {"mean": [m / 255 for m in RELEASE_MEAN], "std": [s / 255 for s in RELEASE_STD]}
+    kwargs = dict(cfg.backbone.timm_kwargs)
+    kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
+    backbone = dataclasses.replace(cfg.backbone, timm_kwargs=kwargs)
+    return dataclasses.replace(cfg, backbone=backbone, **RELEASE_TRAINING)
 
 
 def _no_weights(cfg: ZeroI2VConfig):

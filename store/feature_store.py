@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from store.atomic import fsync_path
+from store.atomic import fsync_path, fsync_tree
 from store.fastio import is_raw, read_shard
 from store.fingerprint import MISSING as MISSING
 from store.fingerprint import canonical_json, compute_fingerprint, fingerprint_differences, package_version
@@ -41,6 +41,7 @@ from store.layout import (
     _resolve_names,
     _stale_creation_dirs,
     _validate_table,
+    array_definitions,
     build_empty_store,
     check_free_space,
     default_shard_clips,
@@ -369,6 +370,13 @@ class FeatureStore:
                 f"{self.path}: existing store holds other clips ({self.num_clips} stored, {len(ids)} asked; "
                 f"first difference at index {first})"
             )
+        try:
+            damage = "values below -1" if (self.labels < -1).any() else None
+        except StoreError as e:
+            damage = f"unreadable ({e.__cause__!r})"
+        if damage is not None:  # labels come from the dataset: the resuming command mends them
+            log.warning("%s: labels %s; rewriting them from the dataset", self.path, damage)
+            self.rewrite_labels(labs)
         if (self.labels != labs).any():
             first = int(np.flatnonzero(self.labels != labs)[0])
             raise StoreError(
@@ -461,7 +469,13 @@ class FeatureStore:
         if name not in self._arrays:
             if name not in self.array_names:
                 raise KeyError(f"{self.path}: no array {name!r}; arrays: {self.array_names}")
-            arr = self._group[name]
+            try:
+                arr = self._group[name]
+            except Exception as e:  # a missing or unparsable zarr.json (KeyError, JSONDecodeError, ...)
+                raise StoreError(
+                    f"{self.path / name / 'zarr.json'}: unreadable ({type(e).__name__}: {e}); "
+                    f"`amflow store repair {self.path}` rebuilds it from the store's layout"
+                ) from e
             # Zarr's default skips chunks equal to the fill value, testing NaN equality over the whole
             # chunk at ~100 MB/s; writing them anyway makes commits several times faster.
             self._arrays[name] = arr if self.read_only else arr.with_config({"write_empty_chunks": True})
@@ -471,15 +485,40 @@ class FeatureStore:
     def clip_ids(self) -> np.ndarray:
         """Clip ids (relative video paths) as a numpy StringDType array."""
         if self._clip_ids is None:
-            self._clip_ids = np.asarray(self.array("clip_ids")[:], dtype=STRING_DTYPE)
+            self._clip_ids = np.asarray(self._read_table("clip_ids"), dtype=STRING_DTYPE)
         return self._clip_ids
 
     @property
     def labels(self) -> np.ndarray:
         """Class index per clip (int64; -1 = unlabelled)."""
         if self._labels is None:
-            self._labels = np.asarray(self.array("labels")[:], dtype=np.int64)
+            self._labels = np.asarray(self._read_table("labels"), dtype=np.int64)
         return self._labels
+
+    def _read_table(self, name: str) -> np.ndarray:
+        """All of ``labels`` or ``clip_ids``; a damaged chunk is one StoreError naming the array's folder
+        (a Zstd error or a truncated file is not a traceback) and what mends it."""
+        arr = self.array(name)
+        try:
+            return arr[:]
+        except Exception as e:
+            mend = (
+                "the same `amflow extract` command rewrites the labels from the dataset's annotations"
+                if name == "labels"
+                else "the clip table cannot be rebuilt: extract into a new store (another --out)"
+            )
+            raise StoreError(f"{self.path / name}: unreadable chunk ({type(e).__name__}: {e}); {mend}") from e
+
+    def rewrite_labels(self, labels: np.ndarray) -> None:
+        """Rebuilds the ``labels`` array (metadata and chunks) from ``labels``: how a resumed extraction mends
+        a store whose labels are damaged (they come from the dataset's annotations, not from extraction)."""
+        self.require_writable()
+        self._arrays.pop("labels", None)
+        shutil.rmtree(self.path / "labels", ignore_errors=True)
+        arr = self._group.create_array("labels", **array_definitions(self.layout)["labels"], overwrite=True)
+        arr[:] = labels
+        fsync_tree(self.path / "labels")
+        self._labels = None
 
     def index_of(self, clip_id: str | Sequence[str]) -> int | np.ndarray:
         """Clip index of an id (or an int64 array of indices for a list of ids); KeyError if unknown.
@@ -503,13 +542,19 @@ class FeatureStore:
         """Per-clip status read from disk: 0 missing, 1 done, 2 failed (int8). A raw status chunk per
         shard (the layout since the first version) is read straight from its file, as data shards are."""
         arr = self.array("status")
-        if not is_raw(arr) or tuple(arr.chunks) != (self.shard_clips,):
-            return np.asarray(arr[:], dtype=np.int8)
-        out = np.empty(self.num_clips, dtype=np.int8)
-        for shard in range(self.num_shards):
-            clips = self.clips_in_shard(shard)
-            read_shard(self, "status", shard, out=out[clips.start : clips.stop])
-        return out
+        try:
+            if not is_raw(arr) or tuple(arr.chunks) != (self.shard_clips,):
+                return np.asarray(arr[:], dtype=np.int8)
+            out = np.empty(self.num_clips, dtype=np.int8)
+            for shard in range(self.num_shards):
+                clips = self.clips_in_shard(shard)
+                read_shard(self, "status", shard, out=out[clips.start : clips.stop])
+            return out
+        except Exception as e:
+            raise StoreError(
+                f"{self.path / 'status'}: unreadable chunk ({type(e).__name__}: {e}); "
+                f"`amflow store repair {self.path}` hands its clips back to extraction"
+            ) from e
 
     def done_mask(self) -> np.ndarray:
         """Boolean mask of clips whose data is complete on disk."""
@@ -603,6 +648,16 @@ class FeatureStore:
         if self.objects is not None:
             raise StoreError(f"{self.path}: lives on object storage; it has objects (chunk_key), not files")
         return self.path / self.chunk_key(name, shard)
+
+    def chunk_nbytes(self, name: str, shard: int) -> int | None:
+        """Bytes of the file or object of shard ``shard`` of array ``name``; None when it is absent."""
+        if self.objects is not None:
+            meta = self.objects.head(self.chunk_key(name, shard))
+            return None if meta is None else int(meta["size"])
+        try:
+            return self.chunk_file(name, shard).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def delete_chunk(self, name: str, shard: int) -> None:
         """Removes the file or object of shard ``shard`` of array ``name`` (it then reads as fill)."""

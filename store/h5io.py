@@ -25,6 +25,7 @@ from store.feature_store import (
     is_store,
 )
 from store.objects import is_url
+from store.repair import damage_summary, find_damage
 
 H5_COMPRESSIONS = ("none", "gzip", "lzf")
 PER_SHARD_ARRAYS = ("status", "failure_type", "failure_message")
@@ -52,6 +53,9 @@ def export_h5(
     if is_url(out_path):
         raise StoreError(f"{out_path}: export writes a local HDF5 file; give a local path")
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    damage = find_damage(st)  # an export would copy the damage (or fail half-way through it)
+    if damage:
+        raise StoreError(f"{st.path}: {damage_summary(st, damage)}")
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")

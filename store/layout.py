@@ -322,21 +322,16 @@ def _validate_table(
     return ids, labs
 
 
-def build_empty_store(
-    root: Path | ObjectIO, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
-) -> None:
-    """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place.
-    On object storage (an ``ObjectIO``) it is built in place: the attributes, written last, make it one."""
-    remote = isinstance(root, ObjectIO)
-    zstore = root.zarr_store(read_only=False) if remote else LocalStore(root)
-    group = zarr.open_group(zstore, mode="a" if remote else "w", zarr_format=3)
+def array_definitions(layout: StoreLayout) -> dict[str, dict[str, Any]]:
+    """``zarr.Group.create_array`` arguments of every array of a store: how the store is built, and how
+    ``store repair`` rebuilds an array's damaged ``zarr.json`` (the layout in the attributes defines it)."""
     _, compressors = parse_compression(layout.compression)
     # One chunk per shard is stored without the sharding codec (same file, one copy less on read).
     sharded = layout.chunk_clips < layout.shard_clips
+    defs: dict[str, dict[str, Any]] = {}
     for name, shape in layout.clip_shapes().items():
         dimension_names = PACKED_FLOW_DIMENSIONS if name == "flow" and layout.flow_packed else None
-        group.create_array(
-            name,
+        defs[name] = dict(
             shape=(layout.num_clips, *shape),
             dtype=layout.dtype,
             chunks=(layout.chunk_clips, *shape),
@@ -347,14 +342,9 @@ def build_empty_store(
             chunk_key_encoding=FLAT_CHUNK_KEYS,
         )
     table_chunk = min(layout.num_clips, TABLE_CHUNK)
-    group.create_array(
-        "labels", shape=(layout.num_clips,), dtype="int64", chunks=(table_chunk,), fill_value=-1
-    )
-    group.create_array("clip_ids", shape=(layout.num_clips,), dtype=str, chunks=(table_chunk,))
-    group["labels"][:] = labs
-    group["clip_ids"][:] = ids
-    group.create_array(
-        "status",
+    defs["labels"] = dict(shape=(layout.num_clips,), dtype="int64", chunks=(table_chunk,), fill_value=-1)
+    defs["clip_ids"] = dict(shape=(layout.num_clips,), dtype=str, chunks=(table_chunk,))
+    defs["status"] = dict(
         shape=(layout.num_clips,),
         dtype="int8",
         chunks=(layout.shard_clips,),
@@ -363,13 +353,27 @@ def build_empty_store(
         chunk_key_encoding=FLAT_CHUNK_KEYS,
     )
     for name in ("failure_type", "failure_message"):
-        group.create_array(
-            name,
+        defs[name] = dict(
             shape=(layout.num_clips,),
             dtype=str,
             chunks=(layout.shard_clips,),
             chunk_key_encoding=FLAT_CHUNK_KEYS,
         )
+    return defs
+
+
+def build_empty_store(
+    root: Path | ObjectIO, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+) -> None:
+    """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place.
+    On object storage (an ``ObjectIO``) it is built in place: the attributes, written last, make it one."""
+    remote = isinstance(root, ObjectIO)
+    zstore = root.zarr_store(read_only=False) if remote else LocalStore(root)
+    group = zarr.open_group(zstore, mode="a" if remote else "w", zarr_format=3)
+    for name, definition in array_definitions(layout).items():
+        group.create_array(name, **definition)
+    group["labels"][:] = labs
+    group["clip_ids"][:] = ids
     if not remote:
         (root / LOCK_DIR).mkdir(exist_ok=True)
     group.attrs.put({ATTRS_KEY: dict(attrs)})

@@ -7,16 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from store.feature_store import (
-    STATUS_DONE,
-    STATUS_FAILED,
-    STATUS_MISSING,
-    STRING_DTYPE,
-    FeatureStore,
-)
-from store.repair import clips_text, scan_clips, scan_problems, scan_warnings
+from store.feature_store import STRING_DTYPE, FeatureStore
+from store.repair import find_damage, scan_clips, scan_problems, scan_warnings
 
 
 def folder_bytes(path: Path) -> int:
@@ -144,24 +136,10 @@ def verify_store(
     (done clips that are all zeros) are appended to ``warnings`` when given.
     """
     st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-    problems: list[str] = []
-    status = st.status()
-    bad_status = np.flatnonzero(~np.isin(status, [STATUS_MISSING, STATUS_DONE, STATUS_FAILED]))
-    if len(bad_status):
-        problems.append(f"status: invalid value(s) at clip(s) {clips_text(st, bad_status)}")
-    labels = st.labels
-    if (labels < -1).any():
-        problems.append(f"labels: values below -1 at clip(s) {clips_text(st, np.flatnonzero(labels < -1))}")
-    ids = st.clip_ids
-    if len(np.unique(ids)) != len(ids):
-        problems.append("clip_ids: ids are not unique")
-    if (np.strings.str_len(ids) == 0).any():
-        empty = np.flatnonzero(np.strings.str_len(ids) == 0)
-        problems.append(f"clip_ids: empty id(s) at clip(s) {clips_text(st, empty)}")
-    failures = st.failures()
-    untyped = np.array([r["index"] for r in failures if not r["error_type"]], dtype=np.int64)
-    if len(untyped):
-        problems.append(f"failures: failed clip(s) without an error type: {clips_text(st, untyped)}")
+    damage = find_damage(st)
+    problems = [d.line for d in damage]
+    if any(d.array == "clip_ids" for d in damage):
+        return problems  # clips cannot be named: the values are not worth reading
     scan = scan_clips(st, progress=progress)
     problems += scan_problems(st, scan)
     if warnings is not None:

@@ -68,3 +68,10 @@ def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
                                      "panning, all frames undone to frame 1"]  # fmt: skip
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in data["results"].values())
     assert (tmp_path / "aligner_oracle.md").read_text().strip() in out
+
+
+def test_store_checksums_prints_every_path(tmp_path):
+    out = run("store_checksums.py", "--mib", "0.25", "--row", "64", "--repeats", "1", "--dir", str(tmp_path))
+    for path in ("raw", "zarr", "zarr+crc32c", "crc32c only"):
+        assert any(line.startswith(path + " ") for line in out.splitlines()), out
+    assert "crc32c on Zarr's path: write x" in out

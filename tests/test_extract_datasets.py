@@ -118,18 +118,18 @@ def hmdb51_train(root: Path, clip: bytes) -> Expected:
 
 
 def k400_val(root: Path, clip: bytes) -> Expected:
+    """The release's validation file is ``validate.csv``; indices are the canonical 400 classes'."""
     header = "label,youtube_id,time_start,time_end,split\n"
     _write(root, "annotations/train.csv", header + '"air drumming",t1,0,10,train\n')
-    _write(
-        root, "annotations/val.csv", header + 'abseiling,v_a-b_1,13,23,val\n"zumba, fitness",v2,5,15,val\n'
-    )
-    _put(root, "val/abseiling/v_a-b_1_000013_000023.mp4", clip)  # in a label folder
-    _put(root, "val/v2_000005_000015.mp4", clip)  # flat
+    rows = 'abseiling,v_a-b_1,13,23,val\n"zumba",v2,5,15,val\n'
+    _write(root, "annotations/validate.csv", header + rows)
+    _put(root, "validate/abseiling/v_a-b_1_000013_000023.mp4", clip)  # in a label folder
+    _put(root, "validate/v2_000005_000015.mp4", clip)  # flat
     return (
-        ["abseiling", "air drumming", "zumba, fitness"],
+        ["abseiling", "air drumming", "answering questions"],
         [
-            ("val/abseiling/v_a-b_1_000013_000023.mp4", 0),
-            ("val/v2_000005_000015.mp4", 2),
+            ("validate/abseiling/v_a-b_1_000013_000023.mp4", 0),
+            ("validate/v2_000005_000015.mp4", 399),
         ],
         [],
     )
@@ -166,9 +166,11 @@ def diving48_test(root: Path, clip: bytes) -> Expected:
 
 
 def list_val(root: Path, clip: bytes) -> Expected:
-    """mmaction2-style list: a class name, an index with a frame segment, a comment; one file absent."""
+    """mmaction2-style list as a Windows editor saves it (BOM, CRLF, ./ and backslash spellings): a class
+    name, an index, a comment; one file absent."""
     _write(root, "classes.txt", "cat\ndog\n")
-    _write(root, "val.txt", "# path label [start end]\nclips/b.mp4 dog\nclips/a.mp4 0 2 7\nclips/c.mp4 1\n")
+    lines = "\ufeff# path label\r\nclips\\b.mp4 dog \r\n./clips//a.mp4 0\r\nclips/c.mp4 1\r\n"
+    (root / "val.txt").write_bytes(lines.encode("utf-8"))
     _put(root, "clips/a.mp4", clip)
     _put(root, "clips/b.mp4", clip)
     return ["cat", "dog"], [("clips/a.mp4", 0), ("clips/b.mp4", 1)], ["clips/c.mp4"]

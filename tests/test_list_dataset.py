@@ -36,13 +36,13 @@ def test_text_lists_round_trip_through_datasets_list(tmp_path, clip_bytes, capsy
     _put(root / "train.txt", "# mine\nclips/dog/2.mp4 dog\n\nclips/cat/1.mp4 0 2 6\nclips/gone.mp4 emu\n")
     _put(root / "validation.txt", "clips/dog/3.avi 1\n")  # 'val' may be spelled out
     _put(root / "test.csv", "path,label,start,end\nclips/emu 4.mp4,emu,0,8\n# a comment row\n")
-    argv = ["--dataset", "list", "--root", str(root), "--split"]
+    argv = ["segments=true", "--dataset", "list", "--root", str(root), "--split"]
     listed, err = _listed([*argv, "train"], capsys)
     assert listed == [("clips/cat/1.mp4", 0), ("clips/dog/2.mp4", 1)]
     assert "2 clips, 3 classes, 1 missing" in err and "missing: clips/gone.mp4" in err
     assert _listed([*argv, "val"], capsys)[0] == [("clips/dog/3.avi", 1)]
     assert _listed([*argv, "test"], capsys)[0] == [("clips/emu 4.mp4", 2)]
-    index = build_index("list", root, "train", load_dataset_config("list"))
+    index = build_index("list", root, "train", load_dataset_config("list", ["segments=true"]))
     assert index.classes == ["cat", "dog", "emu"]
     assert [(r.start_frame, r.end_frame) for r in index.records] == [(2, 6), (None, None)]
 
@@ -80,11 +80,12 @@ def test_integer_labels_without_classes_txt(tmp_path, clip_bytes):
         ("/etc/passwd 0", r"train.txt:3: clip path '/etc/passwd': absolute path"),
         ("ok/../../x.mp4 0", r"train.txt:3: .*leaves the dataset root"),
         ("a.mp4 0 5", r"train.txt:3: expected 'path label' or 'path label start end', got 3 columns"),
+        ("a.mp4 0 5 7 9", r"train.txt:3: expected 'path label' or 'path label start end', got 5 columns"),
         ("a.mp4 bird", r"train.txt:3: label 'bird' is neither a class of .*classes.txt nor an index 0..1"),
         ("a.mp4 7", r"train.txt:3: label '7'"),
         ("a.mp4 0 9 4", r"train.txt:3: end frame 4 is not after start 9"),
         ("a.mp4 0 -1 4", r"train.txt:3: start frame -1 is negative"),
-        ("b.mp4 0", r"train.txt:3: 'b.mp4' is listed twice \(also line 2\)"),
+        ("b.mp4 0", r"train.txt:3: 'b.mp4' is listed twice \(also line 2;"),
     ],
 )
 def test_bad_lines_are_refused_with_the_line_number(tmp_path, clip_bytes, capsys, line, message):
@@ -92,8 +93,9 @@ def test_bad_lines_are_refused_with_the_line_number(tmp_path, clip_bytes, capsys
     _put(tmp_path / "classes.txt", "cat\ndog\n")
     _put(tmp_path / "train.txt", f"# clips\nb.mp4 cat\n{line}\n")
     with pytest.raises(ValueError, match=message):
-        build_index("list", tmp_path, "train", load_dataset_config("list"))
-    assert main(["datasets", "list", "--dataset", "list", "--root", str(tmp_path), "--split", "train"]) == 2
+        build_index("list", tmp_path, "train", load_dataset_config("list", ["segments=true"]))
+    argv = ["datasets", "list", "--dataset", "list", "--root", str(tmp_path), "--split", "train"]
+    assert main([*argv, "segments=true"]) == 2
     err = capsys.readouterr().err
     assert "train.txt:3" in err and len(err.strip().splitlines()) == 1
 
@@ -110,7 +112,7 @@ def test_segment_columns_choose_the_sampled_frames(tmp_path):
     frames = np.repeat((np.arange(20) * 10).astype(np.uint8)[:, None, None, None], 32, axis=1)
     write_video(tmp_path / "clip.mp4", np.ascontiguousarray(np.broadcast_to(frames, (20, 32, 32, 3))), crf=0)
     _put(tmp_path / "test.txt", "clip.mp4 0 10 14\n")
-    cfg = load_dataset_config("list", ["num_frames=4"])
+    cfg = load_dataset_config("list", ["num_frames=4", "segments=true"])
     index = build_index("list", tmp_path, "test", cfg)
     item = VideoClipDataset(index.records, tmp_path, ClipGeometry.of_dataset(cfg, 32))[0]
     assert item["error"] is None

@@ -20,7 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="demo_out", help="working folder (videos, stores, runs, results)")
-    p.add_argument("--quick", action="store_true", help="a reduced run with fewer clips and epochs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a reduced run with fewer clips and epochs")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the whole pipeline in seconds (4 clips a class, 32 px, 4 frames, 4 epochs): checks that it "
+        "runs and reproduces; its numbers mean nothing",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the videos, adapters and heads")
     p.add_argument(
         "--threads",
@@ -39,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from stage1_extract.backbone import RANDOM_INIT_WARNING
     from stage2_temporal.demo import DemoConfig, format_predictions, format_table, run_demo
 
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = DemoConfig.quick() if args.quick else DemoConfig.smoke() if args.smoke else DemoConfig()
     cfg = dataclasses.replace(cfg, seed=args.seed, threads=args.threads)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         result = run_demo(args.out, cfg)
     print(format_table(result))
     print("\npredicting on two test videos with the AM-flow map heads:")
-    print(format_predictions(result))
+    print(format_predictions(result, args.out))
     print(f"\nresults: {args.out}/results.json; runs (metrics, curves, confusion matrices): {args.out}/runs")
     return 0

@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 for line in problems:
                     print(f"  - {line}", file=sys.stderr)
                 print(
-                    f"damaged clips: `amflow store repair {args.store}` marks them missing, then the same "
-                    "`amflow extract` command re-extracts them",
+                    f"`amflow store repair {args.store}` mends what it can and names what it cannot; then "
+                    "the same `amflow extract` command re-extracts the clips it handed back",
                     file=sys.stderr,
                 )
                 return 1
@@ -104,13 +104,27 @@ def run(args: argparse.Namespace) -> int:
             )
             return 0
         if args.store_command == "repair":
-            redo = repair_store(args.store, progress=not args.quiet)
-            if not redo:
-                print(f"{args.store}: no damaged clips; nothing to repair")
-            else:
-                listed = clips_text(FeatureStore.open(args.store), redo)
-                print(f"{args.store}: {len(redo)} damaged clip(s) marked missing: {listed}")
+            report = repair_store(args.store, progress=not args.quiet)
+            for name in report.rebuilt:
+                print(f"{args.store}: rebuilt {name} from the store's layout")
+            for name in report.deleted:
+                print(f"{args.store}: deleted unreadable {name}")
+            if report.redo:
+                listed = clips_text(FeatureStore.open(args.store), report.redo)
+                print(f"{args.store}: {len(report.redo)} damaged clip(s) marked missing: {listed}")
+            for d in report.left:
+                mend = (
+                    "the same `amflow extract` command rewrites it"
+                    if d.mend == "extract"
+                    else "cannot be repaired: extract into a new store (another --out) and delete this one"
+                )
+                print(f"{args.store}: {d.line}: {mend}", file=sys.stderr)
+            if any(d.mend == "new store" for d in report.left):
+                return 1
+            if report.redo or any(d.mend == "extract" for d in report.left):
                 print("run the same `amflow extract` command again to re-extract them")
+            elif not (report.rebuilt or report.deleted):
+                print(f"{args.store}: no damaged clips; nothing to repair")
             return 0
         if args.store_command == "export":
             out = export_h5(
