@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -90,6 +91,20 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in z.namelist())
 
 
+def _pickle_reason(error: Exception) -> str:
+    """torch's refusal without its advice to retry with ``weights_only=False`` (that would run the file's
+    code): only what it found, e.g. ``unsupported GLOBAL posix.system``."""
+    text = str(error)
+    found = re.search(r"unsupported (global|operand) \S+", text, re.IGNORECASE)
+    if found:
+        return (
+            f"it holds Python objects, not only tensors ({found.group(0).strip()}); refused, never unpickled"
+        )
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors; refused, never unpickled"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file safely, without running pickled code.
 
@@ -116,7 +131,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user
-        raise WeightsError(f"{p}: cannot be read as a weights-only torch checkpoint: {e}") from e
+        raise WeightsError(
+            f"{p}: cannot be read as a weights-only torch checkpoint: {_pickle_reason(e)}"
+        ) from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

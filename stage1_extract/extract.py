@@ -394,6 +394,11 @@ def plan_extraction(
     """
     options = options or ExtractOptions()
     options.validate()
+    if options.train_views and split != "train":
+        raise ValueError(
+            f"--train-views {options.train_views}: augmented training views are for the train split; "
+            f"split {split!r} is scored with its test-time views (drop --train-views)"
+        )
     routed = route_overrides(overrides, {"data": DatasetConfig, "model": AMFlowConfig})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
@@ -417,6 +422,10 @@ def plan_extraction(
         warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
         meta = build_amflow_extractor(model_cfg)
     check_input_size(meta, data_cfg.crop_size, model_config)
+    if checkpoint:  # a checkpoint that does not load or fit is refused before the store exists
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
+            load_extraction_model(model_cfg, checkpoint, torch.device("meta"))
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {

@@ -39,7 +39,7 @@ from stage1_extract.config import (
 from stage2_temporal.config import TrainConfig
 from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import drop_ignored_head_keys, ignored_head_keys
-from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_metrics, write_json_atomic
+from stage2_temporal.run_dir import FINGERPRINT_FILE, is_finished, read_json, read_metrics, write_json_atomic
 from store.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def _record_sweep(
 
     record = sweep_dir / FINGERPRINT_FILE
     if record.is_file():
-        before = json.loads(record.read_text())["fingerprint_fields"]
+        before = read_json(record).get("fingerprint_fields") or {}
         diffs = fingerprint_differences(before, train.fingerprint_fields)
         if diffs and not force:
             raise ValueError(
