@@ -87,14 +87,17 @@ def write_store(
     fingerprint_fields: Mapping[str, Any],
     dtype: str = "float16",
     shard_clips: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes a cache as a feature store (``FeatureStore.create`` + shard writers), provenance included."""
+    """Writes a cache as a feature store (``FeatureStore.create`` + shard writers), provenance included
+    (``provenance`` adds to what the cache records, e.g. ``train_views``)."""
     from store import FeatureStore
 
     flow_shape = (
         None if cache.flow is None else (cache.flow.shape[2], cache.flow.shape[4], cache.flow.shape[5])
     )
     provenance = {
+        **(provenance or {}),
         "classes": cache.class_names,
         "num_classes": cache.num_classes,
         "patch_grid": list(cache.patch_grid) if cache.patch_grid else None,

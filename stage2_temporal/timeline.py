@@ -8,6 +8,7 @@ at or before the video's end (a video shorter than one window is one window).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,13 @@ def window_starts(duration: float, window: float, stride: float) -> np.ndarray:
         return np.zeros(1)
     count = int(np.floor((duration - window) / stride + 1e-9)) + 1
     if count > MAX_WINDOWS:
+        least = (duration - window) / (MAX_WINDOWS - 1)
+        digits = 2 - math.floor(math.log10(least))  # rounded up to 3 significant digits: it is enough
+        least = math.ceil(least * 10**digits) / 10**digits
         raise ValueError(
             f"--stride {stride:g}: {count:,} windows of {window:g} s over {duration:.1f} s, more than "
             f"{MAX_WINDOWS:,}; use a larger --stride (at least "
-            f"{(duration - window) / (MAX_WINDOWS - 1):.3g} s)"
+            f"{least:g} s)"
         )
     return np.arange(count) * stride
 

@@ -130,9 +130,7 @@ def test_a_nan_tensor_is_refused_naming_the_tensor(files, tmp_path, capsys):
     merged, export = files
 
     def nan(state):
-        state["model.head.fc.weight"] = torch.full_like(
-            state["model.head.fc.weight"], float("nan")
-        )
+        state["model.head.fc.weight"] = torch.full_like(state["model.head.fc.weight"], float("nan"))
 
     line = refused(capsys, rewrite(export, tmp_path / "nan.safetensors", tensors=nan))
     assert "'model.head.fc.weight' holds" in line and "NaN" in line
