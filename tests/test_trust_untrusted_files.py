@@ -243,3 +243,19 @@ def test_convert_never_suggests_unpickling_a_malicious_file(tmp_path, capsys):
     assert "weights_only=False" not in err[0] and "never unpickled" in err[0]
     assert "GLOBAL" in err[0] and "system" in err[0]  # what it found, so the user knows why
     assert not list(tmp_path.glob("o.st*"))
+
+
+def test_a_store_whose_json_claims_more_clips_than_it_holds_is_one_line(tmp_path, capsys):
+    from stage2_temporal.synthetic import synthetic_cache, write_store
+
+    store = write_store(synthetic_cache(8, seed=0, flow_blocks=0), tmp_path / "s.zarr", {"model": "x"})
+    meta = store / "zarr.json"
+    data = json.loads(meta.read_text())
+    data["attributes"]["amflow_store"]["layout"]["num_clips"] = 10**12  # would allocate 931 GiB of status
+    meta.write_text(json.dumps(data))
+    assert main(["store", "info", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"amflow store info: error: {meta}: its layout says 1000000000000 clips but the status array "
+        "holds 8: a damaged or edited store"
+    ]
