@@ -43,6 +43,8 @@ def parse_error(capsys, argv: list[str]) -> str:
         ([*EXTRACT, "--decode-threads", "0"], "argument --decode-threads: expected an integer >= 1"),
         ([*EXTRACT, "--shard-clips", "0"], "argument --shard-clips: expected an integer >= 1"),
         ([*EXTRACT, "--train-views-seed", "-1"], "argument --train-views-seed: expected an integer >= 0"),
+        ([*EXTRACT, "--compression", "zstd:99"], "argument --compression: compression='zstd:99': zstd level"),
+        ([*EXTRACT, "--workers", "0"], "argument --workers: expected an integer >= 1, got 0"),
         (["demo", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
         (["demo", "--seed", "-3"], "argument --seed: expected an integer >= 0, got -3"),
         (["sweep", *STORES, "--grid", "g", "--out", "o", "--workers", "-1"], "argument --workers: expected"),

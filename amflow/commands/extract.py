@@ -10,6 +10,7 @@ from amflow.commands.options import (
     SEED,
     add_device,
     add_weights_options,
+    compression,
     number_in,
     with_paths,
 )
@@ -58,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen forward (GPU runs)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
     p.add_argument("--shard-clips", type=POSITIVE, help="clips per shard (default: ~32 MB shards)")
-    p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
+    p.add_argument(
+        "--compression", default="none", type=compression, help="none, zstd[:level] (1-22) or blosc[:level]"
+    )
     p.add_argument("--workers", type=POSITIVE, default=1, help="extraction workers on a dask LocalCluster")
     p.add_argument(
         "--scheduler",

@@ -105,15 +105,33 @@ def device_name(text: str) -> str:
     return text
 
 
+def checked_by(validate: Callable[[str], object], what: str) -> Callable[[str], str]:
+    """An argparse type: the text as given, once ``validate`` (the parser the command uses later) accepts
+    it; its ValueError becomes the one-line parse error."""
+
+    def parse(text: str) -> str:
+        try:
+            validate(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
 def memory_budget(text: str) -> str:
     """An argparse type: bytes with a unit (1GB, 512MiB) or a fraction of the RAM in (0, 1]; kept as text."""
     from stage2_temporal.stream import parse_memory_budget
 
-    try:
-        parse_memory_budget(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return checked_by(parse_memory_budget, "memory budget")(text)
+
+
+def compression(text: str) -> str:
+    """An argparse type: a store's compression, ``none``, ``zstd[:level]`` or ``blosc[:level]``."""
+    from store.layout import parse_compression
+
+    return checked_by(parse_compression, "compression")(text)
 
 
 SEED = int_at_least(0)
