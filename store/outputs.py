@@ -112,7 +112,7 @@ def check_outputs(outputs: Sequence[Output], inputs: Sequence[Input] = ()) -> No
             for option, given, path in local_in:
                 if _same(key, path):
                     raise OutputError(f"{out.option} {out.path}: is also the input {option}; write elsewhere")
-                if _inside(key, path) and key.exists():
+                if _inside(key, path) and key.exists() and not out.resumable:  # continued, not replaced
                     raise OutputError(
                         f"{out.option} {out.path}: would replace a file of the input {option} {given}; "
                         "write elsewhere"

@@ -51,6 +51,7 @@ def test_check_outputs_refuses_each_kind_of_collision(tmp_path):
     check_outputs([Output("--out", existing, replace=True)])
     check_outputs([Output("--out", run, resumable=True, folder=True)])
     check_outputs([Output("--out", run / "new.safetensors")], [Input("RUN", run)])  # a new file in the run
+    check_outputs([Output("--out", run, resumable=True, folder=True)], [Input("--root", tmp_path)])  # resumed
     check_outputs([Output("--out", "s3://bucket/x.zarr", folder=True)], [Input("--store", "s3://bucket/y")])
     cases = [
         ([Output("--out", existing)], [], "--out " + str(existing) + ": exists (pass --overwrite"),

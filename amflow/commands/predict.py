@@ -68,14 +68,14 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
     if args.stride is not None and args.window is None:
         raise ValueError("--stride needs --window")
-    inputs = [Input("VIDEO", v) for v in args.videos]
+    videos = expand_videos(args.videos)  # the videos themselves: other files beside them are not read
+    inputs = [Input("VIDEO", v) for v in videos]
     inputs += [Input(o, getattr(args, o[2:])) for o in ("--run", "--model", "--weights", "--checkpoint")]
     if args.window is None:
         return ([Output("--out", args.out, replace=args.overwrite)] if args.out else []), inputs
     from stage2_temporal.timeline import timeline_paths
 
     outputs = []
-    videos = expand_videos(args.videos)
     for video, csv_path in zip(videos, timeline_paths(videos, args.out)):
         option = "--out" if args.out else f"timeline of {video}:"
         outputs.append(Output(option, csv_path, replace=args.overwrite))
