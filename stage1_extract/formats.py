@@ -143,18 +143,28 @@ def check_fits(
         raise CheckpointError(f"{source}: its tensors do not fit {what} its record describes: {found}")
 
 
-def without_sources(model_cfg: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+# ``timm.create_model`` arguments that open a file or reach the network (besides ``pretrained``).
+TIMM_SOURCE_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def without_sources(
+    model_cfg: Mapping[str, Any], source: str | Path, records_weights: bool = False
+) -> dict[str, Any]:
     """A model config read from a self-contained file, with every place to fetch weights from removed.
 
-    Such a file carries its weights: a ``backbone.weights`` path or ``pretrained: true`` in its record is
-    never acted on (no file opened, nothing downloaded); it is ignored with a warning.
+    Such a file carries its weights: a ``backbone.weights`` path, ``pretrained: true`` or a timm argument
+    that loads or downloads (``TIMM_SOURCE_KWARGS``) in its record is never acted on (no file opened,
+    nothing downloaded); it is ignored with a warning (``records_weights``: the writer records where the
+    weights came from, e.g. a merge, so only the timm arguments are worth a warning).
     """
     cfg = dict(model_cfg)
     backbone = dict(cfg.get("backbone") or {})
-    named = {k: backbone[k] for k in ("weights", "pretrained") if backbone.get(k)}
+    named = {} if records_weights else {k: backbone[k] for k in ("weights", "pretrained") if backbone.get(k)}
+    timm_kwargs = dict(backbone.get("timm_kwargs") or {})
+    named.update({f"timm_kwargs.{k}": timm_kwargs.pop(k) for k in TIMM_SOURCE_KWARGS if k in timm_kwargs})
     if named:
         log.warning("%s: its record names %s; ignored (the file carries its own weights)", source, named)
-    backbone.update(weights=None, pretrained=False)
+    backbone.update(weights=None, pretrained=False, timm_kwargs=timm_kwargs)
     cfg["backbone"] = backbone
     return cfg
 

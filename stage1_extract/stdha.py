@@ -61,12 +61,16 @@ def expand_head_offsets(spec: HeadOffsets, num_heads: int) -> list[int]:
 
 @functools.lru_cache(maxsize=64)
 def _gather_index(num_frames: int, head_offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Flat index (T·h,) into a clip's (frame, head) pairs: entry t·h + j = source frame of (t, j) · h + j."""
-    h = len(head_offsets)
-    t = torch.arange(num_frames).unsqueeze(1)
-    source = t + torch.tensor(head_offsets, dtype=torch.long).unsqueeze(0)
-    source = torch.where((source >= 0) & (source < num_frames), source, t)
-    return (source * h + torch.arange(h)).reshape(-1).to(device)
+    """Flat index (T·h,) into a clip's (frame, head) pairs: entry t·h + j = source frame of (t, j) · h + j.
+
+    Made outside inference mode: the cached tensor is reused by training after a prediction.
+    """
+    with torch.inference_mode(False):
+        h = len(head_offsets)
+        t = torch.arange(num_frames).unsqueeze(1)
+        source = t + torch.tensor(head_offsets, dtype=torch.long).unsqueeze(0)
+        source = torch.where((source >= 0) & (source < num_frames), source, t)
+        return (source * h + torch.arange(h)).reshape(-1).to(device)
 
 
 def temporal_shift_kv(

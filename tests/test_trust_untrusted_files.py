@@ -104,11 +104,12 @@ def test_a_huge_frame_count_is_refused_before_anything_is_allocated(files, tmp_p
 
 
 def test_weights_paths_and_downloads_in_the_record_are_never_acted_on(files, tmp_path, monkeypatch, caplog):
-    _, export = files
+    merged, export = files
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def sources(r):
         r["model_config"]["backbone"].update(weights="/etc/passwd", pretrained=True)
+        r["model_config"]["backbone"]["timm_kwargs"].update(checkpoint_path="/etc/passwd")
 
     bad = rewrite(export, tmp_path / "sources.safetensors", sources)
     import timm
@@ -116,14 +117,26 @@ def test_weights_paths_and_downloads_in_the_record_are_never_acted_on(files, tmp
     calls = []
     real = timm.create_model
     monkeypatch.setattr(
-        timm, "create_model", lambda *a, **k: calls.append(k.get("pretrained")) or real(*a, **k)
+        timm,
+        "create_model",
+        lambda *a, **k: calls.append(k.get("pretrained") or k.get("checkpoint_path")) or real(*a, **k),
     )
     predictor = load_export(bad, device="cpu")
     assert calls and not any(calls)  # no pretrained download asked for
     assert predictor.model_config["backbone"]["weights"] is None  # /etc/passwd never opened, not kept
+    assert "checkpoint_path" not in predictor.model_config["backbone"]["timm_kwargs"]
     assert "ignored" in caplog.text and "/etc/passwd" in caplog.text
     expected = load_export(export, device="cpu").probabilities(video())
     np.testing.assert_allclose(predictor.probabilities(video()), expected, atol=1e-7)
+    # a merged model's config: the same
+    import yaml
+
+    cfg = yaml.safe_load(read(merged)[1]["config"])
+    cfg["backbone"]["timm_kwargs"]["checkpoint_path"] = "/etc/passwd"
+    hostile = rewrite(merged, tmp_path / "merged.safetensors", config=yaml.safe_dump(cfg))
+    calls.clear()
+    load_merged(hostile)
+    assert calls and not any(calls)
 
 
 def test_a_nan_tensor_is_refused_naming_the_tensor(files, tmp_path, capsys):
