@@ -83,6 +83,14 @@ def create_backbone(
     return model
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the header's JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
+
+
 def _is_torchscript(path: Path) -> bool:
     """A TorchScript archive (a zip with a ``code/`` folder), as OpenAI's CLIP releases are."""
     if not zipfile.is_zipfile(path):
@@ -114,7 +122,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
-    if p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" or _is_safetensors(p):  # by its content, whatever its name
         from safetensors.torch import load_file
 
         try:

@@ -146,3 +146,20 @@ def test_inputs_are_refused_by_their_content_not_their_name(tmp_path, capsys):
     folder = tmp_path / "looks.zarr"
     folder.mkdir()
     assert "not an amflow feature store" in parse_error(capsys, ["store", "info", str(folder)])
+
+
+def test_weights_are_read_by_their_content_not_their_suffix(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from stage1_extract.backbone import WeightsError, read_state_dict
+
+    renamed = tmp_path / "weights.pth"  # a safetensors file under a pickle's name
+    save_file({"w": torch.arange(3.0)}, str(renamed))
+    assert torch.equal(read_state_dict(renamed)["w"], torch.arange(3.0))
+    pickled = (
+        tmp_path / "weights.safetensors"
+    )  # and a pickle under a safetensors name: refused, not unpickled
+    torch.save({"w": torch.arange(3.0)}, pickled)
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        read_state_dict(pickled)
