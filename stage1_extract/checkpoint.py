@@ -31,16 +31,6 @@ from stage1_extract.formats import (  # the file formats are defined in one modu
     write_safetensors,
 )
 
-__all__ = [
-    "CONFIG_KEY",
-    "FORMAT_KEY",
-    "TRAINABLE_FORMAT",
-    "WEIGHTS_SHA_KEY",
-    "CheckpointError",
-    "read_metadata",
-    "write_safetensors",
-]
-
 
 def _frozen_backbone_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the backbone model(s) inside ``model``: the weights a checkpoint leaves out."""
