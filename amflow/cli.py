@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import traceback
+from typing import NoReturn
 
 from amflow import __version__
 from amflow.commands import (
@@ -45,9 +46,16 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``amflow CMD: error: argument --x: expected ...`` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="amflow",
         description="Turn a frozen image transformer (any timm ViT) into a video action recogniser: "
         "AM-flow adapters or ZeroI2V, stage 1 feature extraction to a Zarr cache, stage 2 temporal "
@@ -85,12 +93,17 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; a user error (bad config, argument, file, disk) prints one line and returns 2.
 
+    Every command checks its outputs first (``options.with_paths``), so a refusal leaves the disk as it was.
+
     ``ValueError`` (``ConfigError``, ``StoreError``, ...) and ``OSError`` (missing or existing file,
     permission, no space left, read-only file system) are user errors; Ctrl-C returns 130. ``-v`` also
     prints the traceback. Any other exception is a bug and propagates with its traceback.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own exits: --help and --version (0), a bad argument (2)
+        return int(e.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )

@@ -93,6 +93,7 @@ def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
 
 def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
     """In-memory features for stage 2's heads: the flow maps (embeddings and CLS are unused by row c)."""
+    from stage1_extract.features import feature_type
     from stage2_temporal.data import CachedFeatures
     from stage2_temporal.demo import MOTIONS
 
@@ -105,8 +106,7 @@ def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
         adapter_names=model.adapter_names,
         flow=flow,
         flow_block_names=model.flow_block_names,
-        patch_grid=model.patch_grid,
-        num_prefix_tokens=model.num_prefix_tokens,
+        flow_geometry=feature_type(model.cfg).layout_of(model).flow_geometry,
         class_names=list(MOTIONS),
         source=source,
     )

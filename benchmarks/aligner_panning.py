@@ -172,7 +172,7 @@ def test_score(videos: str, overrides: list[str], checkpoint: Path) -> float:
     plan = plan_finetune(
         "folder", videos, MODEL, recipe=RECIPE, overrides=[*overrides, "train.val_split=test"]
     )
-    data = VideoClipDataset(plan.val.records, plan.root, plan.data, plan.crop_size, train=False)
+    data = VideoClipDataset(plan.val.records, plan.root, plan.geometry, train=False)
     model = load_finetuned(checkpoint)
     probs, decoded = evaluate_clips(
         model, data, plan.train.num_classes, 16, torch.device("cpu"), None, Distributed()

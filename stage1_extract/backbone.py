@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -81,12 +82,34 @@ def create_backbone(
     return model
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the header's JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
+
+
 def _is_torchscript(path: Path) -> bool:
     """A TorchScript archive (a zip with a ``code/`` folder), as OpenAI's CLIP releases are."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any("/code/" in name for name in z.namelist())
+
+
+def _pickle_reason(error: Exception) -> str:
+    """torch's refusal without its advice to retry with ``weights_only=False`` (that would run the file's
+    code): only what it found, e.g. ``unsupported GLOBAL posix.system``."""
+    text = str(error)
+    found = re.search(r"unsupported (global|operand) \S+", text, re.IGNORECASE)
+    if found:
+        return (
+            f"it holds Python objects, not only tensors ({found.group(0).strip()}); refused, never unpickled"
+        )
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors; refused, never unpickled"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -98,7 +121,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
-    if p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" or _is_safetensors(p):  # by its content, whatever its name
         from safetensors.torch import load_file
 
         try:
@@ -115,7 +138,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors take many forms; all mean the same to a user
-        raise WeightsError(f"{p}: cannot be read as a weights-only torch checkpoint: {e}") from e
+        raise WeightsError(
+            f"{p}: cannot be read as a weights-only torch checkpoint: {_pickle_reason(e)}"
+        ) from e
     for key in ("state_dict", "model", "module", "model_state"):  # model_state: the Hiera release
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

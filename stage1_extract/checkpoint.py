@@ -15,23 +15,21 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stage1_extract.backbone import ADDED_KEY_MARKERS, file_sha256
 from stage1_extract.config import config_to_dict
 from stage1_extract.families import is_backbone
-from store.atomic import atomic_path
-
-CONFIG_KEY = "config"
-FORMAT_KEY = "format"
-TRAINABLE_FORMAT = "amflow-trainable-1"
-WEIGHTS_SHA_KEY = "backbone_weights_sha256"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model or its config."""
+from stage1_extract.formats import (  # the file formats are defined in one module; re-exported here
+    CONFIG_KEY,
+    FORMAT_KEY,
+    TRAINABLE_FORMAT,
+    WEIGHTS_SHA_KEY,
+    CheckpointError,
+    load_safetensors,
+    read_metadata,
+    write_safetensors,
+)
 
 
 def _frozen_backbone_keys(model: nn.Module) -> set[str]:
@@ -56,16 +54,6 @@ def _config_text(cfg: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]
-) -> None:
-    """Writes a safetensors file atomically (temporary file, then rename): no half-written output."""
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata)
-        )
-
-
 def save_trainable_checkpoint(
     model: nn.Module, cfg: Any, path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -79,18 +67,6 @@ def save_trainable_checkpoint(
     if weights and Path(weights).is_file():
         meta[WEIGHTS_SHA_KEY] = file_sha256(weights)
     write_safetensors(trainable_state(model), path, meta)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file, with an error naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"{p}: not a readable safetensors file: {e}") from e
 
 
 def read_config(path: str | Path, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -113,7 +89,7 @@ def load_trainable_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
     """Reads a checkpoint written by ``save_trainable_checkpoint``: (state, config mapping)."""
     meta = read_metadata(path)
     cfg = read_config(path, meta)
-    return load_file(str(path)), cfg
+    return load_safetensors(path, meta), cfg
 
 
 def check_backbone_weights(path: str | Path, cfg: Mapping[str, Any]) -> None:

@@ -362,6 +362,11 @@ def plan_extraction(
     """
     options = options or ExtractOptions()
     options.validate()
+    if options.train_views and split != "train":
+        raise ValueError(
+            f"--train-views {options.train_views}: augmented training views are for the train split; "
+            f"split {split!r} is scored with its test-time views (drop --train-views)"
+        )
     routed = route_overrides(overrides, {"data": DatasetConfig, "model": feature_config_class(model_config)})
     data_over = routed["data"] + ([f"protocol={protocol}"] if protocol is not None else [])
     data_cfg = load_dataset_config(dataset, data_over)
@@ -382,6 +387,10 @@ def plan_extraction(
         meta = build_feature_extractor(model_cfg)
     geometry.check_model(meta.backbone, str(model_config))
     shapes = meta.layout()
+    if checkpoint:  # a checkpoint that does not load or fit is refused before the store exists
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
+            load_extraction_model(model_cfg, checkpoint, torch.device("meta"))
     views = options.train_views or data_cfg.num_clips * data_cfg.num_crops
     fingerprint = feature_fingerprint(model_cfg, data_cfg, checkpoint, options.dtype, options.store_flow)
     provenance = {

@@ -106,13 +106,17 @@ def _gather_index(
     num_frames: int, head_offsets: tuple[int, ...], device: torch.device, windows: int = 1
 ) -> torch.Tensor:
     """Flat index (T·W·h,) into a clip's (frame, window, head) triples: entry (t·W + w)·h + j holds
-    (source frame of (t, j) · W + w) · h + j."""
-    h = len(head_offsets)
-    t = torch.arange(num_frames).unsqueeze(1)
-    source = t + torch.tensor(head_offsets, dtype=torch.long).unsqueeze(0)
-    source = torch.where((source >= 0) & (source < num_frames), source, t)
-    index = (source.unsqueeze(1) * windows + torch.arange(windows).view(1, -1, 1)) * h + torch.arange(h)
-    return index.reshape(-1).to(device)
+    (source frame of (t, j) · W + w) · h + j.
+
+    Made outside inference mode: the cached tensor is reused by training after a prediction.
+    """
+    with torch.inference_mode(False):
+        h = len(head_offsets)
+        t = torch.arange(num_frames).unsqueeze(1)
+        source = t + torch.tensor(head_offsets, dtype=torch.long).unsqueeze(0)
+        source = torch.where((source >= 0) & (source < num_frames), source, t)
+        index = (source.unsqueeze(1) * windows + torch.arange(windows).view(1, -1, 1)) * h + torch.arange(h)
+        return index.reshape(-1).to(device)
 
 
 def temporal_shift_kv(

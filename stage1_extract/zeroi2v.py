@@ -20,7 +20,6 @@ from typing import Any
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 
 from stage1_extract.backbone import create_backbone, freeze
@@ -33,6 +32,7 @@ from stage1_extract.checkpoint import (
     read_metadata,
 )
 from stage1_extract.config import build_config
+from stage1_extract.formats import MERGED_FORMAT, load_safetensors
 from stage1_extract.linear_adapters import (
     DEFAULT_PLACES,
     add_linear_adapters,
@@ -43,7 +43,6 @@ from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import StageOffsets, use_stage_stdha
 
 HEAD_PREFIX = "zeroi2v_head."
-MERGED_FORMAT = "amflow-zeroi2v-merged-1"
 
 
 @dataclass
@@ -140,7 +139,7 @@ def merged_backbone(path: str | Path) -> tuple[str, ResolvedOffsets | None, dict
     trainable ZeroI2V checkpoint whose adapters are merged here, in memory (its classifier is not read)."""
     meta = read_metadata(path)
     if meta.get(FORMAT_KEY) == MERGED_FORMAT:
-        vit_state, _ = split_merged_state(load_file(str(path)))
+        vit_state, _ = split_merged_state(load_safetensors(path, meta))
         return meta.get("backbone", ""), json.loads(meta.get("head_offsets", "null")), vit_state
     state, stored = load_trainable_checkpoint(path)
     source = f"{path} (metadata '{CONFIG_KEY}')"

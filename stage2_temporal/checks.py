@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stage2_temporal.run_dir import METRICS_FILE
 from store import FeatureStore
+from store.outputs import Output, check_outputs
 from store.repair import clips_text, damage_summary, find_damage, scan_clips
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,19 @@ def check_store_pair(
 ) -> list[str] | None:
     """A second store (validation/test) must have the training store's classes, in the same order."""
     names = store_class_names(train)
+    check_scoring_store(other, what)
     check_class_names(names, store_class_names(other), f"training store {train.path}", f"{what} {other.path}")
     return names
+
+
+def check_scoring_store(st: FeatureStore, what: str = "validation store") -> None:
+    """A store that scores a run (validation, test) holds test-time views, not augmented training views."""
+    views = (st.provenance.get("train_views") or {}).get("views") or 0
+    if views:
+        raise ValueError(
+            f"{what} {st.path}: holds {views} augmented training views per clip (extract --train-views); "
+            "a validation or test store is extracted without --train-views"
+        )
 
 
 def check_finished_run(run_dir: str | Path) -> Path:
@@ -113,17 +125,8 @@ def check_finished_run(run_dir: str | Path) -> Path:
 
 def check_out_dir(out: str | Path, arg: str = "--out") -> Path:
     """``out`` can hold a run: not a regular file, and its nearest existing folder writable (nothing made)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{arg} {out}: is a file, not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{arg} {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{arg} {out}: {parent} is not writable (read-only filesystem or permissions)")
-    return out
+    check_outputs([Output(arg, out, resumable=True, folder=True)])
+    return Path(out)
 
 
 def make_run_dir(out: str | Path, overwrite: bool = False, arg: str = "--out") -> Path | None:

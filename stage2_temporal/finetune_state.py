@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from stage1_extract.checkpoint import CheckpointError
-from stage1_extract.config import ConfigError
+from stage1_extract.config import ConfigError, read_yaml
 from stage2_temporal.checks import check_out_dir
 from stage2_temporal.finetune_plan import FinetunePlan, run_config_differences
 from stage2_temporal.heads import drop_ignored_head_keys
@@ -180,7 +179,7 @@ def prepare_run_dir(out: Path, plan: FinetunePlan, resume: bool, overwrite: bool
             raise ValueError(f"--out {out}: the run already finished (metrics.json); nothing to resume")
         if not (out / RESUME_FILE).is_file():
             raise FileNotFoundError(f"--out {out}: no {RESUME_FILE} to resume from")
-        stored = yaml.safe_load((out / CONFIG_FILE).read_text())
+        stored = read_yaml(out / CONFIG_FILE)  # a broken one is named in one line
         # runs written before each head type had its own config list every type's keys
         stored["model"] = drop_ignored_head_keys(stored.get("model") or {})
         diff = run_config_differences(stored, plan.resolved())

@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -45,13 +44,15 @@ from stage1_extract.checkpoint import (
     check_backbone_weights,
     load_into,
     load_trainable_checkpoint,
+    read_config,
     read_metadata,
 )
 from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.config import ConfigError, build_config, config_to_dict
+from stage1_extract.config import ConfigError, build_config, config_to_dict, read_yaml
 from stage1_extract.datasets import VIDEO_EXTENSIONS, ClipRecord, DatasetConfig
 from stage1_extract.extract import load_extraction_model
 from stage1_extract.features import FeatureExtractor
+from stage1_extract.formats import read_class_names
 from stage1_extract.models import feature_config_from_dict
 from stage1_extract.video import VideoClipDataset, collate_clips
 from stage1_extract.zeroi2v import MERGED_FORMAT
@@ -59,7 +60,14 @@ from stage2_temporal.data import CachedFeatures
 from stage2_temporal.heads import AveragingClassifier
 from stage2_temporal.models import build_model, model_config_from_dict
 from stage2_temporal.predictions import class_labels
-from stage2_temporal.run_dir import CONFIG_FILE, FINGERPRINT_FILE, HEADS_FILE, HeadsInfo, load_heads
+from stage2_temporal.run_dir import (
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    HEADS_FILE,
+    HeadsInfo,
+    load_heads,
+    read_json,
+)
 from stage2_temporal.train import predict_proba, select_for_heads
 from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
 
@@ -265,7 +273,7 @@ def load_heads_predictor(
     record_path = run / FINGERPRINT_FILE
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path}: not found; {run} is not a run of amflow train-heads")
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path)
     fields = record.get("fingerprint_fields") or {}
     features = record.get("features") or {}
     config = features.get("config") or {}
@@ -306,7 +314,9 @@ def load_finetune_predictor(
     """An end-to-end finetuning run: its ``best.safetensors`` (or ``checkpoint``) on its dataset sampling."""
     run = Path(run_dir)
     ckpt = Path(checkpoint) if checkpoint else run / FINETUNE_BEST
-    resolved = yaml.safe_load((run / CONFIG_FILE).read_text())
+    resolved = read_yaml(run / CONFIG_FILE)
+    if not isinstance(resolved.get("data"), dict):
+        raise ConfigError(f"{run / CONFIG_FILE}: no 'data' mapping (not the config.yaml of amflow finetune)")
     state, cfg = load_trainable_checkpoint(ckpt)
     if weights:
         cfg = _with_weights(cfg, weights)
@@ -318,7 +328,7 @@ def load_finetune_predictor(
     load_into(model, state, ckpt)
     data = build_config(DatasetConfig, resolved["data"], f"{run / CONFIG_FILE} (data)")
     data = ClipGeometry.resolve(data, model_cfg, f"{ckpt} (metadata 'config')").with_crop(data)
-    names = json.loads(read_metadata(ckpt).get("class_names", "null"))
+    names = read_class_names(read_metadata(ckpt), ckpt, model_cfg.num_classes)
     return FinetunePredictor(
         model,
         data,
@@ -335,9 +345,9 @@ def load_merged_predictor(
     meta = read_metadata(path)
     vit, head = load_merged(path)
     model = ZeroI2VModel(vit, head)
-    cfg = model_config_from_dict(yaml.safe_load(meta["config"]), f"{path} (metadata 'config')")
+    cfg = model_config_from_dict(read_config(path, meta), f"{path} (metadata 'config')")
     data = data or DatasetConfig(num_frames=cfg.num_frames, crop_size=cfg.backbone.img_size)
-    names = json.loads(meta.get("class_names", "null"))
+    names = read_class_names(meta, path, cfg.num_classes)
     return MergedPredictor(
         model,
         ClipGeometry.resolve(data, cfg, f"{path} (metadata 'config')").with_crop(data),
@@ -489,12 +499,16 @@ def prediction_json(p: VideoPrediction, class_names: Sequence[str], k: int = 5) 
 def write_top_k_csv(
     predictions: Sequence[VideoPrediction], class_names: Sequence[str], path: str | Path, k: int = 5
 ) -> Path:
-    """``video[,start,end],label1,prob1,...,labelk,probk`` per scored video or window (failures left out)."""
+    """``video[,start,end],label1,prob1,...,labelk,probk`` per scored video or window (failures left out);
+    ``k`` is at most the number of classes, so the header always matches the rows."""
     import csv
 
+    from store.atomic import atomic_path
+
+    k = min(k, len(class_names))
     windows = any(p.start is not None for p in predictions)
     path = Path(path)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         ranks = [c for r in range(1, k + 1) for c in (f"label{r}", f"prob{r}")]
         writer.writerow(["video", *(["start", "end"] if windows else []), *ranks])

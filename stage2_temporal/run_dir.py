@@ -17,6 +17,15 @@ from typing import Any
 import torch
 
 from stage1_extract.config import build_config, config_to_dict
+from stage1_extract.formats import (
+    HEADS_RECORD_KEY,
+    CheckpointError,
+    check_fits,
+    load_safetensors,
+    read_metadata,
+    tensor_shapes,
+    write_safetensors,
+)
 from stage2_temporal.heads import AveragingClassifier, HeadsConfig, build_classifier, drop_ignored_head_keys
 from store.atomic import atomic_path, write_text_atomic
 from store.layout import FlowBlock
@@ -26,7 +35,7 @@ HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.yaml"
 FINGERPRINT_FILE = "fingerprint.json"
 CURVE_FILE = "curve.csv"
-METADATA_KEY = "amflow_heads"
+METADATA_KEY = HEADS_RECORD_KEY
 
 
 @dataclass
@@ -72,56 +81,83 @@ class HeadsInfo:
         )
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object file of a run (``fingerprint.json``, ``metrics.json``); a broken one is named in one
+    line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(data: Any, path: str | Path) -> Path:
     """Writes JSON atomically and durably (``store.atomic``): never half-written."""
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_heads(classifier: AveragingClassifier, info: HeadsInfo, path: str | Path) -> Path:
-    """Saves the classifier's state dict as safetensors, with ``info`` as JSON in the metadata."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(config_to_dict(info))})
+    """Saves the classifier's state dict as safetensors (atomically, with its content hash), ``info`` as
+    JSON in the metadata."""
+    write_safetensors(classifier.state_dict(), path, {METADATA_KEY: json.dumps(config_to_dict(info))})
     return Path(path)
 
 
 def read_heads_info(path: str | Path) -> HeadsInfo:
-    """The ``HeadsInfo`` stored in a ``heads.safetensors`` file's metadata."""
-    from safetensors import safe_open
-
+    """The ``HeadsInfo`` stored in a ``heads.safetensors`` file's metadata (its class list checked)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no trained heads (expected {HEADS_FILE} from amflow train-heads)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if METADATA_KEY not in meta:
         raise ValueError(f"{path}: no '{METADATA_KEY}' metadata; not heads saved by amflow train-heads")
+    try:
+        record = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: metadata '{METADATA_KEY}' is not a JSON object")
     # Heads saved before each head type had its own config list every type's keys: keep the type's own.
-    info = drop_ignored_head_keys(json.loads(meta[METADATA_KEY]))
-    return build_config(HeadsInfo, info, f"{path} (metadata)")
+    info = build_config(HeadsInfo, drop_ignored_head_keys(record), f"{path} (metadata)")
+    if info.class_names is not None and len(info.class_names) != info.num_classes:
+        raise CheckpointError(
+            f"{path}: {len(info.class_names)} class names for heads of {info.num_classes} classes"
+        )
+    return info
+
+
+def _heads_file(path: str | Path) -> Path:
+    path = Path(path)
+    path = path / HEADS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained heads (expected {HEADS_FILE} from amflow train-heads)")
+    return path
+
+
+def _load_checked(classifier: torch.nn.Module, path: Path) -> None:
+    """Loads verified tensors (hash, finite) that must fit ``classifier`` exactly (one line otherwise)."""
+    check_fits(classifier, tensor_shapes(path), path, "the heads")
+    classifier.load_state_dict(load_safetensors(path))
 
 
 def load_heads(path: str | Path) -> tuple[AveragingClassifier, HeadsInfo]:
     """Rebuilds the trained classifier from ``heads.safetensors`` (a file or the run directory)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / HEADS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained heads (expected {HEADS_FILE} from amflow train-heads)")
+    path = _heads_file(path)
     info = read_heads_info(path)
+    with torch.device("meta"):  # the recorded sizes must fit the file's tensors before allocating them
+        check_fits(info.build(), tensor_shapes(path), path, "the heads")
     classifier = info.build()
-    classifier.load_state_dict(load_file(str(path)))
+    _load_checked(classifier, path)
     return classifier.eval(), info
 
 
 def load_heads_into(classifier: torch.nn.Module, path: str | Path) -> None:
     """Loads trained heads into a classifier of the same shape, e.g. ``AMFlowModel.classifier``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    classifier.load_state_dict(load_file(str(path / HEADS_FILE if path.is_dir() else path)))
+    _load_checked(classifier, _heads_file(path))
 
 
 def write_curve(rows: Sequence[Mapping[str, Any]], run_dir: str | Path) -> None:
@@ -146,4 +182,4 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; {run_dir} holds no finished run")
-    return json.loads(path.read_text())
+    return read_json(path)

@@ -45,6 +45,7 @@ from stage2_temporal.run_dir import (
     FINGERPRINT_FILE,
     METRICS_FILE,
     is_finished,
+    read_json,
     read_metrics,
     write_json_atomic,
 )
@@ -349,7 +350,7 @@ def _record_sweep(
 
     record = sweep_dir / FINGERPRINT_FILE
     if record.is_file():
-        before = json.loads(record.read_text())["fingerprint_fields"]
+        before = read_json(record).get("fingerprint_fields") or {}
         diffs = fingerprint_differences(before, train.fingerprint_fields)
         if diffs and not force:
             raise ValueError(

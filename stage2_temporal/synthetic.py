@@ -87,11 +87,13 @@ def write_store(
     fingerprint_fields: Mapping[str, Any],
     dtype: str = "float16",
     shard_clips: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes a cache as a feature store (``FeatureStore.create`` + shard writers), provenance included."""
+    """Writes a cache as a feature store (``FeatureStore.create`` + shard writers), provenance included
+    (``provenance`` adds to what the cache records, e.g. ``train_views``)."""
     from store import FeatureStore
 
-    provenance = {"source": cache.source}
+    provenance = {**(provenance or {}), "source": cache.source}
     store = FeatureStore.create(
         path,
         clip_ids=cache.clip_ids or [f"clip{i:06d}" for i in range(cache.num_clips)],

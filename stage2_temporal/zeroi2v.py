@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 
 from stage1_extract.backbone import file_sha256
@@ -37,6 +36,7 @@ from stage1_extract.checkpoint import (
 )
 from stage1_extract.config import build_config, config_to_dict, load_config
 from stage1_extract.families import family_of
+from stage1_extract.formats import load_safetensors, without_sources
 from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
 from stage1_extract.model_config import BackboneConfig
 from stage1_extract.stdha import stdha_modules
@@ -295,8 +295,9 @@ def load_merged(path: str | Path) -> tuple[nn.Module, ZeroI2VHead]:
     meta = read_metadata(path)
     if meta.get(FORMAT_KEY) != MERGED_FORMAT:
         raise CheckpointError(f"{path}: not a merged ZeroI2V file (metadata format {meta.get(FORMAT_KEY)!r})")
-    cfg = build_config(ZeroI2VConfig, read_config(path, meta), source=f"{path} (metadata '{CONFIG_KEY}')")
-    vit_state, head_state = split_merged_state(load_file(str(path)))
+    stored = without_sources(read_config(path, meta), path, records_weights=True)  # no file or download
+    cfg = build_config(ZeroI2VConfig, stored, source=f"{path} (metadata '{CONFIG_KEY}')")
+    vit_state, head_state = split_merged_state(load_safetensors(path, meta))
     vit = plain_vit(cfg.backbone)
     try:
         vit.load_state_dict(vit_state, strict=True)

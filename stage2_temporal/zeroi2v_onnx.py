@@ -23,14 +23,21 @@ from store.atomic import atomic_path
 ONNX_OPSET = 17
 
 
+def require_onnx() -> None:
+    """Fails in one line when the ``onnx`` package (the ``onnx`` extra) is not installed."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ValueError("--onnx needs the onnx package: pip install 'amflow[onnx]'") from e
+
+
 def export_onnx(
     model: ZeroI2VModel, path: str | Path, class_names: Sequence[str] | None = None, opset: int = ONNX_OPSET
 ) -> Path:
     """Writes ``model`` (merged, in eval mode) as an ONNX graph with a dynamic batch axis, atomically."""
-    try:
-        import onnx
-    except ImportError as e:
-        raise ValueError("--onnx needs the onnx package: pip install 'amflow[onnx]'") from e
+    require_onnx()
+    import onnx
+
     model = model.eval()
     size = family_of(model.vit).input_size(model.vit)
     example = torch.zeros(2, model.num_frames, 3, *size)

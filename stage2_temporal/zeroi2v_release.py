@@ -90,10 +90,9 @@ def read_release_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = read_state_dict(path)
     except WeightsError as e:
-        raise CheckpointError(
-            f"{e}. A full mmengine training checkpoint holds Python objects besides the weights; keep only "
-            "its 'state_dict' (on a machine you trust: torch.save(torch.load(F, weights_only=False)"
-            "['state_dict'], OUT)) and convert that"
+        raise CheckpointError(  # never advise unpickling it: a hostile pickle runs code wherever it loads
+            f"{e}. amflow reads only plain tensors from a .pth; a file holding Python objects besides them "
+            "is refused (get the release's weights-only checkpoint, or a .safetensors of its state_dict)"
         ) from e
     if not is_release_checkpoint(state):
         raise CheckpointError(

@@ -47,12 +47,17 @@ def parse_memory_budget(text: str | int | None) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
+    try:
+        value = float(m.group(1)) if m else math.nan
+    except ValueError:
+        value = math.nan
+    if not m or unit not in _UNITS or math.isnan(value):
         raise ValueError(
             f"--memory-budget {text!r}: expected bytes with a unit (e.g. 1GB, 512MiB) or a fraction of "
             "the available RAM in (0, 1]"
         )
-    value = float(m.group(1))
+    if not math.isfinite(value):
+        raise ValueError(f"--memory-budget {text!r}: must be a finite size")
     if not unit and 0 < value <= 1:
         return int(value * available_memory())
     if value <= 0:

@@ -93,11 +93,25 @@ class FeatureStore:
             )
         self._meta = meta
         self.layout = StoreLayout.from_dict(meta["layout"], meta.get("provenance"))
+        self._check_clip_count()
         self._arrays: dict[str, zarr.Array] = {}
         self._clip_ids: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         self._id_order: np.ndarray | None = None
         self._sorted_keys: np.ndarray | None = None
+
+    def _check_clip_count(self) -> None:
+        """The layout's clip count must be the status array's: an edited or damaged ``zarr.json`` cannot
+        make a reader allocate for clips the store does not hold."""
+        try:
+            status = self._group["status"]
+        except KeyError:
+            return  # a missing array is named by verify and by the reader that needs it
+        if tuple(status.shape[:1]) != (self.layout.num_clips,):
+            raise StoreError(
+                f"{self.path}/zarr.json: its layout says {self.layout.num_clips} clips but the status array "
+                f"holds {status.shape[0] if status.shape else 0}: a damaged or edited store"
+            )
 
     # ------------------------------------------------------------------ opening / creating
     @classmethod

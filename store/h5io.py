@@ -131,6 +131,8 @@ def import_h5(
         if not is_store(out):
             raise StoreError(f"{out}: exists and is not an amflow feature store; refusing to delete it")
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
+    if not h5py.is_hdf5(src):  # by its content, whatever its name
+        raise StoreError(f"{src}: not an HDF5 file (expected one written by amflow store export)")
     with h5py.File(src, "r") as f:
         attrs = _read_attrs(f, src)
         layout = StoreLayout.from_dict(attrs["layout"], attrs.get("provenance"))

@@ -70,19 +70,19 @@ def test_the_file_and_its_folder_are_fsynced_unless_not_durable(tmp_path, monkey
 
 
 def test_writers_of_the_project_go_through_it(tmp_path, monkeypatch):
-    from stage1_extract import checkpoint
+    from stage1_extract import formats
 
     target = tmp_path / "best.safetensors"
-    checkpoint.write_safetensors({"w": torch.ones(2)}, target, {"format": "x"})
+    formats.write_safetensors({"w": torch.ones(2)}, target, {"format": "x"})
     before = target.read_bytes()
 
     def dies_half_way(tensors, path, metadata):
         Path(path).write_bytes(before[:10])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", dies_half_way)
+    monkeypatch.setattr(formats, "save_file", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.write_safetensors({"w": torch.zeros(2)}, target, {"format": "x"})
+        formats.write_safetensors({"w": torch.zeros(2)}, target, {"format": "x"})
     assert target.read_bytes() == before and leftovers(tmp_path) == []
     # No other hand-rolled rename-into-place is left in the packages.
     for package in ("stage1_extract", "stage2_temporal", "store", "amflow"):

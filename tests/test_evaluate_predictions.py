@@ -63,6 +63,7 @@ def test_predictions_csv_holds_the_heads_probabilities(two_runs, capsys):
 def test_ensemble_averages_the_runs_probabilities(two_runs, capsys):
     tmp, runs = two_runs
     argv = ["evaluate", "--store", str(tmp / "test.zarr"), "--run", str(runs[0]), "--run", str(runs[1])]
+    argv += ["--overwrite"]  # runs[0] was evaluated on this store above
     assert command(evaluate_command, argv) == 0
     assert "ensemble of 2 runs" in capsys.readouterr().out
     ensemble, single = evaluate_ensemble(runs, tmp / "test.zarr", progress=False)

@@ -140,3 +140,16 @@ def test_use_stdha_on_vit_keeps_keys_shares_weights_and_uses_fused_attention(mon
     with torch.no_grad():
         shifted = vit(x)
     assert not torch.allclose(shifted, reference)
+
+
+def test_a_shift_first_made_in_inference_mode_still_trains():
+    """The cached gather index must not be an inference tensor (predict, then finetune, in one process)."""
+    from stage1_extract.stdha import temporal_shift_kv
+
+    k = torch.randn(2 * 3, 2, 5, 4)
+    with torch.inference_mode():
+        temporal_shift_kv(k, k, 3, (1, -1))
+    q = k.clone().requires_grad_(True)
+    shifted, _ = temporal_shift_kv(q, q, 3, (1, -1))
+    shifted.sum().backward()
+    assert q.grad is not None and torch.equal(q.grad.sum(dim=(1, 2, 3)), torch.full((6,), 40.0))

@@ -139,4 +139,4 @@ def test_aligned_view_draws_each_block_unaligned_and_aligned(square_video, tmp_p
     with Image.open(out) as im:
         assert im.format == "PNG"
     with pytest.raises(ValueError, match="--aligned.*no aligning encoder"):
-        _cli([*argv, "--set", *SMALL])
+        _cli([*argv, "--overwrite", "--set", *SMALL])

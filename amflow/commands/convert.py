@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import with_paths
+from store.outputs import Input, Output
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,7 +32,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--backbone-out", default=None, help="where to write the backbone (default: OUT.backbone.safetensors)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The converted checkpoint and its backbone (default OUT.backbone.safetensors)."""
+    from pathlib import Path
+
+    from stage2_temporal.zeroi2v_release import default_backbone_path
+
+    backbone = args.backbone_out or default_backbone_path(Path(args.out))
+    outputs = [Output("--out", args.out, replace=args.overwrite)]
+    outputs.append(Output("--backbone-out", backbone, replace=args.overwrite))
+    return outputs, [Input("CHECKPOINT", args.checkpoint), Input("--config", args.config)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from amflow.commands.options import with_paths, writes_nothing
+
 EPILOG = """example:
   amflow datasets list --dataset smarthome --root /data/smarthome --protocol cs --split train > train_cs.tsv
   amflow datasets list --dataset list --root /data/mine --split val --annotations lists/val.csv
@@ -43,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lister.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dataset config overrides, bare or data.-prefixed"
     )
-    lister.set_defaults(func=run)
+    lister.set_defaults(func=with_paths(run, writes_nothing))
 
 
 def run(args: argparse.Namespace) -> int:

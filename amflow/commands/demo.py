@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import POSITIVE, SEED, with_paths
+from store.outputs import Input, Output
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,15 +31,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the whole pipeline in seconds (4 clips a class, 32 px, 4 frames, 4 epochs): checks that it "
         "runs and reproduces; its numbers mean nothing",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the videos, adapters and heads")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the videos, adapters and heads")
     p.add_argument(
         "--threads",
-        type=int,
+        type=POSITIVE,
         default=2,
         help="torch CPU threads for every stage (default 2); the table is the same on every run for a seed "
         "and thread count",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The working folder: continued when it exists (what is there is reused)."""
+    return [Output("--out", args.out, resumable=True, folder=True)], []
 
 
 def run(args: argparse.Namespace) -> int:

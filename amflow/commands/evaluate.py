@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from amflow.commands.options import add_allow_incomplete, add_memory_budget
+from amflow.commands.options import add_allow_incomplete, add_device, add_memory_budget, with_paths
+from store.outputs import Input, Output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,16 +30,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="run directory of amflow train-heads (repeat for an ensemble)",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_device(p, "cpu", "cpu, cuda, cuda:N or auto")
     p.add_argument(
         "--force",
         action="store_true",
         help="score a store made with other feature settings (warns, naming them)",
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the evaluation files of this store in the runs"
+    )
     add_memory_budget(p)
     add_allow_incomplete(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """Each run gets eval_<store>.json, confusion_<store>.csv/png and predictions_<store>.csv."""
+    from stage2_temporal.checks import check_finished_run
+    from stage2_temporal.evaluate import evaluation_files, run_inputs
+
+    for run in args.run:  # an unfinished run is the first thing to say
+        check_finished_run(run)
+    outputs = [
+        Output("evaluation file", path, replace=args.overwrite)
+        for run in args.run
+        for path in evaluation_files(run, args.store)
+    ]
+    inputs = [Input("--store", args.store)]
+    inputs += [Input(f"--run {run}", path) for run in args.run for path in run_inputs(run)]
+    return outputs, inputs
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import with_paths
+from store.outputs import Input, Output
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``export``."""
@@ -24,7 +27,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="local backbone weights, if the run's recorded path has moved")
     p.add_argument("--checkpoint", help="stage-1 checkpoint (heads runs) or the finetune checkpoint to use")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """--out must not be (or replace a file of) the run or model it exports."""
+    inputs = [
+        Input("RUN", args.run),
+        Input("--weights", args.weights),
+        Input("--checkpoint", args.checkpoint),
+    ]
+    return [Output("--out", args.out, replace=args.overwrite)], inputs
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from amflow.commands.options import add_weights_options
+from amflow.commands.options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    add_device,
+    add_weights_options,
+    compression,
+    number_in,
+    with_paths,
+)
+from store.outputs import Input, Output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,19 +46,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
     add_weights_options(p)
     p.add_argument("--flow", action="store_true", help="also store AM-flow maps (needed by flow-map heads)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per forward (default 8)")
-    p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="clips per forward (default 8)")
+    p.add_argument(
+        "--decode-workers", type=NON_NEGATIVE, default=2, help="DataLoader decoding processes (default 2)"
+    )
+    add_device(p, "auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument(
         "--decode-device", choices=["cpu", "cuda"], default="cpu",
         help="cuda: decode on NVDEC (PyAV hwaccel) where it works, else the CPU with a warning",
     )  # fmt: skip
-    p.add_argument("--decode-threads", type=int, default=1, help="FFmpeg threads per decoding worker")
+    p.add_argument("--decode-threads", type=POSITIVE, default=1, help="FFmpeg threads per decoding worker")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen forward (GPU runs)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
-    p.add_argument("--shard-clips", type=int, help="clips per shard (default: ~32 MB shards)")
-    p.add_argument("--compression", default="none", help="none, zstd[:level] or blosc[:level]")
-    p.add_argument("--workers", type=int, default=1, help="extraction workers on a dask LocalCluster")
+    p.add_argument("--shard-clips", type=POSITIVE, help="clips per shard (default: ~32 MB shards)")
+    p.add_argument(
+        "--compression", default="none", type=compression, help="none, zstd[:level] (1-22) or blosc[:level]"
+    )
+    p.add_argument("--workers", type=POSITIVE, default=1, help="extraction workers on a dask LocalCluster")
     p.add_argument(
         "--scheduler",
         help="address of an existing dask scheduler (tcp:// or tls://host:port; TLS credentials from dask's "
@@ -62,20 +76,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 if any video failed to decode")
     p.add_argument(
         "--train-views",
-        type=int,
+        type=NON_NEGATIVE,
         default=0,
         metavar="K",
         help="store K augmented training views per clip (random frames/start, random crop, --train-flip), "
-        "seeded; stage 2 draws one per clip per epoch (default: the test-time views)",
+        "seeded; stage 2 draws one per clip per epoch (default: the test-time views); training splits only",
     )
     p.add_argument(
         "--train-flip",
-        type=float,
+        type=number_in(0.0, 1.0),
         default=0.0,
         metavar="P",
         help="flip probability of a training view (0.5 where left/right does not change the class)",
     )
-    p.add_argument("--train-views-seed", type=int, default=0, help="seed of the training views")
+    p.add_argument("--train-views-seed", type=SEED, default=0, help="seed of the training views")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -83,15 +97,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="overrides: data.KEY=V (dataset config), model.KEY=V (model config); a bare key goes to the "
         "config that has it (num_crops=3, pooling=flow; num_frames=16 sets both)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The store: an existing one is resumed (extract checks that it is the same extraction)."""
+    inputs = [
+        Input("--root", args.root),
+        Input("--config", args.config),
+        Input("--checkpoint", args.checkpoint),
+        Input("--weights", args.weights),
+        Input("--annotations", args.annotations),
+    ]
+    return [Output("--out", args.out, resumable=True, folder=True)], inputs
 
 
 def run(args: argparse.Namespace) -> int:
     from stage1_extract.cluster import check_reachable
     from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
 
-    if args.workers < 1:
-        raise ValueError(f"--workers: expected >= 1, got {args.workers}")
     if args.scheduler:
         check_reachable(args.scheduler)  # before any store is created
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from amflow.commands.options import add_no_tensorboard
+from amflow.commands.options import POSITIVE, add_no_tensorboard, with_paths
+from store.outputs import Input, Output
 
 EPILOG = """examples:
   amflow finetune --dataset smarthome --root data/smarthome --protocol cs \\
@@ -65,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in a RUN_DIR that holds a run")
     p.add_argument(
         "--stop-after-steps",
-        type=int,
+        type=POSITIVE,
         default=None,
         metavar="N",
         help="stop after N optimiser steps in all (schedule unchanged), resumable with --resume",
@@ -78,7 +79,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="overrides: data.KEY=V, model.KEY=V, train.KEY=V (recipe), or a bare KEY=V of one config",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The run directory (--resume continues it, --overwrite starts again; checked by the run itself)."""
+    inputs = [
+        Input("--root", args.root),
+        Input("--config", args.config),
+        Input("--recipe", args.recipe),
+        Input("--weights", args.weights),
+        Input("--init", args.init),
+    ]
+    return [Output("--out", args.out, resumable=True, folder=True)], inputs
 
 
 def run(args: argparse.Namespace) -> int:

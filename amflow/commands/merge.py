@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from amflow.commands.options import with_paths
+from store.outputs import Input, Output
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -22,17 +25,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", default=None, help="model YAML to use instead of the checkpoint's stored config"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --onnx) if they exist")
     p.add_argument(
         "--onnx",
         metavar="MODEL.onnx",
         help="also export the merged classifier to ONNX (input: normalised video (batch, T, 3, H, W))",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The merged file and the ONNX graph: both checked (and distinct) before anything is merged."""
+    outputs = [Output("--out", args.out, replace=args.overwrite)]
+    if args.onnx:
+        outputs.append(Output("--onnx", args.onnx, replace=args.overwrite))
+    return outputs, [Input("CHECKPOINT", args.checkpoint), Input("--config", args.config)]
 
 
 def run(args: argparse.Namespace) -> int:
     from stage2_temporal.zeroi2v import merge_checkpoint
+
+    if args.onnx:
+        from stage2_temporal.zeroi2v_onnx import require_onnx
+
+        require_onnx()  # before the merge: a missing package must not leave --out behind
 
     summary = merge_checkpoint(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)
     rows = [
@@ -44,16 +60,16 @@ def run(args: argparse.Namespace) -> int:
         ("written", str(summary.out_path)),
     ]
     if args.onnx:
-        import json
-
         from stage1_extract.checkpoint import read_metadata
+        from stage1_extract.formats import read_class_names
         from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
         from stage2_temporal.zeroi2v_onnx import export_onnx
 
-        names = json.loads(read_metadata(summary.out_path).get("class_names", "null"))
-        rows.append(
-            ("ONNX", str(export_onnx(ZeroI2VModel(*load_merged(summary.out_path)), args.onnx, names)))
+        model = ZeroI2VModel(*load_merged(summary.out_path))
+        names = read_class_names(
+            read_metadata(summary.out_path), summary.out_path, model.head.fc.out_features
         )
+        rows.append(("ONNX", str(export_onnx(model, args.onnx, names))))
     for name, value in rows:
         print(f"{name:<18}{value}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from amflow.commands.options import with_paths, writes_nothing
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -27,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="model config overrides, bare or model.-prefixed: heads.hidden=256 model.bottleneck=64",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, writes_nothing))
 
 
 def run(args: argparse.Namespace) -> int:

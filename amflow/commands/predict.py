@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from amflow.commands.options import NON_NEGATIVE, POSITIVE, add_device, number_in, with_paths
+from store.outputs import Input, Output
+
 EPILOG = """examples:
   amflow predict clip.mp4 more_clips/ --run runs/cs_lstm
   amflow predict clip.mp4 --run runs/cs_finetune --json
@@ -37,23 +40,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--weights", help="local backbone weights, if the run's recorded path has moved")
     p.add_argument("--checkpoint", help="stage-1 checkpoint (heads runs) or the finetune checkpoint to use")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch-size", type=int, default=8, help="videos (or windows) per forward (default 8)")
-    p.add_argument("--decode-workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
+    add_device(p, "auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--batch-size", type=POSITIVE, default=8, help="videos (or windows) per forward (default 8)"
+    )
+    p.add_argument(
+        "--decode-workers", type=NON_NEGATIVE, default=2, help="DataLoader decoding processes (default 2)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per video per line")
     p.add_argument("--out", metavar="FILE.csv", help="also write the top-5 (or the timeline) as CSV")
-    p.add_argument("--window", type=float, metavar="SECONDS", help="score sliding windows of this length")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (or the timelines) if it exists")
+    seconds = number_in(0.0, low_open=True)
+    p.add_argument("--window", type=seconds, metavar="SECONDS", help="score sliding windows of this length")
     p.add_argument(
-        "--stride", type=float, metavar="SECONDS", help="seconds between windows (default: window)"
+        "--stride",
+        type=seconds,
+        metavar="SECONDS",
+        help="seconds between windows, > 0 (default: window); at most 10,000 windows per video",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """--out, or with --window each video's timeline CSV and PNG (distinct names, checked together)."""
+    from stage2_temporal.predict import expand_videos
+
+    if args.stride is not None and args.window is None:
+        raise ValueError("--stride needs --window")
+    videos = expand_videos(args.videos)  # the videos themselves: other files beside them are not read
+    inputs = [Input("VIDEO", v) for v in videos]
+    inputs += [Input(o, getattr(args, o[2:])) for o in ("--run", "--model", "--weights", "--checkpoint")]
+    if args.window is None:
+        return ([Output("--out", args.out, replace=args.overwrite)] if args.out else []), inputs
+    from stage2_temporal.timeline import timeline_paths
+
+    outputs = []
+    for video, csv_path in zip(videos, timeline_paths(videos, args.out)):
+        option = "--out" if args.out else f"timeline of {video}:"
+        outputs.append(Output(option, csv_path, replace=args.overwrite))
+        outputs.append(Output(option, csv_path.with_suffix(".png"), replace=args.overwrite))
+    return outputs, inputs
 
 
 def run(args: argparse.Namespace) -> int:
     """Loads the predictor, scores the videos (or windows), prints and writes the results."""
-    from pathlib import Path
-
     from stage2_temporal.predict import (
         expand_videos,
         format_prediction,
@@ -63,35 +94,23 @@ def run(args: argparse.Namespace) -> int:
         write_top_k_csv,
     )
 
-    if args.batch_size < 1 or args.decode_workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --decode-workers >= 0")
-    if args.stride is not None and args.window is None:
-        raise ValueError("--stride needs --window")
     videos = expand_videos(args.videos)
+    if args.window is not None:  # every video's windows are planned (and bounded) before any is decoded
+        from stage2_temporal.timeline import plan_timeline, predict_timeline, timeline_paths, write_timeline
+
+        plans = [plan_timeline(v, args.window, args.stride or args.window) for v in videos]
+        outs = timeline_paths(videos, args.out)
     predictor = load_predictor(
         args.run, args.model, weights=args.weights, checkpoint=args.checkpoint, device=args.device
     )
     names = predictor.class_names
     if args.window is not None:
-        from stage2_temporal.timeline import predict_timeline, write_timeline
-
-        if args.out and len(videos) > 1:
-            raise ValueError("--out with --window takes one video (each video gets its own timeline)")
         results = []
-        for video in videos:
-            windows = predict_timeline(
-                predictor,
-                video,
-                args.window,
-                args.stride or args.window,
-                args.batch_size,
-                args.decode_workers,
-                not args.quiet,
-            )
+        for plan, out in zip(plans, outs):
+            windows = predict_timeline(predictor, plan, args.batch_size, args.decode_workers, not args.quiet)
             results.extend(windows)
             if all(w.probs is None for w in windows):
                 continue
-            out = Path(args.out) if args.out else Path(f"{Path(video).stem}_timeline.csv")
             csv_path, png_path = write_timeline(windows, names, out)
             print(f"timeline: {csv_path}, {png_path}", file=sys.stderr)
     else:

@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from amflow.commands.options import with_paths, writes_nothing
 from store import FeatureStore, StoreError, export_h5, format_info, import_h5, store_info, verify_store
+from store.outputs import Input, Output
 from store.repair import clips_text, repair_store
 
 EPILOG = """examples:
@@ -72,7 +74,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="STORE", help="store folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace STORE if it is an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """export writes OUT.h5, import a store folder; info, verify and repair write no new file."""
+    if args.store_command == "export":
+        return [Output("--h5", args.h5, replace=args.overwrite)], [Input("STORE", args.store)]
+    if args.store_command == "import":
+        return [Output("--out", args.out, replace=args.overwrite, folder=True)], [Input("IN.h5", args.h5)]
+    return writes_nothing(args)
 
 
 def run(args: argparse.Namespace) -> int:

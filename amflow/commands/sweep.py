@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from amflow.commands.options import add_allow_incomplete, add_memory_budget, add_no_tensorboard
+from amflow.commands.options import (
+    NON_NEGATIVE,
+    add_allow_incomplete,
+    add_memory_budget,
+    add_no_tensorboard,
+    with_paths,
+)
+from store.outputs import Input, Output
 
 EPILOG = """examples:
   amflow sweep --store runs/cs/train.zarr --val-store runs/cs/val.zarr \\
@@ -33,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="SWEEP_DIR", help="sweep directory (resumed if it exists)")
     p.add_argument(
         "--workers",
-        type=int,
+        type=NON_NEGATIVE,
         default=2,
         help="local dask worker processes (default 2); 0 trains in this process",
     )
@@ -58,15 +65,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="training config overrides for every run, bare or train.-prefixed: epochs=5 train.patience=2",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The sweep directory: resumed when it exists."""
+    inputs = [Input("--store", args.store), Input("--val-store", args.val_store), Input("--grid", args.grid)]
+    return [Output("--out", args.out, resumable=True, folder=True)], inputs
 
 
 def run(args: argparse.Namespace) -> int:
     """Sweeps and prints the top of the leaderboard; exit 1 when a run failed."""
     from stage2_temporal.sweep import run_sweep_from_stores
 
-    if args.workers < 0:
-        raise ValueError(f"--workers: expected >= 0, got {args.workers}")
     result = run_sweep_from_stores(
         args.store,
         args.val_store,

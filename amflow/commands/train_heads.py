@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from amflow.commands.options import add_allow_incomplete, add_memory_budget, add_no_tensorboard
+from amflow.commands.options import add_allow_incomplete, add_memory_budget, add_no_tensorboard, with_paths
+from store.outputs import Input, Output
 
 EPILOG = """example:
   amflow train-heads --store runs/cs/train.zarr --val-store runs/cs/val.zarr \\
@@ -54,7 +55,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="training config overrides, bare or train.-prefixed: heads.hidden=256 train.lr=1e-3",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The run directory (a finished run needs --overwrite, which moves it aside; checked in ``run``)."""
+    inputs = [
+        Input("--store", args.store),
+        Input("--val-store", args.val_store),
+        Input("--config", args.config),
+    ]
+    return [Output("--out", args.out, resumable=True, folder=True)], inputs
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amflow.commands.options import add_weights_options
+from amflow.commands.options import add_device, add_weights_options, int_at_least, number_in, with_paths
+from store.outputs import Input, Output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,17 +31,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")
     add_weights_options(p)
     p.add_argument("--blocks", help="1-based AM-flow blocks to draw, comma-separated (default: all)")
-    p.add_argument("--frames", type=int, help="frames to sample, >= 2 (default: the config's num_frames)")
+    p.add_argument(
+        "--frames", type=int_at_least(2), help="frames to sample, >= 2 (default: the config's num_frames)"
+    )
     p.add_argument("--out", required=True, help="the figure to write (.png, .pdf, .svg or .jpg)")
     p.add_argument("--gif", action="store_true", help="also write an animated GIF beside it (<out>.gif)")
-    p.add_argument("--fps", type=float, default=4.0, help="GIF frames per second (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and the GIF) if they exist")
+    p.add_argument(
+        "--fps",
+        type=number_in(0.0, 100.0, low_open=True),
+        default=4.0,
+        help="GIF frames per second (default 4)",
+    )
     p.add_argument(
         "--aligned",
         action="store_true",
         help="models with aligning encoders: per block, a row with the aligners bypassed (frame t+1 as "
         "it is) above the aligned AM flow, so camera motion's flow and what the aligner removes show",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+    add_device(p, "cpu", "cpu (default), cuda, cuda:1 ...")
     # An option, not trailing positionals: argparse cannot take positionals both before and after options.
     p.add_argument(
         "--set",
@@ -51,18 +60,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="model config overrides, bare or model.-prefixed: --set seed=1 model.backbone.img_size=64",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_paths(run, paths))
+
+
+def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
+    """The figure and, with --gif, the GIF beside it."""
+    outputs = [Output("--out", args.out, replace=args.overwrite)]
+    if args.gif:
+        outputs.append(Output("--gif", Path(args.out).with_suffix(".gif"), replace=args.overwrite))
+    inputs = [
+        Input("VIDEO", args.video),
+        Input("--config", args.config),
+        Input("--checkpoint", args.checkpoint),
+        Input("--weights", args.weights),
+    ]
+    return outputs, inputs
 
 
 def _parse_blocks(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(b) for b in text.split(",") if b.strip()]
+        blocks = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise ValueError(
-            f"--blocks: expected comma-separated block numbers such as 1,12, got {text!r}"
-        ) from None
+        blocks = []
+    if not blocks or min(blocks) < 1:
+        raise ValueError(f"--blocks: expected comma-separated block numbers >= 1 such as 1,12, got {text!r}")
+    return blocks
 
 
 def run(args: argparse.Namespace) -> int:
