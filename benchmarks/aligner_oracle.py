@@ -3,7 +3,7 @@ the AM flow of the fresh tiny model when the generator's true camera motion is u
 
 Same clips and model as ``benchmarks/aligner_panning.py`` (32 px, 4 frames, AM/2 = blocks 1 and 12,
 seed-0 data): for each condition the AM flow of every clip is computed in memory, then the demo's row (c)
-heads are trained (``stage2_temporal.train.train_heads``) per seed and scored on the test split:
+heads are trained (``stage2_temporal.training.train.train_heads``) per seed and scored on the test split:
 
 - ``static``: static camera, frames as they are (the reference);
 - ``panning, raw``: panning camera, no alignment (the aligner's starting point);
@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
     """AM flow (clips, 1 view, blocks, T, h, N) of the split's clips under ``condition``, and labels."""
-    from stage1_extract.alignment import undo_camera
-    from stage1_extract.backbone import normalise_video, pixel_stats
-    from stage1_extract.synthetic import render_motion_clip, split_clip_rng
+    from stage1_extract.families.backbone import normalise_video, pixel_stats
+    from stage1_extract.methods.alignment import undo_camera
+    from stage1_extract.videos.synthetic import render_motion_clip, split_clip_rng
     from stage2_temporal.demo import MOTIONS
 
     mean, std = pixel_stats(model.vit)
@@ -94,8 +94,8 @@ def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
 def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
     """In-memory features for stage 2's heads: the flow maps (embeddings and CLS are unused by row c)."""
     from stage1_extract.features import feature_type
-    from stage2_temporal.data import CachedFeatures
     from stage2_temporal.demo import MOTIONS
+    from stage2_temporal.training.data import CachedFeatures
 
     n, T = len(labels), flow.shape[3]
     return CachedFeatures(
@@ -114,11 +114,11 @@ def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from stage1_extract.backbone import RANDOM_INIT_WARNING
+    from stage1_extract.families.backbone import RANDOM_INIT_WARNING
     from stage2_temporal.demo import demo_rows, deterministic_torch
-    from stage2_temporal.models import build_model, load_model_config
-    from stage2_temporal.run_dir import load_heads
-    from stage2_temporal.train import predict_proba, score, train_heads
+    from stage2_temporal.finetuning.models import build_model, load_model_config
+    from stage2_temporal.training.run_dir import load_heads
+    from stage2_temporal.training.train import predict_proba, score, train_heads
 
     started = time.perf_counter()
     warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)

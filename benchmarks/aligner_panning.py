@@ -2,7 +2,7 @@
 with and without aligners, on the demo's generator with a static and a panning camera, against the
 last-frame baseline and the demo's stage-2-only rows on the same clips; plus what the aligners learn.
 
-For each camera: the same generated clips (``stage1_extract.synthetic``, the demo's four motions) feed
+For each camera: the same generated clips (``stage1_extract.videos.synthetic``, the demo's four motions) feed
 (1) ``finetune`` with the recipe ``configs/finetune/panning_camera.yaml`` of the tiny model
 (``configs/models/amflow_tiny.yaml`` at ``--size`` px and ``--frames`` frames, AM-flow map heads only) for
 each placement (AM/2 = blocks 1 and 12, the default; ``--placements am2,am12`` adds AM/12 = every block,
@@ -12,7 +12,7 @@ validation epoch's checkpoint; (2) the demo's rows
 (``stage2_temporal.demo.demo_rows``: last frame, adapter-embedding heads, AM-flow map heads, all, the
 feature-difference control) trained per seed on stores extracted once with the demo's fresh model (all
 12 blocks, seed 0). For every
-aligner run on the panning camera, ``stage1_extract.alignment.measure_alignment`` on the test clips
+aligner run on the panning camera, ``stage1_extract.methods.alignment.measure_alignment`` on the test clips
 compares frame t+1's tokens with frame t's before and after alignment and with the true camera shift
 undone, fresh and trained, and one trained run is drawn with ``amflow visualize --aligned``.
 
@@ -128,9 +128,9 @@ def finetune_job(job: dict[str, Any]) -> dict[str, Any]:
     """One finetuning run and its test-split score (a worker process: one thread, warnings off)."""
     import torch
 
-    from stage1_extract.backbone import RANDOM_INIT_WARNING
-    from stage2_temporal.finetune import finetune
-    from stage2_temporal.finetune_plan import plan_finetune
+    from stage1_extract.families.backbone import RANDOM_INIT_WARNING
+    from stage2_temporal.finetuning.finetune import finetune
+    from stage2_temporal.finetuning.plan import plan_finetune
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)
@@ -149,9 +149,9 @@ def finetune_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def load_finetuned(checkpoint: Path):
     """The end-to-end model of a finetuning checkpoint (its config from the file's metadata)."""
-    from stage1_extract.checkpoint import load_into, load_trainable_checkpoint
-    from stage2_temporal.finetune_model import build_finetune_model
-    from stage2_temporal.models import model_config_from_dict
+    from stage1_extract.methods.checkpoint import load_into, load_trainable_checkpoint
+    from stage2_temporal.finetuning.model import build_finetune_model
+    from stage2_temporal.finetuning.models import model_config_from_dict
 
     state, cfg = load_trainable_checkpoint(checkpoint)
     model = build_finetune_model(model_config_from_dict(cfg, str(checkpoint)))
@@ -163,11 +163,11 @@ def test_score(videos: str, overrides: list[str], checkpoint: Path) -> float:
     """Mean class accuracy of ``checkpoint`` on the test split (its test views, as validation scores)."""
     import torch
 
-    from stage1_extract.video import VideoClipDataset
-    from stage2_temporal.distributed import Distributed
-    from stage2_temporal.finetune_model import evaluate_clips
-    from stage2_temporal.finetune_plan import plan_finetune
-    from stage2_temporal.train import score
+    from stage1_extract.videos.video import VideoClipDataset
+    from stage2_temporal.finetuning.distributed import Distributed
+    from stage2_temporal.finetuning.model import evaluate_clips
+    from stage2_temporal.finetuning.plan import plan_finetune
+    from stage2_temporal.training.train import score
 
     plan = plan_finetune(
         "folder", videos, MODEL, recipe=RECIPE, overrides=[*overrides, "train.val_split=test"]
@@ -185,10 +185,10 @@ def test_score(videos: str, overrides: list[str], checkpoint: Path) -> float:
 
 def stage2_rows(args: argparse.Namespace, camera: str, videos: Path) -> list[dict[str, Any]]:
     """The demo's rows on this camera's clips: stores extracted once (fresh model), heads per seed."""
-    from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
+    from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
     from stage2_temporal.demo import demo_rows
-    from stage2_temporal.evaluate import evaluate_store
-    from stage2_temporal.train import train_heads_from_stores
+    from stage2_temporal.training.evaluate import evaluate_store
+    from stage2_temporal.training.train import train_heads_from_stores
 
     stores = {}
     for maps in ("am_flow",) if args.quick else ("am_flow", "feature_diff"):  # quick: rows (a) and (c)
@@ -228,7 +228,7 @@ def render_test_clips(args: argparse.Namespace, pan: bool):
     """The test split's clips as the generator rendered them (same seeds as the mp4s), with cameras."""
     import torch
 
-    from stage1_extract.synthetic import render_motion_clip, split_clip_rng
+    from stage1_extract.videos.synthetic import render_motion_clip, split_clip_rng
     from stage2_temporal.demo import MOTIONS
 
     clips = [
@@ -246,9 +246,9 @@ def alignment_rows(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list
     """``measure_alignment`` on the panning test clips for each aligner run: fresh and trained."""
     import torch
 
-    from stage1_extract.alignment import measure_alignment
-    from stage1_extract.backbone import normalise_video, pixel_stats
-    from stage2_temporal.finetune_model import build_finetune_model
+    from stage1_extract.families.backbone import normalise_video, pixel_stats
+    from stage1_extract.methods.alignment import measure_alignment
+    from stage2_temporal.finetuning.model import build_finetune_model
 
     torch.set_num_threads(1)
     video, camera, mask = render_test_clips(args, pan=True)
@@ -334,7 +334,7 @@ def format_tables(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from stage1_extract.synthetic import make_folder_dataset
+    from stage1_extract.videos.synthetic import make_folder_dataset
     from stage2_temporal.demo import MOTIONS, deterministic_torch
 
     started = time.perf_counter()

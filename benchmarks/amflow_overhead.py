@@ -20,8 +20,8 @@ import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import 
 import timm
 import torch
 
-from stage1_extract.backbone import is_added_key
-from stage2_temporal.models import build_amflow, load_model_config
+from stage1_extract.families.backbone import is_added_key
+from stage2_temporal.finetuning.models import build_amflow, load_model_config
 
 
 def timed(fn, sync) -> float:

@@ -29,11 +29,11 @@ import av
 import numpy as np
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract import video
-from stage1_extract.datasets import DatasetConfig
-from stage1_extract.decode_plan import resolve_decode_device
-from stage1_extract.sampling import clip_indices
-from stage1_extract.synthetic_k400 import write_k400_like_video
+from stage1_extract.videos import video
+from stage1_extract.videos.datasets import DatasetConfig
+from stage1_extract.videos.decode_plan import resolve_decode_device
+from stage1_extract.videos.sampling import clip_indices
+from stage1_extract.videos.synthetic_k400 import write_k400_like_video
 
 VIEWS = {
     "8 frames, 1 view": DatasetConfig(num_frames=8, sampling="uniform", num_clips=1, num_crops=1),

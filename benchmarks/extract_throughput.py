@@ -29,10 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import RANDOM_INIT_WARNING, resolve_device
-from stage1_extract.datasets import ClipRecord, DatasetConfig
-from stage1_extract.decode_plan import resolve_decode_device
-from stage1_extract.extract import (
+from foundation.devices import resolve_device
+from stage1_extract.extraction.extract import (
     ExtractionPlan,
     ExtractOptions,
     _forward,
@@ -40,9 +38,12 @@ from stage1_extract.extract import (
     plan_extraction,
     run_extraction,
 )
-from stage1_extract.models import feature_config_from_dict
-from stage1_extract.synthetic import make_folder_dataset
-from stage1_extract.video import VideoClipDataset, collate_clips
+from stage1_extract.families.backbone import RANDOM_INIT_WARNING
+from stage1_extract.methods.models import feature_config_from_dict
+from stage1_extract.videos.datasets import ClipRecord, DatasetConfig
+from stage1_extract.videos.decode_plan import resolve_decode_device
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage1_extract.videos.video import VideoClipDataset, collate_clips
 from store.feature_store import FeatureStore
 
 MOTIONS = ("left", "right", "up", "down")

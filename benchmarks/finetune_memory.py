@@ -26,10 +26,11 @@ import stage1_extract  # noqa: F401  (before timm: fixes the torchvision import 
 import torch
 from tqdm import tqdm
 
-from stage1_extract.backbone import normalise_video, pixel_stats, resolve_device
-from stage2_temporal.finetune_model import autocast, build_finetune_model, use_gradient_checkpointing
-from stage2_temporal.models import load_model_config
-from stage2_temporal.optim import adamw
+from foundation.devices import resolve_device
+from stage1_extract.families.backbone import normalise_video, pixel_stats
+from stage2_temporal.finetuning.model import autocast, build_finetune_model, use_gradient_checkpointing
+from stage2_temporal.finetuning.models import load_model_config
+from stage2_temporal.training.optim import adamw
 
 PAPER_REFERENCE = "ZeroI2V ViT-B/16 8f, batch 8, V100 AMP (paper 002, Table 10): 7.6 GB"
 

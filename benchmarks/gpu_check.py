@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import RANDOM_INIT_WARNING
+from stage1_extract.families.backbone import RANDOM_INIT_WARNING
 
 # isort: split
 from gpu_parts import (

@@ -309,7 +309,7 @@ def _k400_videos(folder: Path, sizes: Sizes, count: int) -> list[Path]:
 
 
 def _write_k400(path: Path, seed: int, size: tuple[int, int], seconds: float) -> Path:
-    from stage1_extract.synthetic_k400 import write_k400_like_video
+    from stage1_extract.videos.synthetic_k400 import write_k400_like_video
 
     gop = max(10, round(seconds * 30 / 3))  # ~3 keyframes per clip, as the issue measured on Kinetics
     return write_k400_like_video(path, seed, size=size, seconds=seconds, gop=gop)
@@ -345,7 +345,7 @@ def part_extract(sizes: Sizes, scratch: Path) -> list[str]:
         (root / "train" / motion).mkdir(parents=True, exist_ok=True)
         for p in paths:
             os.link(p, root / "train" / motion / p.name)
-    from stage1_extract.decode_plan import cuda_decode_problem
+    from stage1_extract.videos.decode_plan import cuda_decode_problem
 
     runs = [("AM/12", sizes.am12, (), "cpu"), ("AM/2(1,12)", sizes.am2, sizes.am2_overrides, "cpu")]
     nvdec = cuda_decode_problem(paths[0]) is None if sizes.device == "cuda" else False
@@ -449,8 +449,8 @@ def part_finetune(sizes: Sizes) -> list[str]:
 
 
 def part_stage2(sizes: Sizes) -> list[str]:
-    from stage2_temporal.config import TrainConfig
     from stage2_temporal.heads import LSTMHeadsConfig
+    from stage2_temporal.training.config import TrainConfig
 
     clips, adapters, dim, hidden = sizes.stage2
     base = sweep_speed.random_cache(min(clips, 1024), adapters=adapters, frames=8, dim=dim, classes=31)
@@ -470,7 +470,7 @@ def part_stage2(sizes: Sizes) -> list[str]:
 
 def _cache_epoch(data, cfg):
     """One full epoch from the cache on ``cfg.device`` (sweep_speed's timing, on the given device)."""
-    from stage2_temporal.train import heads_info, make_optimiser, train_epoch
+    from stage2_temporal.training.train import heads_info, make_optimiser, train_epoch
 
     torch.manual_seed(0)
     classifier = heads_info(data, cfg).build().to(cfg.device)

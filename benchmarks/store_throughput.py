@@ -204,7 +204,7 @@ def compare_object_store(
     args: argparse.Namespace, store_write: Callable[..., float], local: Path
 ) -> list[tuple[str, float, float, float]]:
     """The store's write and read patterns on ``--store-url`` and on local disk, interleaved."""
-    from stage2_temporal.stream import StreamedFeatures, store_selection
+    from stage2_temporal.training.stream import StreamedFeatures, store_selection
 
     url = args.store_url
     write = interleaved(lambda: store_write(url), lambda: store_write(local), args.repeats)

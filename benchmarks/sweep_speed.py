@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import RANDOM_INIT_WARNING
+from stage1_extract.families.backbone import RANDOM_INIT_WARNING
 from stage1_extract.features.am_flow import AMFlowFeatures
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures
+from stage2_temporal.finetuning.models import build_amflow, load_model_config
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.models import build_amflow, load_model_config
-from stage2_temporal.sweep import SweepGrid, run_sweep
-from stage2_temporal.train import heads_info, make_optimiser, train_epoch
+from stage2_temporal.sweeps.sweep import SweepGrid, run_sweep
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.data import CachedFeatures
+from stage2_temporal.training.train import heads_info, make_optimiser, train_epoch
 
 
 def cache_epoch_seconds(data: CachedFeatures, cfg: TrainConfig, epochs: int, max_steps: int | None = None):

@@ -1,7 +1,7 @@
 """Validation accuracy of heads trained on test-time views (K = 0) vs K = 1 and K = 4 augmented training
 views per clip (``amflow extract --train-views K``), and the training store's size per K.
 
-Two generated datasets (stage1_extract/synthetic.py, the demo's motion-only classes, tiny random ViT):
+Two generated datasets (stage1_extract/videos/synthetic.py, the demo's motion-only classes, tiny random ViT):
 ``demo`` is the demo's static-camera data (square 64 px videos: a random crop can only move along time);
 ``varied`` has more appearance variation: 64x96 px videos (random crops move sideways over the frame)
 and half of the clips with a panning camera. Flips stay off: they would swap the classes left and right.
@@ -21,10 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
-from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
-from stage1_extract.synthetic import make_folder_dataset
+from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
+from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.demo import MODEL_CONFIG, MOTIONS, demo_rows
-from stage2_temporal.train import train_heads_from_stores
+from stage2_temporal.training.train import train_heads_from_stores
 
 DATASETS = {"demo": ((64, 64), 0.0), "varied": ((64, 96), 0.5)}
 

@@ -24,9 +24,9 @@ import timm
 import torch
 from tqdm import tqdm
 
-from stage1_extract.backbone import RANDOM_INIT_WARNING
-from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
-from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
+from stage1_extract.families.backbone import RANDOM_INIT_WARNING
+from stage1_extract.methods.linear_adapters import linear_adapter_modules, merge_linear_adapters
+from stage2_temporal.zeroi2v.model import ZeroI2VConfig, build_zeroi2v
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.evaluate import evaluate_store
+from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
+from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.run_dir import write_json_atomic
-from stage2_temporal.train import train_heads_from_stores
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.evaluate import evaluate_store
+from stage2_temporal.training.run_dir import write_json_atomic
+from stage2_temporal.training.train import train_heads_from_stores
 
 MODEL_CONFIG = "configs/models/amflow_tiny.yaml"
 MOTIONS = ("down", "left", "right", "up")
@@ -193,7 +193,7 @@ PREDICT_VIDEOS = ("left", "up")  # the first test video of these classes
 
 def demo_predictions(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     """``amflow predict`` on two test videos with the AM-flow map heads run: the command and its top-5."""
-    from stage2_temporal.predict import load_predictor, predict_videos, top_k
+    from stage2_temporal.inference.predict import load_predictor, predict_videos, top_k
 
     camera, row = PREDICT_RUN
     run_dir = f"runs/{camera}/row{row}"

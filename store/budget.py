@@ -2,7 +2,7 @@
 
 The one place that turns ``--memory-budget`` text into bytes, computes the default budget (half the RAM
 available now) and the bytes per clip of a selection of arrays; ``store.dataset.FeatureDataset`` and
-``stage2_temporal.stream`` both decide "in memory or streamed" with these.
+``stage2_temporal.training.stream`` both decide "in memory or streamed" with these.
 """
 
 from __future__ import annotations

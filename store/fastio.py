@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.buffer.cpu import NDBuffer
 
-from store.atomic import atomic_path
+from foundation.atomic import atomic_path
 from store.schema import fill_nan
 
 _NATIVE = sys.byteorder  # "little" on every platform numpy ships wheels for

@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from store.atomic import fsync_path, fsync_tree
+from foundation.atomic import fsync_path, fsync_tree
 from store.fastio import is_raw, read_shard
 from store.fingerprint import MISSING as MISSING
 from store.fingerprint import canonical_json, compute_fingerprint, fingerprint_differences, package_version

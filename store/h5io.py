@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from store.atomic import atomic_path, fsync_tree
+from foundation.atomic import atomic_path, fsync_tree
 from store.feature_store import (
     ATTRS_KEY,
     READABLE_SCHEMA_VERSIONS,

@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from store.atomic import fsync_tree
+from foundation.atomic import fsync_tree
 from store.objects import ObjectIO, StoreURL, is_url
 from store.schema import (
     LOCK_DIR,

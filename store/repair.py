@@ -24,7 +24,7 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.storage import LocalStore
 
-from store.atomic import write_bytes_atomic
+from foundation.atomic import write_bytes_atomic
 from store.fastio import is_raw, read_shard
 from store.feature_store import STATUS_DONE, STATUS_FAILED, STATUS_MISSING, FeatureStore, nonfinite_mask
 from store.layout import array_definitions

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from store.atomic import fsync_path
+from foundation.atomic import fsync_path
 from store.fastio import is_raw, raw_chunk_bytes, read_shard, write_raw_chunk
 from store.objects import ObjectLease
 from store.schema import (
@@ -109,7 +109,7 @@ class ShardWriter:
     # ------------------------------------------------------------------ setup
     def _remove_partial_files(self) -> None:
         """Deletes the temp files a killed writer of this shard left beside its chunk files: ours
-        (``.<chunk>.<pid>.partial``, ``store.atomic``) and Zarr's (``<chunk minus its last suffix>.<uuid>
+        (``.<chunk>.<pid>.partial``, ``foundation.atomic``) and Zarr's (``<chunk minus its last suffix>.<uuid>
         .partial``). Zarr's are left for 1-D arrays, where dropping the suffix drops the shard index (a
         temp file of a few bytes that another shard's writer may own). One listing per array folder.
         Object stores have no temp objects: a PUT is visible whole or not at all."""

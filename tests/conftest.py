@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import stage1_extract  # noqa: F401  (must precede any timm import)
-from stage1_extract.synthetic import write_video
+from stage1_extract.videos.synthetic import write_video
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(False)

@@ -1,15 +1,15 @@
-"""The aligner measurement (stage1_extract.alignment) against the generator's known camera: undoing the
-camera's move in pixels restores frame t exactly, an identity aligner leaves every figure as no aligner,
-and the background's share of AM flow is small for a static camera and large for a panning one."""
+"""The aligner measurement (stage1_extract.methods.alignment) against the generator's known camera:
+undoing the camera's move in pixels restores frame t exactly, an identity aligner leaves every figure as
+no aligner, and the background's share of AM flow is small for a static camera and large for a panning one."""
 
 import numpy as np
 import pytest
 import torch
 
-from stage1_extract.alignment import aligners_bypassed, measure_alignment, undo_camera
-from stage1_extract.backbone import normalise_video, pixel_stats
-from stage1_extract.synthetic import render_motion_clip
-from stage2_temporal.models import build_model, load_model_config
+from stage1_extract.families.backbone import normalise_video, pixel_stats
+from stage1_extract.methods.alignment import aligners_bypassed, measure_alignment, undo_camera
+from stage1_extract.videos.synthetic import render_motion_clip
+from stage2_temporal.finetuning.models import build_model, load_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 SIZE, T = 32, 4

@@ -8,12 +8,12 @@ import timm
 import torch
 
 from amflow.cli import main
-from stage1_extract.am_flow import am_flow, attention_scores_softmax_sum, attention_scores_sum_softmax
-from stage1_extract.backbone import WeightsError
-from stage1_extract.model_config import BackboneConfig
+from stage1_extract.families.backbone import WeightsError
+from stage1_extract.methods.am_flow import am_flow, attention_scores_softmax_sum, attention_scores_sum_softmax
+from stage1_extract.methods.model_config import BackboneConfig
+from stage2_temporal.finetuning.models import AMFlowModelConfig as AMFlowConfig
+from stage2_temporal.finetuning.models import build_amflow
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.models import AMFlowModelConfig as AMFlowConfig
-from stage2_temporal.models import build_amflow
 
 TINY_HEADS = LSTMHeadsConfig(hidden=16, layers=1, flow_maps=True, flow_embed=16, flow_hidden=16)
 
@@ -223,7 +223,7 @@ def test_feature_difference_maps_are_the_control_signal():
 
 def test_am_flow_on_an_stdha_backbone_matches_timm_with_stdha():
     """AM flow + STDHA (blocks 1 and 2 adapted, block 3 plain STDHA) against timm's ViT with STDHA."""
-    from stage1_extract.stdha import use_stdha
+    from stage1_extract.methods.stdha import use_stdha
 
     offsets = [-1, 1, 0]
     cfg = tiny_cfg(depth=3, blocks=[1, 2])

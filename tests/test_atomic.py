@@ -1,4 +1,4 @@
-"""store.atomic: files appear whole or not at all, and durably; the project's one way to write them."""
+"""foundation.atomic: files appear whole or not at all, and durably; the project's one way to write them."""
 
 import multiprocessing
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from store.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from foundation.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_the_file_and_its_folder_are_fsynced_unless_not_durable(tmp_path, monkey
 
 
 def test_writers_of_the_project_go_through_it(tmp_path, monkeypatch):
-    from stage1_extract import formats
+    from foundation import formats
 
     target = tmp_path / "best.safetensors"
     formats.write_safetensors({"w": torch.ones(2)}, target, {"format": "x"})

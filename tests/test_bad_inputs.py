@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from amflow.cli import main
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.synthetic import synthetic_cache, write_store
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
 from store import FeatureStore, verify_store
 from store.writer import ShardWriter
 
@@ -289,7 +289,7 @@ from distributed import Client
 from distributed.security import Security
 
 import stage1_extract  # noqa: F401
-from stage1_extract.cluster import DASHBOARD_ADDRESS, local_cluster
+from foundation.cluster import DASHBOARD_ADDRESS, local_cluster
 
 
 def main():
@@ -347,7 +347,7 @@ def test_9_12_an_unreachable_scheduler_is_a_quick_one_line_error(videos, tmp_pat
 
 # -------------------------------------------------------------------------------------------- case 10
 def test_10_only_non_finite_features_become_recorded_failures(videos, tmp_path, capsys, monkeypatch):
-    import stage1_extract.extract as extraction
+    import stage1_extract.extraction.extract as extraction
 
     forward = extraction._forward
 
@@ -453,8 +453,8 @@ class _Payload:
 
 
 def test_12_a_malicious_resume_state_is_refused_in_one_line(tmp_path):
-    from stage1_extract.checkpoint import CheckpointError
-    from stage2_temporal.finetune import load_resume_state
+    from stage1_extract.methods.checkpoint import CheckpointError
+    from stage2_temporal.finetuning.finetune import load_resume_state
 
     path = tmp_path / "resume.pt"
     path.write_bytes(pickle.dumps({"format": _Payload()}))

@@ -7,7 +7,7 @@ import pytest
 
 from amflow import cli
 from amflow.commands import model_info
-from stage1_extract.config import ConfigError
+from foundation.config import ConfigError
 
 TINY = "configs/models/amflow_tiny.yaml"
 
@@ -98,7 +98,7 @@ def test_only_the_random_init_warning_is_muted(monkeypatch, capsys):
     """model-info builds a weightless model: that warning is muted by its message, no other UserWarning."""
     import warnings
 
-    from stage2_temporal import models
+    from stage2_temporal.finetuning import models
 
     real = models.parameter_report
 

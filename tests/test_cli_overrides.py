@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from amflow.cli import main
-from stage1_extract.config import ConfigError, load_config, route_overrides
-from stage1_extract.synthetic import make_folder_dataset
+from foundation.config import ConfigError, load_config, route_overrides
+from stage1_extract.videos.synthetic import make_folder_dataset
 
 TINY = "configs/models/amflow_tiny.yaml"
 
@@ -81,7 +81,7 @@ def test_ambiguous_unknown_and_missing_prefix_are_one_line_errors():
 
 
 def test_train_heads_config_loads_the_same_bare_or_prefixed():
-    from stage2_temporal.config import TrainConfig
+    from stage2_temporal.training.config import TrainConfig
 
     sections = {"train": TrainConfig}
     bare = route_overrides(["heads.hidden=8", "lr=0.01"], sections)["train"]
@@ -168,7 +168,7 @@ def test_merge_user_error_exits_2(tmp_path, capsys):
 
 
 def test_sweep_overrides_are_fixed_for_every_run_and_may_not_touch_the_grid(tmp_path, capsys):
-    from stage2_temporal.sweep import expand_grid, load_grid, with_overrides
+    from stage2_temporal.sweeps.sweep import expand_grid, load_grid, with_overrides
 
     grid = load_grid("configs/sweeps/tiny.yaml")  # sweeps heads.type, lr, heads.flow_maps
     plain = expand_grid(grid, tmp_path)

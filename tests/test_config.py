@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from stage1_extract.config import ConfigError, config_to_dict, load_config
+from foundation.config import ConfigError, config_to_dict, load_config
 
 
 @dataclass

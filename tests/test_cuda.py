@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import stage1_extract  # noqa: F401  (before timm)
-from stage1_extract.backbone import pixel_stats
-from stage1_extract.extract import _forward
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.models import build_amflow, load_model_config
+from stage1_extract.extraction.extract import _forward
+from stage1_extract.families.backbone import pixel_stats
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.finetuning.models import build_amflow, load_model_config
 
 pytestmark = [
     pytest.mark.cuda,
@@ -79,7 +79,7 @@ def _loss_curve(out) -> list[float]:
 )
 def test_finetune_bf16_loss_finite_and_falling(videos, tmp_path, config, extra):
     """``finetune`` on the GPU with bf16 autocast (the recipe's precision): finite, falling loss."""
-    from stage2_temporal.finetune import finetune, plan_finetune
+    from stage2_temporal.finetuning.finetune import finetune, plan_finetune
 
     common = ["model.backbone.img_size=32", "data.num_frames=4", "device=cuda", "epochs=6", "lr=0.003"]
     plan = plan_finetune(
@@ -96,10 +96,10 @@ def test_finetune_bf16_loss_finite_and_falling(videos, tmp_path, config, extra):
 
 def test_stage2_heads_train_on_the_gpu(tmp_path):
     """Paper-size LSTM heads (3 layers, 768) on a small random cache: trained on CUDA, loss falls."""
-    from stage2_temporal.config import TrainConfig
-    from stage2_temporal.data import CachedFeatures
     from stage2_temporal.heads import LSTMHeadsConfig
-    from stage2_temporal.train import train_heads
+    from stage2_temporal.training.config import TrainConfig
+    from stage2_temporal.training.data import CachedFeatures
+    from stage2_temporal.training.train import train_heads
 
     rng = np.random.default_rng(0)
     labels = np.arange(64) % 4
@@ -171,9 +171,9 @@ def test_ddp_over_nccl(tmp_path):
 def test_nvdec_decoding_matches_cpu_decoding(tmp_path):
     """``--decode-device cuda``: NVDEC frames against the CPU decoder's (same H.264 pictures; the NV12
     conversion may round differently: within 3 levels of 255 on average 0.5)."""
-    from stage1_extract import video
-    from stage1_extract.decode_plan import cuda_decode_problem
-    from stage1_extract.synthetic_k400 import write_k400_like_video
+    from stage1_extract.videos import video
+    from stage1_extract.videos.decode_plan import cuda_decode_problem
+    from stage1_extract.videos.synthetic_k400 import write_k400_like_video
 
     path = write_k400_like_video(tmp_path / "clip.mp4", size=(96, 128), seconds=2, gop=20)
     problem = cuda_decode_problem(path)

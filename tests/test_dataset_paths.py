@@ -11,7 +11,7 @@ import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from amflow.cli import main
-from stage1_extract.datasets import build_index
+from stage1_extract.videos.datasets import build_index
 from store.feature_store import FeatureStore
 
 TINY = "configs/models/amflow_tiny.yaml"

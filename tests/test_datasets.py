@@ -13,8 +13,8 @@ import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from amflow.cli import main
-from stage1_extract.config import ConfigError
-from stage1_extract.datasets import (
+from foundation.config import ConfigError
+from stage1_extract.videos.datasets import (
     DATASETS,
     SMARTHOME_CS_CLASSES,
     SMARTHOME_CV_CLASSES,

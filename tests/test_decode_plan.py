@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
-from stage1_extract import video
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import DatasetConfig
-from stage1_extract.decode_plan import PlannedReader, decord_may_miscopy, resolve_decode_device
-from stage1_extract.synthetic_k400 import write_k400_like_video
+from stage1_extract.videos import video
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import DatasetConfig
+from stage1_extract.videos.decode_plan import PlannedReader, decord_may_miscopy, resolve_decode_device
+from stage1_extract.videos.synthetic_k400 import write_k400_like_video
 
 CROP = 64  # 96x128 -> 64x85: a width decord copies correctly
 
@@ -119,7 +119,7 @@ def test_extract_with_decode_device_cuda_falls_back_and_matches_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine may decode on NVDEC: the fallback is not what happens there")
     from amflow.cli import main
-    from stage1_extract.synthetic import make_folder_dataset
+    from stage1_extract.videos.synthetic import make_folder_dataset
     from store.feature_store import FeatureStore
 
     make_folder_dataset(tmp_path / "v", ["left", "right"], {"train": 1}, 32, 6, seed=0)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from amflow.commands import evaluate as evaluate_command
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import load_store
-from stage2_temporal.evaluate import evaluate_ensemble
 from stage2_temporal.heads import HEAD_TYPES
-from stage2_temporal.predictions import average_runs, read_predictions
-from stage2_temporal.run_dir import load_heads
-from stage2_temporal.synthetic import synthetic_cache, write_store
-from stage2_temporal.train import predict_proba, select_for_heads, train_heads_from_stores
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.data import load_store
+from stage2_temporal.training.evaluate import evaluate_ensemble
+from stage2_temporal.training.predictions import average_runs, read_predictions
+from stage2_temporal.training.run_dir import load_heads
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
+from stage2_temporal.training.train import predict_proba, select_for_heads, train_heads_from_stores
 
 
 def command(module, argv):

@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from amflow.cli import main
-from stage1_extract.extract import ExtractOptions, extract_shards, load_extraction_model, plan_extraction
-from stage1_extract.models import load_feature_config
-from stage1_extract.synthetic import make_folder_dataset, write_corrupt_video, write_empty_video
-from stage1_extract.video import VideoClipDataset
+from stage1_extract.extraction.extract import (
+    ExtractOptions,
+    extract_shards,
+    load_extraction_model,
+    plan_extraction,
+)
+from stage1_extract.methods.models import load_feature_config
+from stage1_extract.videos.synthetic import make_folder_dataset, write_corrupt_video, write_empty_video
+from stage1_extract.videos.video import VideoClipDataset
 from store.feature_store import FeatureStore
 
 TINY = "configs/models/amflow_tiny.yaml"
@@ -50,7 +55,7 @@ def test_extract_records_failures_and_matches_the_model(videos, tmp_path, capsys
         tmp_path / "other.zarr",
         overrides=SMALL,
     )
-    from stage1_extract.datasets import ClipRecord
+    from stage1_extract.videos.datasets import ClipRecord
 
     item = VideoClipDataset([ClipRecord("train/right/right_0001.mp4", 1)], videos, plan.geometry)[0]
     cfg = load_feature_config(TINY, [o[6:] for o in SMALL[:2]] + ["num_frames=4", "num_classes=3"])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from amflow.cli import main
-from stage1_extract.datasets import load_dataset_config
-from stage1_extract.synthetic import make_motion_clip, write_video
+from stage1_extract.videos.datasets import load_dataset_config
+from stage1_extract.videos.synthetic import make_motion_clip, write_video
 from store.feature_store import FeatureStore
 
 TINY = "configs/models/amflow_tiny.yaml"

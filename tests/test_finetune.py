@@ -19,19 +19,19 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from amflow.commands import finetune as finetune_command
-from stage1_extract.checkpoint import load_into, load_trainable_checkpoint, read_config
-from stage1_extract.config import ConfigError
-from stage1_extract.extract import load_extraction_model
+from foundation.config import ConfigError
+from stage1_extract.extraction.extract import load_extraction_model
 from stage1_extract.families import family_of
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal import augment
-from stage2_temporal.distributed import Distributed, StepBatches, epoch_order
-from stage2_temporal.finetune import finetune
-from stage2_temporal.finetune_model import use_gradient_checkpointing
-from stage2_temporal.finetune_plan import plan_finetune
-from stage2_temporal.models import build_model, load_model_config, model_config_from_dict
-from stage2_temporal.optim import adamw
-from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged, merge_checkpoint
+from stage1_extract.methods.checkpoint import load_into, load_trainable_checkpoint, read_config
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.finetuning import augment
+from stage2_temporal.finetuning.distributed import Distributed, StepBatches, epoch_order
+from stage2_temporal.finetuning.finetune import finetune
+from stage2_temporal.finetuning.model import use_gradient_checkpointing
+from stage2_temporal.finetuning.models import build_model, load_model_config, model_config_from_dict
+from stage2_temporal.finetuning.plan import plan_finetune
+from stage2_temporal.training.optim import adamw
+from stage2_temporal.zeroi2v.model import ZeroI2VModel, load_merged, merge_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -142,9 +142,9 @@ def test_training_loss_falls_and_run_dir_is_complete(amflow_run):
 
 def test_best_checkpoint_scores_what_metrics_json_reports(amflow_run, videos):
     """The best checkpoint, reloaded and run on the validation clips, gives the reported accuracy."""
-    from stage1_extract.video import VideoClipDataset
-    from stage2_temporal.finetune_model import evaluate_clips
-    from stage2_temporal.train import score
+    from stage1_extract.videos.video import VideoClipDataset
+    from stage2_temporal.finetuning.model import evaluate_clips
+    from stage2_temporal.training.train import score
 
     out, result = amflow_run
     plan = amflow_plan(videos)
@@ -507,6 +507,6 @@ def test_flip_and_crop_box():
         assert 0 <= top <= 24 - h and 0 <= left <= 28 - w
         assert 0.2 <= h * w / (24 * 28) <= 1.0
     with pytest.raises(ConfigError, match="augment.crop_scale"):
-        from stage1_extract.config import build_config
+        from foundation.config import build_config
 
         build_config(augment.AugmentConfig, {"crop_scale": [0.5, 2.0]})

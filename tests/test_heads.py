@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from stage1_extract.config import ConfigError, build_config, load_config
-from stage2_temporal.config import TrainConfig
+from foundation.config import ConfigError, build_config, load_config
 from stage2_temporal.heads import (
     HEAD_TYPES,
     LSTMHeads,
@@ -16,6 +15,7 @@ from stage2_temporal.heads import (
     TransformerHeadsConfig,
     drop_ignored_head_keys,
 )
+from stage2_temporal.training.config import TrainConfig
 
 G, B, T, IN, H, C = 3, 2, 5, 6, 8, 4
 
@@ -127,7 +127,7 @@ def test_heads_saved_with_the_flat_config_still_load(tmp_path):
 
     from safetensors.torch import save_file
 
-    from stage2_temporal.run_dir import METADATA_KEY, HeadsInfo, load_heads
+    from stage2_temporal.training.run_dir import METADATA_KEY, HeadsInfo, load_heads
 
     info = HeadsInfo(TCNHeadsConfig(hidden=8, layers=1), 3, ["block1.attn"], embed_dim=4, cls_dim=6)
     trained = info.build()
@@ -143,7 +143,7 @@ def test_heads_saved_with_the_flat_config_still_load(tmp_path):
 
 
 def test_an_override_that_changes_the_head_type_drops_the_old_types_keys():
-    from stage2_temporal.models import load_model_config
+    from stage2_temporal.finetuning.models import load_model_config
 
     cfg = load_config(TrainConfig, "configs/heads/lstm.yaml", ["heads.type=transformer", "heads.ff_dim=64"])
     assert isinstance(cfg.heads, TransformerHeadsConfig) and cfg.heads.ff_dim == 64

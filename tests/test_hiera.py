@@ -10,23 +10,23 @@ import torch
 from safetensors.torch import save_file
 
 from amflow.cli import main
-from stage1_extract.backbone import normalise_video, pixel_stats
-from stage1_extract.checkpoint import load_trainable_checkpoint
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import ClipRecord
-from stage1_extract.extract import load_extraction_model
+from stage1_extract.extraction.extract import load_extraction_model
+from stage1_extract.extraction.visualize import flow_heatmaps
 from stage1_extract.families import family_of
+from stage1_extract.families.backbone import normalise_video, pixel_stats
 from stage1_extract.families.base import BlockGeometry
-from stage1_extract.model_config import BackboneConfig
-from stage1_extract.models import load_feature_config
-from stage1_extract.synthetic import make_folder_dataset
-from stage1_extract.video import VideoClipDataset
-from stage1_extract.visualize import flow_heatmaps
-from stage2_temporal.finetune import finetune
-from stage2_temporal.finetune_plan import plan_finetune
+from stage1_extract.methods.checkpoint import load_trainable_checkpoint
+from stage1_extract.methods.model_config import BackboneConfig
+from stage1_extract.methods.models import load_feature_config
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import ClipRecord
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage1_extract.videos.video import VideoClipDataset
+from stage2_temporal.finetuning.finetune import finetune
+from stage2_temporal.finetuning.models import AMFlowModelConfig, build_amflow, build_model
+from stage2_temporal.finetuning.plan import plan_finetune
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.models import AMFlowModelConfig, build_amflow, build_model
-from stage2_temporal.predictions import read_predictions
+from stage2_temporal.training.predictions import read_predictions
 from store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")

@@ -1,4 +1,5 @@
-"""Data flows one way: videos -> stage1_extract -> store -> stage2_temporal; no package imports amflow/.
+"""Data flows one way: videos -> stage1_extract -> store -> stage2_temporal; no package imports amflow/;
+``foundation`` (configs, formats, devices, the cluster, the features contract) is the ground floor under all.
 
 Every import of every module is read from its source (``ast``), function-level and type-checking-only
 imports included, so a lazy import cannot hide a dependency.
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("stage1_extract", "stage2_temporal", "store")
+PACKAGES = ("foundation", "stage1_extract", "stage2_temporal", "store")
 # package -> the project packages it must never import
 FORBIDDEN = {
+    "foundation": {"store", "stage1_extract", "stage2_temporal", "amflow"},
     "store": {"stage1_extract", "stage2_temporal", "amflow"},
     "stage1_extract": {"stage2_temporal", "amflow"},
     "stage2_temporal": {"amflow"},
@@ -57,12 +59,12 @@ def test_the_walk_sees_lazy_and_relative_imports(tmp_path):
     pkg = tmp_path / "store"
     pkg.mkdir()
     (pkg / "x.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import stage2_temporal.train\n"
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import stage2_temporal.training.train\n"
         "def f():\n    from . import writer\n    import amflow.cli\n"
     )
     found = imports(pkg / "x.py", tmp_path)
-    assert {"stage2_temporal.train", "store.writer", "amflow.cli", "typing"} <= found
-    assert "stage2_temporal.train" not in imports(pkg / "x.py", tmp_path, type_checking=False)
+    assert {"stage2_temporal.training.train", "store.writer", "amflow.cli", "typing"} <= found
+    assert "stage2_temporal.training.train" not in imports(pkg / "x.py", tmp_path, type_checking=False)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -122,7 +124,7 @@ def test_one_out_of_core_reader():
     store.shards and size selections through store.budget."""
     readers = {p for pkg in PACKAGES for p in modules(pkg) if "psutil" in imports(p)}
     assert readers == {ROOT / "store" / "budget.py"}
-    for reader in ("store/dataset.py", "stage2_temporal/stream.py"):
+    for reader in ("store/dataset.py", "stage2_temporal/training/stream.py"):
         found = imports(ROOT / reader)
         assert {"store.shards.ShardCache", "store.shards.read_shard_arrays"} <= found, reader
         assert any(name.startswith("store.budget.") for name in found), reader

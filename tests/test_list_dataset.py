@@ -11,10 +11,10 @@ import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
 from amflow.cli import main
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import build_index, load_dataset_config
-from stage1_extract.synthetic import write_video
-from stage1_extract.video import VideoClipDataset
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import build_index, load_dataset_config
+from stage1_extract.videos.synthetic import write_video
+from stage1_extract.videos.video import VideoClipDataset
 
 
 def _put(path: Path, data: bytes | str) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from amflow.cli import main
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.synthetic import make_folder_dataset, write_corrupt_video
-from stage2_temporal.predictions import read_predictions
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.synthetic import make_folder_dataset, write_corrupt_video
+from stage2_temporal.training.predictions import read_predictions
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -132,7 +132,7 @@ def test_export_predicts_as_the_run_without_it(heads_run, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def zeroi2v_run(tmp_path_factory):
     """One epoch of ZeroI2V finetuning on generated videos (12 train, 6 val clips)."""
-    from stage2_temporal.finetune import finetune, plan_finetune
+    from stage2_temporal.finetuning.finetune import finetune, plan_finetune
 
     tmp = tmp_path_factory.mktemp("zeroi2v")
     videos = tmp / "videos"
@@ -153,9 +153,9 @@ def zeroi2v_run(tmp_path_factory):
 def test_finetune_run_merged_model_and_export_agree(zeroi2v_run, capsys, tmp_path):
     import torch
 
-    from stage1_extract.video import VideoClipDataset
-    from stage2_temporal.finetune import Distributed, evaluate_clips
-    from stage2_temporal.predict import load_predictor
+    from stage1_extract.videos.video import VideoClipDataset
+    from stage2_temporal.finetuning.finetune import Distributed, evaluate_clips
+    from stage2_temporal.inference.predict import load_predictor
 
     videos, plan, run = zeroi2v_run
     lines, _ = predict_json(capsys, str(videos / "val"), "--run", str(run))
@@ -192,9 +192,9 @@ def test_windows_of_a_long_video_are_sampled_as_clips(heads_run, capsys, tmp_pat
     import torch
     from PIL import Image
 
-    from stage1_extract.synthetic import make_motion_clip, write_video
-    from stage1_extract.video import open_video
-    from stage2_temporal.predict import load_predictor
+    from stage1_extract.videos.synthetic import make_motion_clip, write_video
+    from stage1_extract.videos.video import open_video
+    from stage2_temporal.inference.predict import load_predictor
 
     videos, store, run = heads_run
     rng = np.random.default_rng(0)

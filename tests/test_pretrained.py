@@ -74,8 +74,8 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
         f"""
         import warnings, torch
         import stage1_extract
-        from stage1_extract.backbone import WeightsError, create_backbone
-        from stage2_temporal.models import build_model, load_model_config
+        from stage1_extract.families.backbone import WeightsError, create_backbone
+        from stage2_temporal.finetuning.models import build_model, load_model_config
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no random-init warning: the weights are timm's tag
@@ -106,8 +106,8 @@ def test_pretrained_tag_from_the_offline_hub_cache(tmp_path):
 
 
 def test_pretrained_and_weights_together_are_refused():
-    from stage1_extract.config import ConfigError
-    from stage2_temporal.models import load_model_config
+    from foundation.config import ConfigError
+    from stage2_temporal.finetuning.models import load_model_config
 
     with pytest.raises(ConfigError, match="backbone.weights.*backbone.pretrained"):
         load_model_config(

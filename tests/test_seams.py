@@ -8,14 +8,14 @@ import timm
 import torch
 
 from amflow.cli import main
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.config import ConfigError
-from stage1_extract.datasets import DatasetConfig
+from foundation.config import ConfigError
 from stage1_extract.features import FEATURE_TYPES, build_feature_extractor
 from stage1_extract.features.base import FeatureExtractor
-from stage1_extract.models import feature_config_from_dict, load_feature_config
-from stage2_temporal.finetune_plan import plan_finetune
-from stage2_temporal.predict import PREDICTORS, Predictor
+from stage1_extract.methods.models import feature_config_from_dict, load_feature_config
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import DatasetConfig
+from stage2_temporal.finetuning.plan import plan_finetune
+from stage2_temporal.inference.predict import PREDICTORS, Predictor
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from stage2_temporal.metrics import classification_metrics, format_table, write_confusion
+from stage2_temporal.training.metrics import classification_metrics, format_table, write_confusion
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import load_store
-from stage2_temporal.evaluate import evaluate_store
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.stream import (
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.data import load_store
+from stage2_temporal.training.evaluate import evaluate_store
+from stage2_temporal.training.stream import (
     StreamedFeatures,
     open_features,
     parse_memory_budget,
     split_budget,
     store_selection,
 )
-from stage2_temporal.synthetic import synthetic_cache, write_store
-from stage2_temporal.train import predict_proba, train_heads, train_heads_from_stores
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
+from stage2_temporal.training.train import predict_proba, train_heads, train_heads_from_stores
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -61,7 +61,7 @@ def test_streamed_batches_equal_in_memory_batches(stores):
     assert sorted(order) == list(range(64))
     assert all(len(np.unique(streamed.shards[order[k : k + 16]])) == 1 for k in range(0, 64, 16))
     torch.manual_seed(0)
-    from stage2_temporal.train import heads_info
+    from stage2_temporal.training.train import heads_info
 
     classifier = heads_info(mem.select(with_flow=True), cfg()).build()
     np.testing.assert_array_equal(predict_proba(classifier, mem, 24), predict_proba(classifier, streamed, 24))
@@ -114,7 +114,7 @@ def test_budget_parsing_and_choice(stores):
 
 
 def test_sweep_workers_open_the_stores_and_stream_them(stores, tmp_path):
-    from stage2_temporal.sweep import StoreRef, SweepGrid, open_refs, run_sweep
+    from stage2_temporal.sweeps.sweep import StoreRef, SweepGrid, open_refs, run_sweep
 
     train, val = (StoreRef(str(stores / n), memory_budget=9000) for n in ("train.zarr", "val.zarr"))
     grid = SweepGrid(fixed={"epochs": 2, "heads.hidden": 8, "patience": None}, grid={"lr": [0.01, 0.003]})
@@ -126,7 +126,7 @@ def test_sweep_workers_open_the_stores_and_stream_them(stores, tmp_path):
 
 
 def test_features_held_as_device_tensors_give_the_same_batches(stores):
-    from stage2_temporal.stream import features_as_tensors, hold_on_device
+    from stage2_temporal.training.stream import features_as_tensors, hold_on_device
 
     mem = load_store(stores / "val.zarr", with_flow=True, progress=False)
     held = features_as_tensors(mem, "cpu").select(["block1.mlp"], ["block2"])  # the CUDA path's logic, on CPU

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from amflow.commands import sweep as sweep_command
-from stage2_temporal.run_dir import read_metrics
-from stage2_temporal.sweep import SweepGrid, expand_grid, load_grid, run_sweep
-from stage2_temporal.synthetic import synthetic_cache, write_store
+from stage2_temporal.sweeps.sweep import SweepGrid, expand_grid, load_grid, run_sweep
+from stage2_temporal.training.run_dir import read_metrics
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
 
 FIXED = {"epochs": 3, "heads.hidden": 8, "heads.flow_embed": 8, "heads.flow_hidden": 8, "patience": None}
 
@@ -115,7 +115,7 @@ def test_sweep_command_on_stores(tmp_path, capsys):
 
 
 def test_sweep_skips_combinations_a_head_type_ignores(tmp_path, caplog):
-    caplog.set_level("INFO", logger="stage2_temporal.sweep")
+    caplog.set_level("INFO", logger="stage2_temporal.sweeps.sweep")
     runs = expand_grid(load_grid("configs/sweeps/smarthome.yaml"), tmp_path)
     assert len(runs) == 96 - 16  # transformer heads have no heads.hidden: their two sizes are one run
     assert len({r.run_id for r in runs}) == len(runs)

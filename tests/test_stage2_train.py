@@ -14,19 +14,19 @@ import yaml
 
 from amflow.commands import evaluate as evaluate_command
 from amflow.commands import train_heads as train_heads_command
-from stage1_extract.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from stage1_extract.features.am_flow import AMFlowFeatures
-from stage1_extract.model_config import BackboneConfig
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures, load_store
-from stage2_temporal.evaluate import evaluate_heads
+from stage1_extract.methods.model_config import BackboneConfig
+from stage2_temporal.finetuning.models import AMFlowModelConfig as AMFlowConfig
+from stage2_temporal.finetuning.models import build_amflow
 from stage2_temporal.heads import LSTMHeadsConfig, TCNHeadsConfig
-from stage2_temporal.models import AMFlowModelConfig as AMFlowConfig
-from stage2_temporal.models import build_amflow
-from stage2_temporal.run_dir import load_heads, load_heads_into, read_metrics
-from stage2_temporal.schedule import cosine_with_warmup
-from stage2_temporal.synthetic import synthetic_cache, write_store
-from stage2_temporal.train import predict_logits, predict_proba, train_heads
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.data import CachedFeatures, load_store
+from stage2_temporal.training.evaluate import evaluate_heads
+from stage2_temporal.training.run_dir import load_heads, load_heads_into, read_metrics
+from stage2_temporal.training.schedule import cosine_with_warmup
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
+from stage2_temporal.training.train import predict_logits, predict_proba, train_heads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -72,7 +72,7 @@ def test_mean_over_time_alone_stays_at_chance(caches, tmp_path):
 def test_views_are_averaged_as_softmax_probabilities(caches):
     _, val = caches
     torch.manual_seed(0)
-    from stage2_temporal.train import heads_info
+    from stage2_temporal.training.train import heads_info
 
     classifier = heads_info(val.select(with_flow=False), small_cfg()).build()
     probs = predict_proba(classifier, val.select(with_flow=False), batch_size=40)

@@ -12,7 +12,7 @@ import timm
 import torch
 from timm.layers import Attention
 
-from stage1_extract.stdha import STDHAttention, expand_head_offsets, temporal_shift_kv, use_stdha
+from stage1_extract.methods.stdha import STDHAttention, expand_head_offsets, temporal_shift_kv, use_stdha
 
 torch.set_num_threads(1)
 
@@ -144,7 +144,7 @@ def test_use_stdha_on_vit_keeps_keys_shares_weights_and_uses_fused_attention(mon
 
 def test_a_shift_first_made_in_inference_mode_still_trains():
     """The cached gather index must not be an inference tensor (predict, then finetune, in one process)."""
-    from stage1_extract.stdha import temporal_shift_kv
+    from stage1_extract.methods.stdha import temporal_shift_kv
 
     k = torch.randn(2 * 3, 2, 5, 4)
     with torch.inference_mode():

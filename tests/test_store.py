@@ -295,7 +295,7 @@ def test_partial_commit_failure_retry_and_partial_file_cleanup(tmp_path: Path) -
         assert st.status()[0] == 0
         w.put(1, **clip_data(1))
         assert list(st.status()[:2]) == [STATUS_FAILED, STATUS_DONE]  # committed after 2 clips
-    # The temp names a killed writer leaves: store.atomic's and Zarr LocalStore's (``with_suffix``).
+    # The temp names a killed writer leaves: foundation.atomic's and Zarr LocalStore's (``with_suffix``).
     chunk = st.chunk_file("embeddings", 0)
     stale = [chunk.with_name(f".{chunk.name}.4242.partial"), chunk.with_suffix(".0123abcd.partial")]
     assert stale[1].name == "c.0.0.0.0.0123abcd.partial"  # Zarr's drops the chunk key's last ".0"

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_extract.block_maps import pack_block_maps
-from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
-from stage2_temporal.config import TrainConfig
-from stage2_temporal.data import CachedFeatures, load_store
+from stage1_extract.extraction.block_maps import pack_block_maps
+from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
 from stage2_temporal.heads import LSTMHeadsConfig, build_classifier
-from stage2_temporal.run_dir import load_heads
-from stage2_temporal.stream import StreamedFeatures
-from stage2_temporal.synthetic import write_store
-from stage2_temporal.train import predict_logits, train_heads
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.data import CachedFeatures, load_store
+from stage2_temporal.training.run_dir import load_heads
+from stage2_temporal.training.stream import StreamedFeatures
+from stage2_temporal.training.synthetic import write_store
+from stage2_temporal.training.train import predict_logits, train_heads
 from store import FeatureStore, FlowBlock, export_h5, import_h5, load_arrays, verify_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")

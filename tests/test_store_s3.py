@@ -25,8 +25,8 @@ import yaml
 from s3_server import free_port, s3_server
 
 from amflow.cli import main
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.synthetic import synthetic_cache, write_store
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
 from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
 from store.objects import ObjectIO, ObjectLease, StoreURL
 

@@ -15,17 +15,22 @@ import torch
 from safetensors.torch import save_file
 
 from amflow.cli import main
-from stage1_extract.backbone import create_backbone
-from stage1_extract.checkpoint import load_trainable_checkpoint
 from stage1_extract.families import family_of
+from stage1_extract.families.backbone import create_backbone
 from stage1_extract.families.base import BlockGeometry
 from stage1_extract.families.swin import SwinSTDHAttention
-from stage1_extract.linear_adapters import linear_adapter_modules, merge_linear_adapters
-from stage1_extract.stdha import stage_head_offsets, stdha_modules
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.finetune import finetune
-from stage2_temporal.finetune_plan import plan_finetune
-from stage2_temporal.models import build_model, build_model_on_meta, load_model_config, parameter_report
+from stage1_extract.methods.checkpoint import load_trainable_checkpoint
+from stage1_extract.methods.linear_adapters import linear_adapter_modules, merge_linear_adapters
+from stage1_extract.methods.stdha import stage_head_offsets, stdha_modules
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.finetuning.finetune import finetune
+from stage2_temporal.finetuning.models import (
+    build_model,
+    build_model_on_meta,
+    load_model_config,
+    parameter_report,
+)
+from stage2_temporal.finetuning.plan import plan_finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -14,8 +14,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
-from stage1_extract.datasets import build_index
-from stage1_extract.synthetic import MOTIONS, make_folder_dataset, make_motion_clip, video_codec, write_video
+from stage1_extract.videos.datasets import build_index
+from stage1_extract.videos.synthetic import (
+    MOTIONS,
+    make_folder_dataset,
+    make_motion_clip,
+    video_codec,
+    write_video,
+)
 
 
 def test_write_video_round_trip_with_decord(tmp_path):

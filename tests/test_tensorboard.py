@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from amflow.cli import main
-from stage2_temporal.synthetic import synthetic_cache, write_store
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -104,7 +104,7 @@ def test_train_heads_and_sweep_write_events(stores, tmp_path):
 
 
 def test_finetune_writes_events(tmp_path):
-    from stage1_extract.synthetic import make_folder_dataset
+    from stage1_extract.videos.synthetic import make_folder_dataset
 
     videos = tmp_path / "videos"
     make_folder_dataset(videos, ["left", "right"], {"train": 4, "val": 2}, 32, 8, seed=2)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from amflow.cli import main
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import DatasetConfig
-from stage1_extract.sampling import uniform_indices
-from stage1_extract.synthetic import make_folder_dataset
-from stage1_extract.train_views import train_views
-from stage1_extract.video import decode_views
+from stage1_extract.extraction.train_views import train_views
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import DatasetConfig
+from stage1_extract.videos.sampling import uniform_indices
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage1_extract.videos.video import decode_views
 from store.feature_store import FeatureStore
 
 TINY = "configs/models/amflow_tiny.yaml"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from amflow.cli import main
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import build_index, load_dataset_config
-from stage1_extract.video import VideoClipDataset
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import build_index, load_dataset_config
+from stage1_extract.videos.video import VideoClipDataset
 
 HEADER = "label,youtube_id,time_start,time_end,split\n"
 

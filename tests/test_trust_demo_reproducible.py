@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stage2_temporal import tensorboard
+from stage2_temporal.training import tensorboard
 
 
 def amflow(*args: str, threads: str) -> subprocess.Popen:
@@ -48,7 +48,7 @@ def test_two_fresh_demo_runs_write_the_same_results(tmp_path):
 def test_a_missing_tensorboard_is_said_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when absent
     tensorboard._note_missing_tensorboard.cache_clear()
-    with caplog.at_level(logging.INFO, logger="stage2_temporal.tensorboard"):
+    with caplog.at_level(logging.INFO, logger="stage2_temporal.training.tensorboard"):
         for run in ("a", "b", "c"):
             board = tensorboard.EpochLogger(tmp_path / run)
             assert board.writer is None

@@ -111,9 +111,9 @@ def test_every_command_declares_what_it_writes():
 @pytest.fixture(scope="module")
 def zeroi2v_checkpoint(tmp_path_factory):
     """A trainable ZeroI2V checkpoint (what finetune writes and merge reads), 3 classes, 32 px."""
-    from stage1_extract.checkpoint import save_trainable_checkpoint
-    from stage1_extract.config import load_config
-    from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
+    from foundation.config import load_config
+    from stage1_extract.methods.checkpoint import save_trainable_checkpoint
+    from stage2_temporal.zeroi2v.model import ZeroI2VConfig, build_zeroi2v
 
     cfg = load_config(ZeroI2VConfig, TINY_ZI2V, SMALL)
     path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
@@ -148,8 +148,8 @@ def test_evaluate_checks_every_run_before_writing_anything(tmp_path, capsys):
 
     from safetensors.torch import load_file, save_file
 
-    from stage1_extract.formats import read_metadata
-    from stage2_temporal.synthetic import synthetic_cache, write_store
+    from foundation.formats import read_metadata
+    from stage2_temporal.training.synthetic import synthetic_cache, write_store
 
     fields = {"model": "synthetic", "frames": 4}
 
@@ -179,7 +179,7 @@ def test_evaluate_checks_every_run_before_writing_anything(tmp_path, capsys):
 
 
 def test_extract_refuses_a_bad_checkpoint_before_the_store_exists(tmp_path, capsys):
-    from stage1_extract.synthetic import make_folder_dataset
+    from stage1_extract.videos.synthetic import make_folder_dataset
 
     videos = tmp_path / "videos"
     make_folder_dataset(videos, ["left", "right"], {"train": 1}, 32, 4, seed=0)
@@ -194,11 +194,11 @@ def test_extract_refuses_a_bad_checkpoint_before_the_store_exists(tmp_path, caps
 
 
 def test_timelines_of_same_named_videos_get_distinct_files(tmp_path, capsys, monkeypatch):
-    from stage1_extract.config import load_config
-    from stage1_extract.linear_adapters import merge_linear_adapters
-    from stage1_extract.synthetic import make_motion_clip, write_video
-    from stage2_temporal.timeline import timeline_paths
-    from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v, save_merged
+    from foundation.config import load_config
+    from stage1_extract.methods.linear_adapters import merge_linear_adapters
+    from stage1_extract.videos.synthetic import make_motion_clip, write_video
+    from stage2_temporal.inference.timeline import timeline_paths
+    from stage2_temporal.zeroi2v.model import ZeroI2VConfig, build_zeroi2v, save_merged
 
     model = build_zeroi2v(load_config(ZeroI2VConfig, TINY_ZI2V, SMALL))
     merge_linear_adapters(model.vit)

@@ -81,7 +81,7 @@ def test_out_of_range_options_are_refused_when_parsed(capsys, argv, message):
 
 
 def test_stride_needs_window_and_the_windows_are_bounded_before_decoding(capsys):
-    from stage2_temporal.timeline import MAX_WINDOWS, window_starts
+    from stage2_temporal.inference.timeline import MAX_WINDOWS, window_starts
 
     assert "--stride needs --window" in parse_error(capsys, [*PREDICT, "--stride", "1"])
     # the case: a 120 s video, 4 s windows every 1 ms
@@ -93,7 +93,7 @@ def test_stride_needs_window_and_the_windows_are_bounded_before_decoding(capsys)
 
 
 def test_the_top_k_csv_of_a_four_class_run_has_a_header_for_four(tmp_path):
-    from stage2_temporal.predict import VideoPrediction, write_top_k_csv
+    from stage2_temporal.inference.predict import VideoPrediction, write_top_k_csv
 
     names = ["a", "b", "c", "d"]
     preds = [VideoPrediction("x.mp4", np.array([0.1, 0.6, 0.2, 0.1])), VideoPrediction("y.mp4", error="bad")]
@@ -105,8 +105,8 @@ def test_the_top_k_csv_of_a_four_class_run_has_a_header_for_four(tmp_path):
 
 
 def test_training_views_are_refused_for_a_validation_split_and_store(tmp_path, capsys):
-    from stage1_extract.synthetic import make_folder_dataset
-    from stage2_temporal.synthetic import synthetic_cache, write_store
+    from stage1_extract.videos.synthetic import make_folder_dataset
+    from stage2_temporal.training.synthetic import synthetic_cache, write_store
 
     videos = tmp_path / "videos"
     make_folder_dataset(videos, ["left", "right"], {"val": 1}, 32, 4, seed=0)
@@ -129,7 +129,7 @@ def test_training_views_are_refused_for_a_validation_split_and_store(tmp_path, c
 
 def test_inputs_are_refused_by_their_content_not_their_name(tmp_path, capsys):
     from stage2_temporal.heads import HEAD_TYPES
-    from stage2_temporal.run_dir import HeadsInfo, save_heads
+    from stage2_temporal.training.run_dir import HeadsInfo, save_heads
 
     heads = tmp_path / "model.safetensors"  # a run's heads, named like a model file
     info = HeadsInfo(HEAD_TYPES["lstm"][0](hidden=8, layers=1), 3, ["a0"], 8, 8)
@@ -152,7 +152,7 @@ def test_weights_are_read_by_their_content_not_their_suffix(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from stage1_extract.backbone import WeightsError, read_state_dict
+    from stage1_extract.families.backbone import WeightsError, read_state_dict
 
     renamed = tmp_path / "weights.pth"  # a safetensors file under a pickle's name
     save_file({"w": torch.arange(3.0)}, str(renamed))

@@ -14,10 +14,10 @@ from test_zeroi2v_release import CASES, IMG, PATCH, model_yaml, release_state
 from timm.data import OPENAI_CLIP_MEAN
 
 from amflow.cli import main as cli
-from stage1_extract.backbone import pixel_stats
-from stage1_extract.checkpoint import load_into, load_trainable_checkpoint
-from stage1_extract.config import build_config
-from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v
+from foundation.config import build_config
+from stage1_extract.families.backbone import pixel_stats
+from stage1_extract.methods.checkpoint import load_into, load_trainable_checkpoint
+from stage2_temporal.zeroi2v.model import ZeroI2VConfig, build_zeroi2v
 
 
 def convert(tmp_path, state, capsys) -> tuple[int, str]:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from amflow.cli import main
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.checks import check_store_usable
-from stage2_temporal.synthetic import synthetic_cache, write_store
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.training.checks import check_store_usable
+from stage2_temporal.training.synthetic import synthetic_cache, write_store
 from store import FeatureStore, verify_store
 from store.repair import find_damage, repair_store
 

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from amflow.cli import main
-from stage1_extract.config import load_config
-from stage1_extract.formats import CONTENT_HASH_KEY, EXPORT_RECORD_KEY, CheckpointError, tensors_sha256
-from stage2_temporal.export import export_predictor, load_export
-from stage2_temporal.predict import load_predictor
-from stage2_temporal.zeroi2v import ZeroI2VConfig, build_zeroi2v, load_merged, save_merged
+from foundation.config import load_config
+from foundation.formats import CONTENT_HASH_KEY, EXPORT_RECORD_KEY, CheckpointError, tensors_sha256
+from stage2_temporal.inference.export import export_predictor, load_export
+from stage2_temporal.inference.predict import load_predictor
+from stage2_temporal.zeroi2v.model import ZeroI2VConfig, build_zeroi2v, load_merged, save_merged
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -53,7 +53,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("untrusted")
     cfg = load_config(ZeroI2VConfig, "configs/models/zeroi2v_tiny.yaml", SMALL)
     model = build_zeroi2v(cfg)
-    from stage1_extract.linear_adapters import merge_linear_adapters
+    from stage1_extract.methods.linear_adapters import merge_linear_adapters
 
     merge_linear_adapters(model.vit)
     merged = tmp / "merged.safetensors"
@@ -200,7 +200,7 @@ def test_an_export_without_a_hash_still_loads_and_says_it_is_unverified(files, t
 def heads_run(tmp_path: Path, classes: list[str]) -> Path:
     """A run directory with heads.safetensors (3 classes, 2 adapters) and a fingerprint.json."""
     from stage2_temporal.heads import HEAD_TYPES
-    from stage2_temporal.run_dir import HeadsInfo, save_heads
+    from stage2_temporal.training.run_dir import HeadsInfo, save_heads
 
     info = HeadsInfo(HEAD_TYPES["lstm"][0](hidden=8, layers=1), 3, ["a0", "a1"], 8, 8, class_names=classes)
     run = tmp_path / "run"
@@ -211,7 +211,7 @@ def heads_run(tmp_path: Path, classes: list[str]) -> Path:
 
 
 def test_a_run_directory_is_validated_too(tmp_path, capsys):
-    from stage2_temporal.run_dir import load_heads
+    from stage2_temporal.training.run_dir import load_heads
 
     run = heads_run(tmp_path, ["a", "b", "c", "d"])
     with pytest.raises(CheckpointError, match="4 class names for heads of 3 classes"):
@@ -257,7 +257,7 @@ def test_convert_never_suggests_unpickling_a_malicious_file(tmp_path, capsys):
 
 
 def test_a_store_whose_json_claims_more_clips_than_it_holds_is_one_line(tmp_path, capsys):
-    from stage2_temporal.synthetic import synthetic_cache, write_store
+    from stage2_temporal.training.synthetic import synthetic_cache, write_store
 
     store = write_store(synthetic_cache(8, seed=0, flow_blocks=0), tmp_path / "s.zarr", {"model": "x"})
     meta = store / "zarr.json"

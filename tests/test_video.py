@@ -10,16 +10,16 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import ClipRecord, DatasetConfig
-from stage1_extract.sampling import clip_indices, dense_indices, num_views, uniform_indices, view_index
-from stage1_extract.synthetic import (
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import ClipRecord, DatasetConfig
+from stage1_extract.videos.sampling import clip_indices, dense_indices, num_views, uniform_indices, view_index
+from stage1_extract.videos.synthetic import (
     write_corrupt_video,
     write_empty_video,
     write_truncated_video,
     write_video,
 )
-from stage1_extract.video import (
+from stage1_extract.videos.video import (
     VideoClipDataset,
     collate_clips,
     crop_offsets,

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
-from stage1_extract.clip_geometry import ClipGeometry
-from stage1_extract.datasets import ClipRecord, DatasetConfig
-from stage1_extract.sampling import clip_indices
-from stage1_extract.synthetic import (
+from stage1_extract.videos.clip_geometry import ClipGeometry
+from stage1_extract.videos.datasets import ClipRecord, DatasetConfig
+from stage1_extract.videos.sampling import clip_indices
+from stage1_extract.videos.synthetic import (
     video_codec,
     write_corrupt_video,
     write_empty_video,
     write_truncated_video,
     write_video,
 )
-from stage1_extract.video import VideoClipDataset, decode_views, probe_video, read_frames_pyav
+from stage1_extract.videos.video import VideoClipDataset, decode_views, probe_video, read_frames_pyav
 
 
 def _write(path: Path, frames: np.ndarray, rotation: int = 0, latin1_title: str | None = None) -> Path:

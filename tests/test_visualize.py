@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from amflow.commands import visualize as visualize_command
-from stage1_extract.synthetic import write_video
-from stage1_extract.visualize import (
+from stage1_extract.extraction.visualize import (
     decode_clip,
     flow_heatmaps,
     load_visualization_model,
     plot_flow,
     save_gif,
 )
+from stage1_extract.videos.synthetic import write_video
 
 TINY = "configs/models/amflow_tiny.yaml"
 SMALL = ["backbone.timm_kwargs.depth=2"]  # 64 px, patch 8: an 8x8 patch grid

@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-from stage2_temporal.config import TrainConfig
+from stage2_temporal.finetuning.models import build_model, load_model_config
 from stage2_temporal.heads import TransformerHeadsConfig, build_classifier
-from stage2_temporal.models import build_model, load_model_config
-from stage2_temporal.optim import adamw
-from stage2_temporal.train import make_optimiser
+from stage2_temporal.training.config import TrainConfig
+from stage2_temporal.training.optim import adamw
+from stage2_temporal.training.train import make_optimiser
 from store.layout import FlowBlock
 
 # Named by hand from the modules' definitions (nn.MultiheadAttention: in_proj_bias), independently of

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from stage1_extract.backbone import WeightsError, create_backbone
+from stage1_extract.families.backbone import WeightsError, create_backbone
 
 TOL = 1e-4
 

@@ -11,17 +11,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from amflow.cli import main
-from stage1_extract.checkpoint import (
+from foundation.config import ConfigError, build_config, config_to_dict, load_config
+from stage1_extract.methods.checkpoint import (
     CheckpointError,
     load_trainable_checkpoint,
     read_metadata,
     save_trainable_checkpoint,
 )
-from stage1_extract.config import ConfigError, build_config, config_to_dict, load_config
-from stage1_extract.linear_adapters import LinearAdapter, linear_adapter_modules, merge_linear_adapters
-from stage1_extract.stdha import STDHAttention, use_stdha
-from stage1_extract.zeroi2v import split_merged_state
-from stage2_temporal.zeroi2v import (
+from stage1_extract.methods.linear_adapters import (
+    LinearAdapter,
+    linear_adapter_modules,
+    merge_linear_adapters,
+)
+from stage1_extract.methods.stdha import STDHAttention, use_stdha
+from stage1_extract.methods.zeroi2v import split_merged_state
+from stage2_temporal.zeroi2v.model import (
     ZeroI2VConfig,
     ZeroI2VHead,
     ZeroI2VModel,

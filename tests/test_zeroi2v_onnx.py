@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from amflow.cli import main
-from stage1_extract.checkpoint import save_trainable_checkpoint
-from stage1_extract.config import load_config
-from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v, load_merged
+from foundation.config import load_config
+from stage1_extract.methods.checkpoint import save_trainable_checkpoint
+from stage2_temporal.zeroi2v.model import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v, load_merged
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

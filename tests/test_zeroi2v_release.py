@@ -17,13 +17,13 @@ import torch.nn.functional as F
 import yaml
 
 from amflow.cli import main as cli
-from stage1_extract.checkpoint import load_into, load_trainable_checkpoint
-from stage1_extract.config import build_config
-from stage1_extract.extract import load_extraction_model
-from stage1_extract.synthetic import make_folder_dataset
-from stage2_temporal.finetune import finetune, plan_finetune
-from stage2_temporal.models import load_model_config
-from stage2_temporal.zeroi2v import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v, load_merged
+from foundation.config import build_config
+from stage1_extract.extraction.extract import load_extraction_model
+from stage1_extract.methods.checkpoint import load_into, load_trainable_checkpoint
+from stage1_extract.videos.synthetic import make_folder_dataset
+from stage2_temporal.finetuning.finetune import finetune, plan_finetune
+from stage2_temporal.finetuning.models import load_model_config
+from stage2_temporal.zeroi2v.model import ZeroI2VConfig, ZeroI2VModel, build_zeroi2v, load_merged
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 

@@ -39,7 +39,7 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
     """The converted checkpoint and its backbone (default OUT.backbone.safetensors)."""
     from pathlib import Path
 
-    from stage2_temporal.zeroi2v_release import default_backbone_path
+    from stage2_temporal.zeroi2v.release import default_backbone_path
 
     backbone = args.backbone_out or default_backbone_path(Path(args.out))
     outputs = [Output("--out", args.out, replace=args.overwrite)]
@@ -48,7 +48,7 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stage2_temporal.zeroi2v_release import convert_release_checkpoint, load_release_config
+    from stage2_temporal.zeroi2v.release import convert_release_checkpoint, load_release_config
 
     cfg = load_release_config(args.config)
     try:

@@ -51,8 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Lists the split; exit code 2 on a bad dataset, split, protocol, config or missing annotation."""
     import stage1_extract  # noqa: F401  (before anything that imports timm)
-    from stage1_extract.config import route_overrides
-    from stage1_extract.datasets import DatasetConfig, build_index, load_dataset_config
+    from foundation.config import route_overrides
+    from stage1_extract.videos.datasets import DatasetConfig, build_index, load_dataset_config
 
     overrides = route_overrides(args.overrides, {"data": DatasetConfig})["data"]
     if args.protocol is not None:

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import warnings
 
-    from stage1_extract.backbone import RANDOM_INIT_WARNING
+    from stage1_extract.families.backbone import RANDOM_INIT_WARNING
     from stage2_temporal.demo import DemoConfig, format_predictions, format_table, run_demo
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig.smoke() if args.smoke else DemoConfig()

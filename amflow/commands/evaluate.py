@@ -47,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
     """Each run gets eval_<store>.json, confusion_<store>.csv/png and predictions_<store>.csv."""
-    from stage2_temporal.checks import check_finished_run
-    from stage2_temporal.evaluate import evaluation_files, run_inputs
+    from stage2_temporal.training.checks import check_finished_run
+    from stage2_temporal.training.evaluate import evaluation_files, run_inputs
 
     for run in args.run:  # an unfinished run is the first thing to say
         check_finished_run(run)
@@ -64,9 +64,9 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluates and prints the table (per run, then the ensemble's)."""
-    from stage2_temporal.data import store_name
-    from stage2_temporal.evaluate import evaluate_ensemble
-    from stage2_temporal.metrics import format_table
+    from stage2_temporal.training.data import store_name
+    from stage2_temporal.training.evaluate import evaluate_ensemble
+    from stage2_temporal.training.metrics import format_table
 
     ensemble, single = evaluate_ensemble(
         args.run,

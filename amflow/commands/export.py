@@ -43,8 +43,8 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stage2_temporal.export import export_predictor
-    from stage2_temporal.predict import load_predictor
+    from stage2_temporal.inference.export import export_predictor
+    from stage2_temporal.inference.predict import load_predictor
 
     source = Path(args.run)
     predictor = load_predictor(

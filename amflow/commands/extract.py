@@ -113,8 +113,8 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stage1_extract.cluster import check_reachable
-    from stage1_extract.extract import ExtractOptions, plan_extraction, run_extraction
+    from foundation.cluster import check_reachable
+    from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
 
     if args.scheduler:
         check_reachable(args.scheduler)  # before any store is created

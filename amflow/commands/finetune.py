@@ -96,8 +96,8 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 def run(args: argparse.Namespace) -> int:
     """Plans, trains, prints the best epoch's validation table (rank 0)."""
-    from stage2_temporal.finetune import finetune_from_args
-    from stage2_temporal.metrics import format_table
+    from stage2_temporal.finetuning.finetune import finetune_from_args
+    from stage2_temporal.training.metrics import format_table
 
     result = finetune_from_args(
         args.dataset,

@@ -43,10 +43,10 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stage2_temporal.zeroi2v import merge_checkpoint
+    from stage2_temporal.zeroi2v.model import merge_checkpoint
 
     if args.onnx:
-        from stage2_temporal.zeroi2v_onnx import require_onnx
+        from stage2_temporal.zeroi2v.onnx import require_onnx
 
         require_onnx()  # before the merge: a missing package must not leave --out behind
 
@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         ("written", str(summary.out_path)),
     ]
     if args.onnx:
-        from stage1_extract.checkpoint import read_metadata
-        from stage1_extract.formats import read_class_names
-        from stage2_temporal.zeroi2v import ZeroI2VModel, load_merged
-        from stage2_temporal.zeroi2v_onnx import export_onnx
+        from foundation.formats import read_class_names
+        from stage1_extract.methods.checkpoint import read_metadata
+        from stage2_temporal.zeroi2v.model import ZeroI2VModel, load_merged
+        from stage2_temporal.zeroi2v.onnx import export_onnx
 
         model = ZeroI2VModel(*load_merged(summary.out_path))
         names = read_class_names(

@@ -35,9 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from stage1_extract.backbone import RANDOM_INIT_WARNING
-    from stage1_extract.config import route_overrides
-    from stage2_temporal.models import (
+    from foundation.config import route_overrides
+    from stage1_extract.families.backbone import RANDOM_INIT_WARNING
+    from stage2_temporal.finetuning.models import (
         build_model_on_meta,
         load_model_config,
         model_config_class,

@@ -122,7 +122,7 @@ def checked_by(validate: Callable[[str], object], what: str) -> Callable[[str], 
 
 def memory_budget(text: str) -> str:
     """An argparse type: bytes with a unit (1GB, 512MiB) or a fraction of the RAM in (0, 1]; kept as text."""
-    from stage2_temporal.stream import parse_memory_budget
+    from stage2_temporal.training.stream import parse_memory_budget
 
     return checked_by(parse_memory_budget, "memory budget")(text)
 

@@ -64,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
     """--out, or with --window each video's timeline CSV and PNG (distinct names, checked together)."""
-    from stage2_temporal.predict import expand_videos
+    from stage2_temporal.inference.predict import expand_videos
 
     if args.stride is not None and args.window is None:
         raise ValueError("--stride needs --window")
@@ -73,7 +73,7 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
     inputs += [Input(o, getattr(args, o[2:])) for o in ("--run", "--model", "--weights", "--checkpoint")]
     if args.window is None:
         return ([Output("--out", args.out, replace=args.overwrite)] if args.out else []), inputs
-    from stage2_temporal.timeline import timeline_paths
+    from stage2_temporal.inference.timeline import timeline_paths
 
     outputs = []
     for video, csv_path in zip(videos, timeline_paths(videos, args.out)):
@@ -85,7 +85,7 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 def run(args: argparse.Namespace) -> int:
     """Loads the predictor, scores the videos (or windows), prints and writes the results."""
-    from stage2_temporal.predict import (
+    from stage2_temporal.inference.predict import (
         expand_videos,
         format_prediction,
         load_predictor,
@@ -96,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
 
     videos = expand_videos(args.videos)
     if args.window is not None:  # every video's windows are planned (and bounded) before any is decoded
-        from stage2_temporal.timeline import plan_timeline, predict_timeline, timeline_paths, write_timeline
+        from stage2_temporal.inference.timeline import (
+            plan_timeline,
+            predict_timeline,
+            timeline_paths,
+            write_timeline,
+        )
 
         plans = [plan_timeline(v, args.window, args.stride or args.window) for v in videos]
         outs = timeline_paths(videos, args.out)

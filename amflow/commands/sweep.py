@@ -76,7 +76,7 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 def run(args: argparse.Namespace) -> int:
     """Sweeps and prints the top of the leaderboard; exit 1 when a run failed."""
-    from stage2_temporal.sweep import run_sweep_from_stores
+    from stage2_temporal.sweeps.sweep import run_sweep_from_stores
 
     result = run_sweep_from_stores(
         args.store,

@@ -70,11 +70,11 @@ def paths(args: argparse.Namespace) -> tuple[list[Output], list[Input]]:
 
 def run(args: argparse.Namespace) -> int:
     """Loads the config, trains, prints the validation table."""
-    from stage1_extract.config import load_config, route_overrides
-    from stage2_temporal.config import TrainConfig
-    from stage2_temporal.metrics import format_table
-    from stage2_temporal.run_dir import is_finished
-    from stage2_temporal.train import train_heads_from_stores
+    from foundation.config import load_config, route_overrides
+    from stage2_temporal.training.config import TrainConfig
+    from stage2_temporal.training.metrics import format_table
+    from stage2_temporal.training.run_dir import is_finished
+    from stage2_temporal.training.train import train_heads_from_stores
 
     overrides = route_overrides(args.overrides, {"train": TrainConfig})["train"]
     cfg = load_config(TrainConfig, args.config, overrides)

@@ -92,9 +92,8 @@ def _parse_blocks(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from stage1_extract.amflow_model import AMFlowConfig
-    from stage1_extract.config import route_overrides
-    from stage1_extract.visualize import (
+    from foundation.config import route_overrides
+    from stage1_extract.extraction.visualize import (
         decode_clip,
         flow_heatmaps,
         frame_size,
@@ -103,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         save_gif,
         select_blocks,
     )
+    from stage1_extract.methods.amflow_model import AMFlowConfig
 
     out = Path(args.out)
     if out.suffix.lower() == ".gif":

@@ -18,8 +18,8 @@ unchanged:
 - ``attention``: the attention class whose q, k, v ``split`` splits out and STDHA subclasses;
 - ``split``: that attention in steps (``AttentionSplit``: ``project_qkv``, ``attend``, ``to_tokens``), so
   AM flow reads a block's own q, k (per attention window where attention is local) and STDHA edits K/V;
-- ``stdha``: a block's attention as STDHA (``stage1_extract.stdha``), sharing its weights: the family's
-  STDHA subclass of ``attention``, told what it needs of the block (e.g. Swin's windows per frame);
+- ``stdha``: a block's attention as STDHA (``stage1_extract.methods.stdha``), sharing its weights: the
+  family's STDHA subclass of ``attention``, told what it needs of the block (e.g. Swin's windows per frame);
 - ``final_norm``: tokens after the last block -> the final tokens, as timm's ``forward_features`` gives
   them (normed for a ViT; Hiera norms after pooling, in ``pooled``);
 - ``num_prefix_tokens``, ``patch_grid``, ``embed_dim``, ``input_size``: token layout, width, frame size;
@@ -33,8 +33,8 @@ unchanged:
 - ``grid_positions``: where a block's tokens sit on its row-major grid, for families whose blocks see
   their tokens in another order (Hiera's unrolled mask units); the maps AM flow returns are row-major.
 
-Linear adapters (``stage1_extract.linear_adapters``) go on the ``attn.qkv``, ``attn.proj``, ``mlp.fc1``
-and ``mlp.fc2`` of every block: the paths timm's ViT, Swin and Hiera blocks share.
+Linear adapters (``stage1_extract.methods.linear_adapters``) go on the ``attn.qkv``, ``attn.proj``,
+``mlp.fc1`` and ``mlp.fc2`` of every block: the paths timm's ViT, Swin and Hiera blocks share.
 """
 
 from __future__ import annotations

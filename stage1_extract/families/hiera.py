@@ -18,7 +18,7 @@ from timm.models import checkpoint_seq
 from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention, checkpoint_filter_fn
 from torch import nn
 
-from stage1_extract.attention import attention_probs
+from stage1_extract.families.attention import attention_probs
 from stage1_extract.families.base import BlockGeometry
 
 

@@ -20,7 +20,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from torch import nn
 
 from stage1_extract.families.base import BlockGeometry
-from stage1_extract.stdha import STDHA, temporal_shift_kv
+from stage1_extract.methods.stdha import STDHA, temporal_shift_kv
 
 StateDict = dict[str, torch.Tensor]
 

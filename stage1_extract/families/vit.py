@@ -11,9 +11,9 @@ from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from stage1_extract.attention import TimmAttentionSplit
+from stage1_extract.families.attention import TimmAttentionSplit
 from stage1_extract.families.base import BlockGeometry
-from stage1_extract.stdha import STDHAttention
+from stage1_extract.methods.stdha import STDHAttention
 
 StateDict = dict[str, torch.Tensor]
 

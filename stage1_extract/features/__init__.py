@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from stage1_extract.config import ConfigError
+from foundation.config import ConfigError
 from stage1_extract.features.am_flow import AMFlowFeatures
 from stage1_extract.features.base import FeatureExtractor, FeatureLayout
 from stage1_extract.features.feature_diff import FeatureDifferenceControl

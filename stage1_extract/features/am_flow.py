@@ -8,14 +8,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from stage1_extract.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
-from stage1_extract.backbone import is_added_key
-from stage1_extract.checkpoint import load_trainable_checkpoint
-from stage1_extract.config import ConfigError
+from foundation.config import ConfigError
 from stage1_extract.families import family_of
+from stage1_extract.families.backbone import is_added_key
 from stage1_extract.families.base import BlockGeometry
 from stage1_extract.features.base import FeatureExtractor, FeatureLayout
-from stage1_extract.zeroi2v import is_zeroi2v_file, merged_backbone
+from stage1_extract.methods.amflow_model import AMFlowConfig, AMFlowExtractor, assemble_amflow
+from stage1_extract.methods.checkpoint import load_trainable_checkpoint
+from stage1_extract.methods.zeroi2v import is_zeroi2v_file, merged_backbone
 from store.layout import FlowBlock
 
 

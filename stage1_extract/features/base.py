@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stage1_extract.amflow_model import ClipFeatures
+from foundation.features import ClipFeatures
 from store.layout import FlowBlock
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_extract.amflow_model import ClipFeatures
+from foundation.features import ClipFeatures
 from stage2_temporal.heads.base import BranchesConfig
 from stage2_temporal.heads.grouped import GroupedLayerNorm, GroupedLinear
 from stage2_temporal.heads.head_types import build_temporal_heads
@@ -61,7 +61,8 @@ class FlowMapEncoder(nn.Module):
     def block_maps(self, maps: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         """The maps -> per block (B, T, channels, tokens): ``maps`` is (B, G, T, h, N) when every block's
         map has one shape, packed (B, T, sum of channels x tokens) as the store keeps blocks of different
-        shapes (``stage1_extract.block_maps``), or already one (B, T, h_b, N_b) tensor per block."""
+        shapes (``stage1_extract.extraction.block_maps``), or already one (B, T, h_b, N_b) tensor per
+        block."""
         if isinstance(maps, list):
             return maps
         if self.uniform and maps.ndim == 5:

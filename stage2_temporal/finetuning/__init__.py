@@ -1,0 +1,1 @@
+"""End-to-end finetuning from videos: the plan, the model, its state and run directory, DDP, augmentation."""

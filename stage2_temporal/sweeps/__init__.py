@@ -1,0 +1,1 @@
+"""Sweeps: many training configs from one cache, in parallel on dask."""
