@@ -48,8 +48,9 @@ def test_stage1_reads_its_own_keys_and_catches_typos():
     assert cfg.num_frames == 4 and not hasattr(cfg, "heads")
     with pytest.raises(ConfigError, match="m.yaml: unknown key 'aggregaton'; did you mean 'aggregation'"):
         feature_config_from_dict({**data, "aggregaton": "softmax_sum"}, "m.yaml")
-    with pytest.raises(ConfigError, match="for ZeroI2V, merge the checkpoint"):
-        feature_config_from_dict({"kind": "zeroi2v"}, "z.yaml")
+    with pytest.raises(ConfigError, match="z.yaml: kind 'videomae' selects feature type 'videomae', which"):
+        feature_config_from_dict({"kind": "videomae"}, "z.yaml")
+    assert feature_config_from_dict({"kind": "zeroi2v", "num_frames": 4}, "z.yaml").num_frames == 4
 
 
 def test_clip_geometry_is_resolved_in_one_place():

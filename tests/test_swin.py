@@ -1,7 +1,7 @@
 """Swin as a backbone family with ZeroI2V (METHOD.md section 8): timm's own forward at initialisation,
 STDHA inside window attention against a loop over frames and windows, the exact merge, weights in timm's
 and Microsoft's layouts, per-block geometry, the paper's Swin-B configuration, and finetune -> merge ->
-predict on generated videos."""
+predict on generated videos, and its features extracted -> heads trained -> evaluated -> predicted."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -19,8 +20,10 @@ from stage1_extract.families import family_of
 from stage1_extract.families.backbone import create_backbone
 from stage1_extract.families.base import BlockGeometry
 from stage1_extract.families.swin import SwinSTDHAttention
+from stage1_extract.features import build_feature_extractor
 from stage1_extract.methods.checkpoint import load_trainable_checkpoint
 from stage1_extract.methods.linear_adapters import linear_adapter_modules, merge_linear_adapters
+from stage1_extract.methods.models import load_feature_config
 from stage1_extract.methods.stdha import stage_head_offsets, stdha_modules
 from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.finetuning.finetune import finetune
@@ -31,6 +34,9 @@ from stage2_temporal.finetuning.models import (
     parameter_report,
 )
 from stage2_temporal.finetuning.plan import plan_finetune
+from stage2_temporal.training.predictions import read_predictions
+from stage2_temporal.zeroi2v.model import build_zeroi2v, save_merged
+from store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
 
@@ -252,3 +258,67 @@ def test_finetune_keeps_only_trainable_weights_then_merge_and_predict(tmp_path, 
     assert set(probs[0]) == {"left", "right"} and math.isclose(sum(probs[0].values()), 1.0, rel_tol=1e-6)
     for label, p in probs[0].items():  # the finetuned model, its merge and export: the same probabilities
         assert probs[1][label] == pytest.approx(p, abs=1e-5) and probs[2][label] == pytest.approx(p, abs=1e-5)
+
+
+def test_extract_train_evaluate_predict_end_to_end(tmp_path, capsys):
+    """A random-init Swin ZeroI2V config extracts its per-frame pooled features (the ones ZeroI2V's own
+    classifier averages), heads train and evaluate on them, and predict rebuilds the extractor."""
+    videos, store, run = tmp_path / "videos", tmp_path / "train.zarr", tmp_path / "run"
+    make_folder_dataset(videos, ["left", "right", "up"], {"train": 2}, 32, 8, seed=0)
+    extract = ["extract", "--dataset", "folder", "--root", str(videos), "--split", "train", "--config", TINY]
+    assert main([*extract, "--out", str(tmp_path / "f.zarr"), "--flow", *SMALL, "num_frames=4"]) == 2
+    assert (
+        "has no AM-flow maps; drop --flow" in capsys.readouterr().err and not (tmp_path / "f.zarr").exists()
+    )
+    assert main([*extract, "--out", str(store), "--decode-workers", "0", *SMALL, "num_frames=4"]) == 0
+    st = FeatureStore.open(store)
+    assert st.adapter_names == ["pooled"] and st.flow_block_names == []
+    clip = st.read_clip(0)  # one adapter sequence of the T per-frame features; cls is the last frame's
+    assert clip["embeddings"].shape == (1, 1, 4, 96) and np.array_equal(
+        clip["cls"], clip["embeddings"][0, :, -1]
+    )
+    heads = ["heads.hidden=16", "heads.flow_maps=false", "epochs=2"]
+    train = [
+        "train-heads",
+        "--store",
+        str(store),
+        "--val-store",
+        str(store),
+        "--config",
+        "configs/heads/tiny.yaml",
+    ]
+    assert main([*train, "--out", str(run), "--quiet", *heads]) == 0
+    assert main(["evaluate", "--store", str(store), "--run", str(run), "--quiet"]) == 0
+    expected = read_predictions(run / "predictions_train.csv")
+    capsys.readouterr()
+    predict = ["predict", str(videos / "train"), "--run", str(run), "--json", "--decode-workers", "0"]
+    assert main([*predict, "--device", "cpu", "--quiet"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["video"] for line in lines] == [str(videos / c) for c in expected["clip_ids"]]
+    for line, probs in zip(lines, expected["probs"]):
+        got = np.array(
+            [next(t["prob"] for t in line["top5"] if t["label"] == c) for c in expected["class_names"]]
+        )
+        np.testing.assert_allclose(got, probs, atol=1e-3)
+
+
+def test_features_are_zeroi2v_frame_features_unmerged_and_merged(tmp_path):
+    """The extractor computes what ZeroI2V's classifier averages: at random init, and from a merged file
+    of trained adapters and temporal embedding (the merge is exact, eq. 11)."""
+    cfg = load_feature_config(TINY, SMALL)
+    video = torch.randn(2, 4, 3, 32, 32)
+    model = build_zeroi2v(cfg).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            build_feature_extractor(cfg).extract(video).embeddings[:, 0], model.frame_features(video)
+        )
+        for m in linear_adapter_modules(model.vit):
+            for p in m.adapter.parameters():
+                p.normal_(0, 0.05)
+        model.head.time_embed.normal_(0, 0.5)
+        expected = model.frame_features(video)
+        merge_linear_adapters(model.vit)
+    save_merged(model, tmp_path / "merged.safetensors")
+    features = build_feature_extractor(cfg, str(tmp_path / "merged.safetensors")).extract(video)
+    torch.testing.assert_close(features.embeddings[:, 0], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features.cls, expected[:, -1], atol=1e-4, rtol=1e-4)

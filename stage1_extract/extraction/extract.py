@@ -384,6 +384,11 @@ def plan_extraction(
         meta = build_feature_extractor(model_cfg)
     geometry.check_model(meta.backbone, str(model_config))
     shapes = meta.layout()
+    if options.store_flow and not shapes.flow_block_names:
+        raise ConfigError(
+            f"--flow: feature type {feature_type_name(model_cfg)!r} ({model_config}) has no AM-flow maps; "
+            "drop --flow"
+        )
     if checkpoint:  # a checkpoint that does not load or fit is refused before the store exists
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.filterwarnings("ignore", message=RANDOM_INIT_WARNING)

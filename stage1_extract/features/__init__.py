@@ -12,11 +12,13 @@ from foundation.config import ConfigError
 from stage1_extract.features.am_flow import AMFlowFeatures
 from stage1_extract.features.base import FeatureExtractor, FeatureLayout
 from stage1_extract.features.feature_diff import FeatureDifferenceControl
+from stage1_extract.features.zeroi2v import ZeroI2VFeatures
 
 # Feature type name -> its extractor class.
 FEATURE_TYPES: dict[str, type[FeatureExtractor]] = {
     "am_flow": AMFlowFeatures,
     "feature_diff": FeatureDifferenceControl,
+    "zeroi2v": ZeroI2VFeatures,
 }
 
 __all__ = [

@@ -19,20 +19,12 @@ from stage1_extract.features import FEATURE_TYPES, feature_type_name
 
 def feature_config_from_dict(data: dict[str, Any], source: str = "<config>") -> Any:
     """The feature part of a model config: the config of the feature type it selects (``maps`` of an
-    AM-flow config); a ZeroI2V config is refused (its features come from a merged checkpoint, ``amflow
-    merge``, passed with an AM-flow config of the same backbone)."""
-    kind = data.get("kind", "amflow")
+    AM-flow config, ``kind`` otherwise, e.g. ``zeroi2v``)."""
     name = feature_type_name(data)
     if name not in FEATURE_TYPES:
-        hint = (
-            "; for ZeroI2V, merge the checkpoint (amflow merge) and pass it with --checkpoint to an AM-flow "
-            "config"
-            if kind == "zeroi2v"
-            else ""
-        )
         raise ConfigError(
-            f"{source}: kind {kind!r} selects feature type {name!r}, which stage 1 cannot extract; known "
-            f"types: {sorted(FEATURE_TYPES)}{hint}"
+            f"{source}: kind {data.get('kind', 'amflow')!r} selects feature type {name!r}, which stage 1 "
+            f"cannot extract; known types: {sorted(FEATURE_TYPES)}"
         )
     config_class = FEATURE_TYPES[name].config_class
     own = {f.name for f in dataclasses.fields(config_class)}

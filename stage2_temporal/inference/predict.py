@@ -188,8 +188,14 @@ class HeadsPredictor(Predictor):
             """View ``v`` of every clip, rounded through the cache's dtype as stage 2 read it."""
             return t.float().unflatten(0, (B, V))[:, v].to(dtype).float().cpu()
 
-        flow = pack_block_maps(f.flow) if f.flow is not None else None  # as the store keeps the maps
-        views = [ClipFeatures(cached(f.embeddings, v), cached(f.cls, v), cached(flow, v)) for v in range(V)]
+        # as the store keeps the maps; none for a feature type without them (ZeroI2V)
+        flow = pack_block_maps(f.flow) if f.flow is not None else None
+        views = [
+            ClipFeatures(
+                cached(f.embeddings, v), cached(f.cls, v), cached(flow, v) if flow is not None else None
+            )
+            for v in range(V)
+        ]
         layout = self.model.layout()
         data = CachedFeatures.from_clip_features(
             views,

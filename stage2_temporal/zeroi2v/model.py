@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
@@ -38,65 +37,17 @@ from stage1_extract.methods.checkpoint import (
     write_safetensors,
 )
 from stage1_extract.methods.linear_adapters import linear_adapter_modules, merge_linear_adapters
-from stage1_extract.methods.model_config import BackboneConfig
 from stage1_extract.methods.stdha import stdha_modules
 from stage1_extract.methods.zeroi2v import (
     HEAD_PREFIX,
     MERGED_FORMAT,
-    LinearAdapterConfig,
     ResolvedOffsets,
+    ZeroI2VConfig,
     apply_stdha,
     build_zeroi2v_backbone,
     plain_vit,
     split_merged_state,
 )
-
-
-def _default_backbone() -> BackboneConfig:
-    # ViT-Tiny has 3 heads: one looks a frame back, one a frame ahead, one stays spatial.
-    return BackboneConfig(head_offsets={-1: 1, 1: 1, 0: 1})
-
-
-@dataclass
-class ZeroI2VConfig:
-    """A ZeroI2V model: backbone (its ``head_offsets`` set STDHA), frames, classes, adapters, seed."""
-
-    kind: Literal["zeroi2v"] = "zeroi2v"
-    backbone: BackboneConfig = field(default_factory=_default_backbone)
-    num_frames: int = 8
-    num_classes: int = 400
-    adapter: LinearAdapterConfig = field(default_factory=LinearAdapterConfig)
-    head_dropout: float = 0.0  # dropout before the classifier when training (the release's I3D head: 0.5)
-    train_norm: bool = False  # train the final norm with the adapters (the release trains its ln_post)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"key 'head_dropout': expected a value in [0, 1), got {self.head_dropout}")
-        if self.num_frames < 1:
-            raise ValueError(f"key 'num_frames': expected >= 1, got {self.num_frames}")
-        if self.num_classes < 1:
-            raise ValueError(f"key 'num_classes': expected >= 1, got {self.num_classes}")
-        spec = self.backbone.head_offsets
-        if spec is None:
-            return
-        if isinstance(spec, float):
-            if not 0 < spec <= 1:
-                raise ValueError(
-                    f"key 'backbone.head_offsets': a fraction of each stage's heads in (0, 1], got {spec}"
-                )
-            return  # its offsets are checked once resolved, against each stage's head count
-        stages = spec if spec and all(isinstance(s, (list, dict)) for s in spec) else [spec]
-        for stage in stages:
-            offsets = list(stage) if isinstance(stage, list) else [o for o, n in stage.items() if n]
-            far = [o for o in offsets if abs(o) >= self.num_frames]
-            if far:
-                raise ValueError(
-                    f"key 'backbone.head_offsets': offsets {far} reach outside every {self.num_frames}-frame "
-                    "clip (such a head would never see another frame)"
-                )
-            if isinstance(stage, dict) and any(n < 0 for n in stage.values()):
-                raise ValueError(f"key 'backbone.head_offsets': head counts must be >= 0, got {stage}")
 
 
 class ZeroI2VHead(nn.Module):
