@@ -1,12 +1,11 @@
 """Hiera with AM flow: timm's own forward, AM flow against explicit attention maps per mask unit, the
 geometry per block, pooling blocks refused, finetuning checkpoints and the commands end to end."""
 
-import json
-
 import numpy as np
 import pytest
 import timm
 import torch
+from pipeline import train_evaluate_predict
 from safetensors.torch import save_file
 
 from amflow.cli import main
@@ -26,7 +25,6 @@ from stage2_temporal.finetuning.finetune import finetune
 from stage2_temporal.finetuning.models import AMFlowModelConfig, build_amflow, build_model
 from stage2_temporal.finetuning.plan import plan_finetune
 from stage2_temporal.heads import LSTMHeadsConfig
-from stage2_temporal.training.predictions import read_predictions
 from store.feature_store import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*randomly initialised")
@@ -213,29 +211,13 @@ def test_extract_train_evaluate_predict_end_to_end(videos, tmp_path, capsys):
     ]
     # AM-flow blocks of both stages: maps of different heads and grids, each kept on its own shape
     assert main([*args, "--out", str(store), "--flow", "--decode-workers", "0", *SMALL]) == 0
-    heads = ["heads.hidden=16", "heads.flow_maps=true", "heads.flow_grid=2", "epochs=2"]
-    train = [
-        "train-heads",
-        "--store",
-        str(store),
-        "--val-store",
-        str(store),
-        "--config",
-        "configs/heads/tiny.yaml",
-    ]
-    assert main([*train, "--out", str(run), "--quiet", *heads]) == 0
-    assert main(["evaluate", "--store", str(store), "--run", str(run), "--quiet"]) == 0
-    expected = read_predictions(run / "predictions_train.csv")
-    capsys.readouterr()
-    predict = ["predict", str(videos / "train"), "--run", str(run), "--json", "--decode-workers", "0"]
-    assert main([*predict, "--device", "cpu", "--quiet"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["video"] for line in lines] == [str(videos / c) for c in expected["clip_ids"]]
-    for line, probs in zip(lines, expected["probs"]):
-        got = np.array(
-            [next(t["prob"] for t in line["top5"] if t["label"] == c) for c in expected["class_names"]]
-        )
-        np.testing.assert_allclose(got, probs, atol=1e-3)
+    train_evaluate_predict(
+        store,
+        run,
+        videos,
+        ["heads.hidden=16", "heads.flow_maps=true", "heads.flow_grid=2", "epochs=2"],
+        capsys,
+    )
 
 
 def test_store_of_one_stage_flow_blocks_holds_what_the_model_and_timm_compute(videos, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from pipeline import train_evaluate_predict
 from safetensors.torch import save_file
 
 from amflow.cli import main
@@ -34,7 +35,6 @@ from stage2_temporal.finetuning.models import (
     parameter_report,
 )
 from stage2_temporal.finetuning.plan import plan_finetune
-from stage2_temporal.training.predictions import read_predictions
 from stage2_temporal.zeroi2v.model import build_zeroi2v, save_merged
 from store.feature_store import FeatureStore
 
@@ -277,29 +277,9 @@ def test_extract_train_evaluate_predict_end_to_end(tmp_path, capsys):
     assert clip["embeddings"].shape == (1, 1, 4, 96) and np.array_equal(
         clip["cls"], clip["embeddings"][0, :, -1]
     )
-    heads = ["heads.hidden=16", "heads.flow_maps=false", "epochs=2"]
-    train = [
-        "train-heads",
-        "--store",
-        str(store),
-        "--val-store",
-        str(store),
-        "--config",
-        "configs/heads/tiny.yaml",
-    ]
-    assert main([*train, "--out", str(run), "--quiet", *heads]) == 0
-    assert main(["evaluate", "--store", str(store), "--run", str(run), "--quiet"]) == 0
-    expected = read_predictions(run / "predictions_train.csv")
-    capsys.readouterr()
-    predict = ["predict", str(videos / "train"), "--run", str(run), "--json", "--decode-workers", "0"]
-    assert main([*predict, "--device", "cpu", "--quiet"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["video"] for line in lines] == [str(videos / c) for c in expected["clip_ids"]]
-    for line, probs in zip(lines, expected["probs"]):
-        got = np.array(
-            [next(t["prob"] for t in line["top5"] if t["label"] == c) for c in expected["class_names"]]
-        )
-        np.testing.assert_allclose(got, probs, atol=1e-3)
+    train_evaluate_predict(
+        store, run, videos, ["heads.hidden=16", "heads.flow_maps=false", "epochs=2"], capsys
+    )
 
 
 def test_features_are_zeroi2v_frame_features_unmerged_and_merged(tmp_path):
