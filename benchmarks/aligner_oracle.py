@@ -8,10 +8,25 @@ heads are trained (``stage2_temporal.training.train.train_heads``) per seed and 
 - ``static``: static camera, frames as they are (the reference);
 - ``panning, raw``: panning camera, no alignment (the aligner's starting point);
 - ``panning, pairwise true shift undone``: for the flow of pair (t, t+1), frame t+1 rolled back by the
-  camera's move ``camera[t+1] - camera[t]`` (``alignment.undo_camera``): what a perfect aligning encoder
-  (paper 000's design: frame t+1 aligned to frame t) would produce;
-- ``panning, all frames undone to frame 1``: every frame rolled back to the first frame's camera (a
-  stabilised clip: one reference for the whole clip, outside the paper's pairwise design).
+  camera's move ``camera[t+1] - camera[t]`` rounded to whole pixels (``alignment.undo_camera``);
+- ``panning, pairwise exact``: the same pair with frame t+1 filmed by frame t's camera (the generator
+  re-renders the scene: no rounding, no resampling): what a perfect aligning encoder in paper 000's
+  design (frame t+1 aligned to frame t) would produce;
+- ``panning, all frames to frame 1 exact``: every frame filmed by frame 1's camera (a perfectly
+  stabilised clip: one reference for the whole clip);
+- ``panning, all frames undone to frame 1 (rolled)``: the same with rounded rolls.
+
+- ``panning, aligner trained on the true shift (pairwise | to frame 1)``: the aligning encoders
+  themselves (paper 000's design, ``aligner_reference`` previous or first), trained on their own against
+  the generator's answer: the loss is the squared distance of the aligned frame t+1's normed tokens to
+  those of frame t+1 filmed with the reference frame's camera (a target no real video has: this asks
+  whether the aligner *can* align, apart from whether the classification loss teaches it to). Their token
+  distances (``alignment.measure_alignment``: before, aligned, true shift) are written beside.
+
+Besides accuracy it writes each condition's confusion matrix (summed over seeds): under the pairwise
+conditions each flow map sits in its own frame's coordinates and |s_t - s_t+1| has no sign, so the
+direction of the motion (left vs right, up vs down) can only be read from how the maps move from pair
+to pair, and under a panning camera that movement is the object's plus the camera's.
 
 Example (about 5 minutes on 2 busy cores): ``python benchmarks/aligner_oracle.py``; ``--quick`` for tests.
 """
@@ -34,8 +49,13 @@ CONDITIONS = (
     "static",
     "panning, raw",
     "panning, pairwise true shift undone",
-    "panning, all frames undone to frame 1",
+    "panning, pairwise exact",
+    "panning, all frames to frame 1 exact",
+    "panning, all frames undone to frame 1 (rolled)",
+    "panning, aligner trained on the true shift (pairwise)",
+    "panning, aligner trained on the true shift (to frame 1)",
 )
+SUPERVISED = {CONDITIONS[-2]: "previous", CONDITIONS[-1]: "first"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,10 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--epochs", type=int, default=40, help="epochs of the heads (the demo's 40)")
+    p.add_argument("--aligner-steps", type=int, default=1500, help="steps of the supervised aligners")
+    p.add_argument("--aligner-lr", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true", help="toy sizes for the test suite")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.train_per_class, args.val_per_class, args.test_per_class, args.epochs = 1, 2, 1, 1, 3
+        args.aligner_steps = 3
     return args
 
 
@@ -63,22 +86,36 @@ def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
     from stage2_temporal.demo import MOTIONS
 
     mean, std = pixel_stats(model.vit)
+
+    def render(motion: str, k: int, camera: np.ndarray | None = None):
+        rng = split_clip_rng(0, split, motion, k)
+        pan = condition != "static"
+        clip = render_motion_clip(
+            motion, size=args.size, num_frames=args.frames, rng=rng, pan=pan, camera=camera
+        )
+        video = normalise_video(torch.from_numpy(clip.frames).permute(0, 3, 1, 2)[None], mean, std)
+        return clip, video
+
     maps, labels = [], []
     for label, motion in enumerate(MOTIONS):
         for k in range(n):
-            clip = render_motion_clip(
-                motion,
-                size=args.size,
-                num_frames=args.frames,
-                rng=split_clip_rng(0, split, motion, k),
-                pan=condition != "static",
-            )
-            video = normalise_video(torch.from_numpy(clip.frames).permute(0, 3, 1, 2)[None], mean, std)
+            clip, video = render(motion, k)
             with torch.no_grad():
                 if condition == "panning, pairwise true shift undone":
                     pair_flow = model.extract(undo_camera(video, clip.camera[None])[0]).flow[:, :, 0]
                     flow = torch.cat([pair_flow, pair_flow[-1:]]).transpose(0, 1)[None]  # last repeats
-                elif condition == "panning, all frames undone to frame 1":
+                elif condition == "panning, pairwise exact":
+                    pairs = []
+                    for t in range(args.frames - 1):
+                        _, still = render(motion, k, np.repeat(clip.camera[t : t + 1], args.frames, 0))
+                        pairs.append(still[0, t : t + 2])
+                    pair_flow = model.extract(torch.stack(pairs)).flow[:, :, 0]
+                    flow = torch.cat([pair_flow, pair_flow[-1:]]).transpose(0, 1)[None]  # last repeats
+                elif condition == "panning, all frames to frame 1 exact":
+                    flow = model.extract(
+                        render(motion, k, np.repeat(clip.camera[:1], args.frames, 0))[1]
+                    ).flow
+                elif condition == "panning, all frames undone to frame 1 (rolled)":
                     moves = np.round(clip.camera - clip.camera[:1]).astype(int)
                     frames = [
                         torch.roll(video[0, t], (-dy, -dx), (-2, -1)) for t, (dy, dx) in enumerate(moves)
@@ -89,6 +126,77 @@ def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
             maps.append(flow[0].numpy())
             labels.append(label)
     return np.stack(maps)[:, None], np.array(labels)
+
+
+def filmed(args: argparse.Namespace, split: str, n: int, reference: str, mean, std):
+    """Normalised panning clips (B, T, 3, H, W), their camera (B, T, 2) and object masks, and frames
+    2..T filmed with the reference frame's camera (frame t's or frame 1's), (B, T-1, 3, H, W)."""
+    from stage1_extract.families.backbone import normalise_video
+    from stage1_extract.videos.synthetic import render_motion_clip, split_clip_rng
+    from stage2_temporal.demo import MOTIONS
+
+    T = args.frames
+    videos, targets, cameras, masks = [], [], [], []
+    for motion in MOTIONS:
+        for k in range(n):
+            draw = dict(motion=motion, size=args.size, num_frames=T, pan=True)
+            clip = render_motion_clip(**draw, rng=split_clip_rng(0, split, motion, k))
+            seen = []
+            for t in range(1, T):
+                ref = clip.camera[0 if reference == "first" else t - 1]
+                still = render_motion_clip(
+                    **draw, rng=split_clip_rng(0, split, motion, k), camera=np.tile(ref, (T, 1))
+                )
+                seen.append(still.frames[t])
+            videos.append(clip.frames)
+            targets.append(np.stack(seen))
+            cameras.append(clip.camera)
+            masks.append(clip.object_mask)
+
+    def norm(frames: list[np.ndarray]) -> torch.Tensor:
+        return normalise_video(torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3), mean, std)
+
+    return norm(videos), norm(targets), np.stack(cameras), np.stack(masks)
+
+
+def supervised_aligner(plain, args: argparse.Namespace, reference: str, overrides: list[str], counts: dict):
+    """A copy of ``plain`` with aligning encoders (``reference``) trained against the generator's answer
+    (see the module's doc), and their ``measure_alignment`` figures on the test clips, fresh and trained."""
+    from stage1_extract.families.backbone import pixel_stats
+    from stage1_extract.methods.alignment import aligner_blocks, block_inputs, measure_alignment
+    from stage2_temporal.finetuning.models import build_model, load_model_config
+
+    model = build_model(
+        load_model_config(MODEL, [*overrides, "aligning_encoder=true", f"aligner_reference={reference}"])
+    ).eval()
+    own = {k: v for k, v in model.state_dict().items() if ".aligner." in k}
+    model.load_state_dict({**own, **plain.state_dict()})  # the same backbone and adapters as ``plain``
+    mean, std = pixel_stats(model.vit)
+    video, target, _, _ = filmed(args, "train", counts["train"], reference, mean, std)
+    B, T = video.shape[:2]
+    with torch.no_grad():
+        inputs = block_inputs(model, video)
+        wanted = [
+            x.reshape(B, T - 1, *x.shape[2:]) for x in block_inputs(model, target.flatten(0, 1)[:, None])
+        ]
+    blocks = [b for _, b in aligner_blocks(model)]
+    prefix = model.num_prefix_tokens
+    params = [p for b in blocks for p in b.aligner.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.aligner_lr, weight_decay=0.0)
+    test = filmed(args, "test", counts["test"], reference, mean, std)
+    figures = {"fresh": measure_alignment(model, test[0], test[2], test[3])}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(args.aligner_steps):
+        batch = torch.randint(0, B, (16,), generator=generator)
+        loss = 0.0
+        for block, x, y in zip(blocks, inputs, wanted):
+            aligned = block.norm1(block.aligner(x[batch], reference)[:, :, prefix:])
+            loss = loss + (aligned - block.norm1(y[batch][:, :, prefix:])).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    figures["trained"] = measure_alignment(model, test[0], test[2], test[3])
+    return model.eval(), figures
 
 
 def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
@@ -115,7 +223,7 @@ def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from stage1_extract.families.backbone import RANDOM_INIT_WARNING
-    from stage2_temporal.demo import demo_rows, deterministic_torch
+    from stage2_temporal.demo import MOTIONS, demo_rows, deterministic_torch
     from stage2_temporal.finetuning.models import build_model, load_model_config
     from stage2_temporal.training.run_dir import load_heads
     from stage2_temporal.training.train import predict_proba, score, train_heads
@@ -125,13 +233,23 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"num_frames={args.frames}", f"backbone.img_size={args.size}", "blocks=[1,12]"]
     if args.quick:
         overrides += ["backbone.timm_kwargs.depth=2", "blocks=[1,2]", "bottleneck=16"]
+    from sklearn.metrics import confusion_matrix
+
     results: dict[str, list[float]] = {}
+    confusion: dict[str, np.ndarray] = {}
+    alignment: dict[str, dict] = {}
     with deterministic_torch(1), tempfile.TemporaryDirectory() as tmp:
-        model = build_model(load_model_config(MODEL, overrides)).eval()
+        plain = build_model(load_model_config(MODEL, overrides)).eval()
         counts = {"train": args.train_per_class, "val": args.val_per_class, "test": args.test_per_class}
         for condition in CONDITIONS:
+            model, source = plain, condition
+            if condition in SUPERVISED:
+                model, alignment[condition] = supervised_aligner(
+                    plain, args, SUPERVISED[condition], overrides, counts
+                )
+                source = "panning, raw"  # the panning clips as they are, through the trained aligners
             data = {
-                s: cached(model, *flows(model, args, s, n, condition), f"{condition} {s}")
+                s: cached(model, *flows(model, args, s, n, source), f"{condition} {s}")
                 for s, n in counts.items()
             }
             results[condition] = []
@@ -142,18 +260,52 @@ def main(argv: list[str] | None = None) -> dict:
                 classifier, _ = load_heads(run)
                 probs = predict_proba(classifier, data["test"])
                 results[condition].append(score(probs, data["test"].labels, 4)["mean_class_acc"])
+                matrix = confusion_matrix(data["test"].labels, probs.argmax(1), labels=range(len(MOTIONS)))
+                confusion[condition] = confusion.get(condition, 0) + matrix
             print(f"{condition}: {results[condition]}", flush=True)
-    lines = ["| AM-flow map heads, fresh tiny AM/2 (test mean class accuracy, %) | mean ± std | per seed |",
-             "|---|---:|---|"]  # fmt: skip
+    axis = np.array([{"left": 0, "right": 0}.get(m, 1) for m in MOTIONS])  # horizontal 0, vertical 1
+    lines = ["| AM-flow map heads, fresh tiny AM/2 (test mean class accuracy, %) | mean ± std | per seed "
+             "| right axis (h/v), % |", "|---|---:|---|---:|"]  # fmt: skip
     for condition, accs in results.items():
         each = ", ".join(f"{100 * a:.1f}" for a in accs)
-        lines.append(f"| {condition} | {100 * np.mean(accs):.1f} ± {100 * np.std(accs):.1f} | {each} |")
+        matrix = confusion[condition]
+        on_axis = matrix[axis[:, None] == axis[None, :]].sum() / matrix.sum()
+        spread = f"{100 * np.mean(accs):.1f} ± {100 * np.std(accs):.1f}"
+        lines.append(f"| {condition} | {spread} | {each} | {100 * on_axis:.1f} |")
+    lines.append(f"\nConfusion matrices (rows: true, columns: predicted; {', '.join(MOTIONS)}; all seeds):\n")
+    for condition, matrix in confusion.items():
+        lines.append(f"- {condition}: {matrix.tolist()}")
+    lines += [
+        "",
+        "| supervised aligner (test clips) | state | block | token distance to the reference: before "
+        "| aligned | true shift | background/object flow: bypassed | aligned |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for condition, states in alignment.items():
+        for state, blocks in states.items():
+            for block, f in blocks.items():
+                cells = [
+                    f[k]
+                    for k in (
+                        "before",
+                        "aligned",
+                        "true_shift",
+                        "flow_background_over_object_bypassed",
+                        "flow_background_over_object_aligned",
+                    )
+                ]
+                lines.append(
+                    f"| {condition.split('(')[-1].rstrip(')')} | {state} | {block} | "
+                    + " | ".join(f"{c:.3f}" for c in cells)
+                    + " |"
+                )
     seconds = time.perf_counter() - started
     lines.append(f"\nchance: 25%; {args.seeds} seeds; {seconds / 60:.1f} min")
     table = "\n".join(lines)
     args.results.mkdir(parents=True, exist_ok=True)
-    result = {"results": results, "clips_per_class": counts, "size": args.size, "frames": args.frames,
-              "seconds": seconds}  # fmt: skip
+    result = {"results": results, "confusion": {c: m.tolist() for c, m in confusion.items()},
+              "alignment": alignment, "classes": list(MOTIONS), "clips_per_class": counts,
+              "size": args.size, "frames": args.frames, "seconds": seconds}  # fmt: skip
     (args.results / "aligner_oracle.json").write_text(json.dumps(result, indent=1))
     (args.results / "aligner_oracle.md").write_text(table + "\n")
     print(table)

@@ -48,6 +48,9 @@ def test_undoing_the_camera_restores_the_previous_frame():
     assert pairs.shape == (2, 2, 2, 3, 8, 10)
     assert torch.equal(pairs[:, :, 0], video[:, :-1])
     assert torch.equal(pairs[:, :, 1], pairs[:, :, 0])
+    to_first = undo_camera(video, camera, reference="first")  # every frame back to frame 1's camera
+    assert torch.equal(to_first[:, :, 0], video[:, :1].expand(-1, 2, -1, -1, -1))
+    assert torch.equal(to_first[:, :, 1], to_first[:, :, 0])
     with pytest.raises(ValueError, match="camera"):
         undo_camera(video, camera[:, :2])
 

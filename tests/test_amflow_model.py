@@ -138,9 +138,11 @@ def test_aligner_starts_as_the_identity_for_the_flow():
     # The same adapters, heads and backbone with and without aligners: at initialisation the AM flow,
     # the embeddings and the logits are bit-identical (METHOD.md s9's identity start).
     video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for blocks in ("all", [2]):
+    for blocks, reference in (("all", "previous"), ([2], "previous"), ([2], "first")):
         plain = build_amflow(tiny_cfg(blocks=blocks)).eval()
-        aligned = build_amflow(tiny_cfg(blocks=blocks, aligning_encoder=True, aligner_heads=3)).eval()
+        aligned = build_amflow(
+            tiny_cfg(blocks=blocks, aligning_encoder=True, aligner_heads=3, aligner_reference=reference)
+        ).eval()
         own = {k: v for k, v in aligned.state_dict().items() if ".aligner." in k}
         aligned.load_state_dict({**own, **plain.state_dict()})
         assert own
@@ -154,6 +156,34 @@ def test_aligner_starts_as_the_identity_for_the_flow():
         torch.nn.init.normal_(block.aligner.layer.self_attn.out_proj.weight, std=0.5)
         with torch.no_grad():
             assert not torch.equal(aligned.extract(video).flow, p.flow)
+
+
+def test_aligner_reference_is_where_frame_t_plus_1_is_aligned_to():
+    # With "previous" (paper 000's pairs) the flow of pair (3, 4) reads frames 3 and 4 only; with "first"
+    # both frames are aligned to frame 1, so changing frame 1 changes that pair's flow (and at the
+    # identity start it does not: the flow is the plain one).
+    video = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    other = video.clone()
+    other[:, 0] = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    changed = {}
+    for reference in ("previous", "first"):
+        torch.manual_seed(0)
+        model = build_amflow(
+            tiny_cfg(blocks=[1], aligning_encoder=True, aligner_heads=3, aligner_reference=reference)
+        )
+        model.eval()
+        with torch.no_grad():
+            fresh = model.extract(video).flow[0, 0, 2], model.extract(other).flow[0, 0, 2]
+        assert torch.equal(*fresh)
+        aligner = model.vit.blocks[0].aligner
+        torch.nn.init.normal_(aligner.layer.self_attn.out_proj.weight, std=0.5)
+        with torch.no_grad():
+            changed[reference] = not torch.equal(
+                model.extract(video).flow[0, 0, 2], model.extract(other).flow[0, 0, 2]
+            )
+    assert changed == {"previous": False, "first": True}
+    with pytest.raises(ValueError, match="aligner_reference"):
+        tiny_cfg(aligning_encoder=True, aligner_reference="last").validate()
 
 
 def test_local_weights_load_with_timm_keys(tmp_path):

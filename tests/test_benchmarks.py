@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -65,8 +67,14 @@ def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
     out = run("aligner_oracle.py", "--quick", "--results", str(tmp_path))
     data = json.loads((tmp_path / "aligner_oracle.json").read_text())
     assert list(data["results"]) == ["static", "panning, raw", "panning, pairwise true shift undone",
-                                     "panning, all frames undone to frame 1"]  # fmt: skip
+                                     "panning, pairwise exact", "panning, all frames to frame 1 exact",
+                                     "panning, all frames undone to frame 1 (rolled)",
+                                     "panning, aligner trained on the true shift (pairwise)",
+                                     "panning, aligner trained on the true shift (to frame 1)"]  # fmt: skip
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in data["results"].values())
+    assert all(np.sum(m) == 4 for m in data["confusion"].values())  # 1 test clip per class, 1 seed
+    fresh = [row for states in data["alignment"].values() for row in states["fresh"].values()]
+    assert len(fresh) == 4 and all(r["aligned"] == r["before"] for r in fresh)  # the identity start
     assert (tmp_path / "aligner_oracle.md").read_text().strip() in out
 
 

@@ -19,6 +19,7 @@ from stage1_extract.videos.synthetic import (
     MOTIONS,
     make_folder_dataset,
     make_motion_clip,
+    render_motion_clip,
     video_codec,
     write_video,
 )
@@ -79,6 +80,24 @@ def test_panning_moves_the_background():
         return float(np.mean([(np.abs(np.diff(c.astype(int), axis=0)).sum(-1) > 10).mean() for c in clips]))
 
     assert changed_fraction(pan=False) < 0.15 < 0.6 < changed_fraction(pan=True)
+
+
+def test_camera_override_films_the_same_scene():
+    """The drawn path given back reproduces the clip; frame 1's camera for every frame leaves the
+    background where the object is in neither frame unchanged (a perfect stabiliser), and the object mask
+    of the first frame as drawn."""
+    clip = render_motion_clip("left", size=32, num_frames=4, rng=np.random.default_rng(3), pan=True)
+    again = render_motion_clip("left", size=32, num_frames=4, rng=np.random.default_rng(3), pan=True,
+                               camera=clip.camera)  # fmt: skip
+    assert np.array_equal(again.frames, clip.frames)
+    still = render_motion_clip("left", size=32, num_frames=4, rng=np.random.default_rng(3), pan=True,
+                               camera=np.repeat(clip.camera[:1], 4, 0))  # fmt: skip
+    assert np.array_equal(still.frames[0], clip.frames[0]) and np.abs(clip.camera[-1]).max() > 3
+    background = ~(still.object_mask[0] | still.object_mask[-1])
+    assert np.array_equal(still.frames[-1][background], still.frames[0][background])
+    assert not np.array_equal(clip.frames[-1][background], clip.frames[0][background])
+    with pytest.raises(ValueError, match=r"camera: expected \(4, 2\)"):
+        render_motion_clip("left", size=32, num_frames=4, rng=np.random.default_rng(3), camera=np.zeros(4))
 
 
 def _geometry(frame: np.ndarray) -> tuple[np.ndarray, float]:

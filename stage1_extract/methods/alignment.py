@@ -3,7 +3,8 @@
 For each AM-flow block with an aligner, over a batch of clips whose camera offsets are known (the
 synthetic generator's ``MotionClip.camera``), ``measure_alignment`` reports:
 
-- token distances: the mean L2 distance between frame t's tokens and frame t+1's, as the flow's q and k
+- token distances (frame 1's in place of frame t's with ``aligner_reference: first``): the mean L2
+  distance between frame t's tokens and frame t+1's, as the flow's q and k
   see them (the block's ``norm1``, patch tokens only), for frame t+1 as it is (``before``), as the aligner
   outputs it (``aligned``) and with the true camera shift undone in its pixels (``true_shift``: frame
   t+1 rolled back by ``camera[t+1] - camera[t]``, rounded to whole pixels, then run through the model);
@@ -62,22 +63,27 @@ def block_inputs(model: AMFlowExtractor, video: torch.Tensor) -> list[torch.Tens
     return [x.reshape(B, T, *x.shape[1:]) for x in captured]
 
 
-def undo_camera(video: torch.Tensor, camera: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Pairs ``(frame t, frame t+1 seen with frame t's camera)``: (B, T-1, 2, 3, H, W).
+def undo_camera(
+    video: torch.Tensor, camera: torch.Tensor | np.ndarray, reference: str = "previous"
+) -> torch.Tensor:
+    """Pairs ``(frame t, frame t+1 seen with frame t's camera)``: (B, T-1, 2, 3, H, W); with
+    ``reference="first"``, ``(frame 1, frame t+1 seen with frame 1's camera)``.
 
-    Frame t+1 is rolled back by the camera's move ``camera[t+1] - camera[t]`` (B, T, 2) pixels (y, x),
-    rounded; exact for the generator's scenes, which wrap around the frame edges.
+    Frame t+1 is rolled back by the camera's move ``camera[t+1] - camera[ref]`` (B, T, 2) pixels (y, x),
+    rounded to whole pixels (the generator's scenes wrap around the frame edges; its textures are sampled
+    between pixels, so a fractional move leaves a resampling difference).
     """
     camera = torch.as_tensor(np.asarray(camera), dtype=torch.float64)
     B, T = video.shape[:2]
     if camera.shape != (B, T, 2):
         raise ValueError(f"camera: expected (B, T, 2) = ({B}, {T}, 2) offsets, got {tuple(camera.shape)}")
-    moves = torch.round(camera[:, 1:] - camera[:, :-1]).long()
+    first = reference == "first"
+    moves = torch.round(camera[:, 1:] - (camera[:, :1] if first else camera[:, :-1])).long()
     pairs = torch.empty(B, T - 1, 2, *video.shape[2:], dtype=video.dtype)
     for b in range(B):
         for t in range(T - 1):
             dy, dx = moves[b, t].tolist()
-            pairs[b, t, 0] = video[b, t]
+            pairs[b, t, 0] = video[b, 0 if first else t]
             pairs[b, t, 1] = torch.roll(video[b, t + 1], shifts=(-dy, -dx), dims=(-2, -1))
     return pairs
 
@@ -113,7 +119,8 @@ def measure_alignment(
         prefix = model.num_prefix_tokens
         blocks = aligner_blocks(model)
         inputs = block_inputs(model, video)
-        pairs = undo_camera(video, camera).flatten(0, 1)  # (B*(T-1), 2, 3, H, W)
+        reference = blocks[0][1].aligner_reference
+        pairs = undo_camera(video, camera, reference).flatten(0, 1)  # (B*(T-1), 2, 3, H, W)
         undone = block_inputs(model, pairs)
         flows = {}
         if object_mask is not None:
@@ -124,9 +131,9 @@ def measure_alignment(
         report: dict[str, dict[str, float]] = {}
         for k, ((name, block), x, u) in enumerate(zip(blocks, inputs, undone)):
             norm = block.norm1
-            current = norm(x[:, :-1, prefix:])
             following = norm(x[:, 1:, prefix:])
-            aligned = norm(block.aligner(x)[:, :, prefix:])
+            current = norm(x[:, :-1, prefix:] if reference == "previous" else x[:, :1, prefix:])
+            aligned = norm(block.aligner(x, reference)[:, :, prefix:])
             true = norm(u[:, 1, prefix:]).reshape(B, T - 1, *following.shape[2:])
             row = {
                 "before": _distance(following, current),

@@ -30,6 +30,8 @@ from stage1_extract.methods.am_flow import (
 from stage1_extract.methods.model_config import BackboneConfig
 from stage1_extract.methods.stdha import expand_head_offsets, temporal_shift_kv, use_stdha
 
+ALIGNER_REFERENCES = ("previous", "first")
+
 
 @dataclass
 class AMFlowConfig:
@@ -50,6 +52,9 @@ class AMFlowConfig:
     aligning_encoder: bool = False
     aligner_heads: int = 12
     aligner_mlp_ratio: float = 4 / 3
+    # What the aligner aligns frame t+1 to: frame t (paper 000's pairs, each flow map in frame t's view)
+    # or the clip's first frame (every flow map in one view; our option, README "The aligning encoder").
+    aligner_reference: Literal["previous", "first"] = "previous"
     bottleneck: int | None = None  # adapter width r; None = the backbone width D
     pooling: Literal["mean", "cls", "flow"] = "mean"
     # What the per-token maps of the features hold: AM flow (h per token), or METHOD.md s7's control,
@@ -64,6 +69,11 @@ class AMFlowConfig:
             raise ValueError(f"blocks: expected 'all' or 1-based block numbers, got {self.blocks}")
         if self.bottleneck is not None and self.bottleneck < 1:
             raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
+        if self.aligner_reference not in ALIGNER_REFERENCES:
+            raise ValueError(
+                f"aligner_reference: expected one of {list(ALIGNER_REFERENCES)}, "
+                f"got {self.aligner_reference!r}"
+            )
 
 
 class ParallelAdapter(nn.Module):
@@ -130,10 +140,12 @@ class AligningEncoder(nn.Module):
         """Trained without weight decay (timm's convention): the two frames' position embeddings."""
         return {"frame_embed"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, N, D) -> frames 2..T aligned to their predecessors, (B, T-1, N, D)."""
+    def forward(self, x: torch.Tensor, reference: str = "previous") -> torch.Tensor:
+        """x: (B, T, N, D) -> frames 2..T aligned to their predecessors (``reference="previous"``) or to
+        frame 1 (``"first"``), (B, T-1, N, D)."""
         B, T, N, D = x.shape
-        pairs = torch.cat([x[:, :-1] + self.frame_embed[0], x[:, 1:] + self.frame_embed[1]], dim=2)
+        ref = x[:, :-1] if reference == "previous" else x[:, :1].expand(B, T - 1, N, D)
+        pairs = torch.cat([ref + self.frame_embed[0], x[:, 1:] + self.frame_embed[1]], dim=2)
         pairs = pairs.reshape(B * (T - 1), 2 * N, D)
         update = (self.layer(pairs) - pairs)[:, N:]  # exactly 0 at initialisation
         return x[:, 1:] + update.reshape(B, T - 1, N, D)
@@ -183,6 +195,7 @@ class AMFlowBlock(nn.Module):
         maps: what the per-token maps hold: am_flow (h per token) or feature_diff (METHOD.md s7 control).
         aligner_heads: heads of the aligning encoder for moving cameras (None: no aligner).
         aligner_mlp_ratio: the aligning encoder's feed-forward width over D.
+        aligner_reference: what frame t+1 is aligned to, ``previous`` (frame t) or ``first`` (frame 1).
         head_offsets: STDHA per-head frame offsets of this block's attention, or None.
     """
 
@@ -199,6 +212,7 @@ class AMFlowBlock(nn.Module):
         maps: str = "am_flow",
         aligner_heads: int | None = None,
         aligner_mlp_ratio: float = 4 / 3,
+        aligner_reference: str = "previous",
         head_offsets: list[int] | None = None,
     ) -> None:
         super().__init__()
@@ -217,6 +231,7 @@ class AMFlowBlock(nn.Module):
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
         self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
+        self.aligner_reference = aligner_reference
         # With ``track_alignment``, each training forward sets ``alignment_error``: the mean squared
         # distance of the aligned frame t+1 to frame t (normed patch tokens), for the optional auxiliary
         # alignment loss (our addition, METHOD.md s9). Its gradient reaches the aligner only.
@@ -234,8 +249,9 @@ class AMFlowBlock(nn.Module):
         """Mean squared distance of the aligned frames t+1 to frames t, normed patch tokens; x (B, T, N, D)
         detached, so the loss trains the aligner and nothing before it (no collapse of the tokens)."""
         p = self.num_prefix_tokens
-        aligned = self.norm1(self.aligner(x)[:, :, p:])
-        return (aligned - self.norm1(x[:, :-1, p:])).pow(2).mean()
+        aligned = self.norm1(self.aligner(x, self.aligner_reference)[:, :, p:])
+        ref = x[:, :-1, p:] if self.aligner_reference == "previous" else x[:, :1, p:]
+        return (aligned - self.norm1(ref)).pow(2).mean()
 
     def forward(self, x: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, BlockOutput]:
         """x: (B*T, N, D), frames of a clip contiguous -> (x, BlockOutput)."""
@@ -253,15 +269,17 @@ class AMFlowBlock(nn.Module):
 
         scores = self._scores(q, k, probs)  # (B*T, h, [windows,] n): per attention window
         per_clip = (B, T, *scores.shape[1:])
-        next_scores = None
+        current, next_scores = scores.reshape(per_clip), None
         self.alignment_error = None
         if self.aligner is not None and T > 1:
-            aligned = self.aligner(x.reshape(B, T, N, D)).reshape(B * (T - 1), N, D)
+            aligned = self.aligner(x.reshape(B, T, N, D), self.aligner_reference).reshape(B * (T - 1), N, D)
             qa, ka, _ = self.split.project_qkv(self.attn, self.norm1(aligned))
             next_scores = self._scores(qa, ka, None).reshape(B, T - 1, *per_clip[2:])
+            if self.aligner_reference == "first":  # pair (t, t+1): both frames in frame 1's view
+                current = torch.cat([current[:, :1], next_scores], dim=1)
             if self.training and self.track_alignment:
                 self.alignment_error = self._alignment_error(x.detach().reshape(B, T, N, D))
-        flow = am_flow(scores.reshape(per_clip), next_scores).flatten(0, 1)
+        flow = am_flow(current, next_scores).flatten(0, 1)
         flow = self.split.to_tokens(self.attn, flow)  # (B*T, h, N) in the block's token order
 
         update_attn, e_attn = self.adapter_attn(torch.cat([a, flow.transpose(1, 2)], dim=-1))
@@ -473,6 +491,7 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
             maps=cfg.maps,
             aligner_heads=cfg.aligner_heads if cfg.aligning_encoder else None,
             aligner_mlp_ratio=cfg.aligner_mlp_ratio,
+            aligner_reference=cfg.aligner_reference,
             head_offsets=offsets,
         )
     return AMFlowExtractor(vit, cfg)

@@ -149,12 +149,16 @@ def render_motion_clip(
     num_frames: int,
     rng: np.random.Generator,
     pan: bool = False,
+    camera: np.ndarray | None = None,
 ) -> MotionClip:
     """Renders one clip of ``motion`` with its camera path and object mask; appearance drawn from ``rng``.
 
     Translations move the object 30-50% of the frame over the clip; approach/recede scale it by 1.5-1.9x.
     With ``pan`` the camera drifts 20-40% of the frame in a random direction, moving background and
     object together, over a background that is always textured (so the drift is visible).
+    ``camera`` (T, 2), offsets (y, x) in pixels, films the same scene along another camera path instead
+    of the drawn one (the rng draws are the same): e.g. every frame with frame 1's camera is the clip as
+    a perfect stabiliser would show it, with no resampling error.
     """
     if motion not in MOTIONS:
         raise ValueError(f"motion {motion!r}: expected one of {list(MOTIONS)}")
@@ -212,12 +216,17 @@ def render_motion_clip(
         drift = rng.uniform(0.2, 0.4) * side
         cam_y = math.sin(direction) * drift * progress
         cam_x = math.cos(direction) * drift * progress
+    if camera is not None:
+        camera = np.asarray(camera, dtype=np.float64)
+        if camera.shape != (num_frames, 2):
+            raise ValueError(f"camera: expected ({num_frames}, 2) offsets (y, x), got {camera.shape}")
+        cam_y, cam_x = camera[:, 0], camera[:, 1]
 
     clip = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     masks = np.empty((num_frames, height, width), dtype=bool)
     background = None
     for t in range(num_frames):
-        if background is None or pan:
+        if background is None or pan or camera is not None:
             by, bx = rows - cam_y[t], cols - cam_x[t]
             background = _sample_periodic(coarse, by, bx, shape) + _sample_periodic(fine, by, bx, shape)
         frame = background
