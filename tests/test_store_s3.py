@@ -25,6 +25,8 @@ import yaml
 from s3_server import free_port, s3_server
 
 from amflow.cli import main
+from stage1_extract.videos.bucket import clip_source, location
+from stage1_extract.videos.clip_paths import PathOutsideRoot
 from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.training.synthetic import synthetic_cache, write_store
 from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
@@ -55,6 +57,16 @@ def videos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bucket_videos(s3, videos):
+    """The same videos uploaded under a prefix of the bucket (a dataset root on object storage)."""
+    io = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/videos"))
+    for path in sorted(videos.rglob("*")):
+        if path.is_file():
+            io.put(path.relative_to(videos).as_posix(), path.read_bytes())
+    return f"s3://{BUCKET}/videos"
+
+
+@pytest.fixture(scope="module")
 def heads_stores(s3):
     """A training and a validation store on the server (synthetic features, 4 classes)."""
     fields = {"model": "synthetic", "frames": 4}
@@ -64,7 +76,7 @@ def heads_stores(s3):
     return train, val
 
 
-def extract_argv(videos: Path, out: str) -> list[str]:
+def extract_argv(videos: Path | str, out: str) -> list[str]:
     args = ["extract", "--dataset", "folder", "--root", str(videos), "--split", "train", "--config", TINY]
     return [*args, "--out", out, "--decode-workers", "0", "--shard-clips", "2", *SMALL]
 
@@ -127,6 +139,51 @@ def test_killed_extraction_resumes_to_the_same_bytes(s3, videos, capsys):
     assert got.keys() == want.keys() and len(got) > 10
     assert all(got[k] == want[k] for k in want), [k for k in want if got[k] != want[k]]
     assert not [m for m in ObjectIO(st.path).list("_locks/")], "every lease is released"
+
+
+def test_extract_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos, capsys):
+    """Videos and the folder listing read from the bucket: the same clips, labels and chunk bytes."""
+    reference = f"s3://{BUCKET}/ref.zarr"
+    if not is_store(reference):
+        assert main(extract_argv(videos, reference)) == 0
+    capsys.readouterr()
+    listed = []
+    for root in (videos, bucket_videos):
+        assert main(["datasets", "list", "--dataset", "folder", "--root", str(root), "--split", "train"]) == 0
+        listed.append(capsys.readouterr().out)
+    assert listed[0] == listed[1] and len(listed[0].splitlines()) == 9
+    url = f"s3://{BUCKET}/from_bucket.zarr"
+    assert main(extract_argv(bucket_videos, url)) == 0
+    got, want = objects_of(url), objects_of(reference)
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert FeatureStore.open(url).provenance["root"] == bucket_videos
+
+
+def test_a_missing_or_corrupt_video_object_is_a_recorded_failure(s3, videos, tmp_path, capsys):
+    """A list dataset whose annotation file is in the bucket names an absent and a truncated object: both
+    are recorded failures naming their URL, as missing and corrupt local files are."""
+    root = f"s3://{BUCKET}/listed"
+    io = ObjectIO(StoreURL.parse(root))
+    good = sorted(videos.rglob("*.mp4"))[0].read_bytes()
+    io.put("clips/good.mp4", good)
+    io.put("clips/bad.mp4", good[: len(good) // 3])
+    io.put("train.csv", b"path,label\nclips/good.mp4,0\nclips/bad.mp4,1\nclips/gone.mp4,1\n")
+    url = f"s3://{BUCKET}/listed.zarr"
+    argv = ["extract", "--dataset", "list", "--root", root, "--split", "train", "--config", TINY]
+    assert main([*argv, "--out", url, "--decode-workers", "0", *SMALL]) == 0
+    assert "2 clips failed to decode" in capsys.readouterr().out
+    failures = {f["clip_id"]: f for f in FeatureStore.open(url).failures()}
+    assert sorted(failures) == ["clips/bad.mp4", "clips/gone.mp4"]
+    assert failures["clips/gone.mp4"]["error_type"] == "FileNotFoundError"
+    assert failures["clips/gone.mp4"]["message"] == f"{root}/clips/gone.mp4: no such object"
+    assert failures["clips/bad.mp4"]["message"].startswith(f"{root}/clips/bad.mp4")
+    with pytest.raises(ValueError, match=f"^{root}/clips/good.mp4: {len(good)} bytes, more than the 100"):
+        clip_source(root, "clips/good.mp4", max_bytes=100)
+    for outside in ("../videos/train/up/up_0.mp4", "/etc/passwd"):
+        with pytest.raises(PathOutsideRoot):
+            clip_source(root, outside, max_bytes=1 << 20)
+        with pytest.raises(PathOutsideRoot):
+            location(root) / outside
 
 
 def test_two_writers_cannot_own_one_shard(s3, heads_stores):
