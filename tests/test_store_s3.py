@@ -27,6 +27,7 @@ from s3_server import free_port, s3_server
 from amflow.cli import main
 from stage1_extract.videos.bucket import clip_source, location
 from stage1_extract.videos.clip_paths import PathOutsideRoot
+from stage1_extract.videos.datasets import build_index
 from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.training.synthetic import synthetic_cache, write_store
 from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
@@ -157,6 +158,55 @@ def test_extract_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos,
     got, want = objects_of(url), objects_of(reference)
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert FeatureStore.open(url).provenance["root"] == bucket_videos
+
+
+# Each release's layout (tests/test_datasets.py checks the readers on them): relative path -> content.
+V = b"not decoded"
+RELEASES: dict[str, dict[str, bytes | str]] = {
+    "smarthome": {"mp4/Walk_p03_r01_v16_c06.mp4": V, "mp4/Cook.Cut_p02_r00_v02_c03.mp4": V,
+                  "mp4/Pour.Fromcup_p03_r00_v01_c01.mp4": V, "mp4/holiday.mp4": V},
+    "k400": {"annotations/train.csv": 'label,youtube_id,time_start,time_end,split\n"air drumming",a_b,13,23,'
+             "train\nabseiling,xyz,0,10,train\nbowling,gone,5,15,train\n",
+             "train/air drumming/a_b_000013_000023.mp4": V, "train/xyz_000000_000010.mp4": V},
+    "ssv2": {"labels/labels.json": '{"Holding something": "0", "Pushing something": "1"}',
+             "labels/train.json": '[{"id": "42", "template": "Pushing [something]"}, {"id": "7", "template": '
+             '"Holding [something]"}, {"id": "8", "template": "Spinning"}]',
+             "20bn-something-something-v2/42.webm": V, "20bn-something-something-v2/8.webm": V},
+    "ucf101": {"ucfTrainTestlist/classInd.txt": "1 ApplyEyeMakeup\n2 YoYo\n",
+               "ucfTrainTestlist/trainlist01.txt": "YoYo/v_YoYo_g01_c01.avi 2\nYoYo/v_YoYo_g02_c01.avi 2\n",
+               "UCF-101/YoYo/v_YoYo_g01_c01.avi": V},
+    "hmdb51": {"testTrainMulti_7030_splits/wave_test_split1.txt": "d.avi 1 \ne.avi 2 \nf.avi 1 \n/x.avi 1\n",
+               "testTrainMulti_7030_splits/brush_test_split1.txt": "a.avi 1 \n",
+               "wave/d.avi": V, "brush/a.avi": V},
+    "diving48": {"Diving48_V2_train.json": '[{"vid_name": "x_1", "label": 4, "start_frame": 3, '
+                 '"end_frame": 9}]', "rgb/x_1.mp4": V},
+    "list": {"train.txt": "a/one.mp4 cat\n./a//two.mp4 dog\nb/three.mp4 cat\n", "classes.txt": "dog\ncat\n",
+             "a/one.mp4": V, "a/two.mp4": V},
+    "folder": {"train/cat/1.mp4": V, "train/cat/notes.txt": V, "validation/dog/2.mp4": V},
+}  # fmt: skip
+
+
+def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path):
+    """Annotation files and listings under an s3:// root give the index a local copy of the tree gives."""
+    io = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/releases"))
+    for name, files in RELEASES.items():
+        for rel, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_bytes(data)
+            io.put(f"{name}/{rel}", data)
+
+    def table(index) -> tuple:
+        rows = [[(r.path, r.label, r.start_frame, r.end_frame) for r in records]
+                for records in (index.records, index.missing, index.refused)]  # fmt: skip
+        return (*rows, index.classes, index.skipped)
+
+    for name in RELEASES:
+        local = table(build_index(name, tmp_path / name, "train"))
+        assert table(build_index(name, f"s3://{BUCKET}/releases/{name}", "train")) == local
+        assert local[0] and (name != "hmdb51" or local[2] == [("/x.avi", 1, None, None)]), local
+    with pytest.raises(FileNotFoundError, match=f"dataset root s3://{BUCKET}/releases/none holds no objects"):
+        build_index("folder", f"s3://{BUCKET}/releases/none", "train")
 
 
 def test_a_missing_or_corrupt_video_object_is_a_recorded_failure(s3, videos, tmp_path, capsys):
@@ -290,9 +340,12 @@ def test_bad_object_store_ends_in_one_line(s3, case, capsys, monkeypatch):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
 
 
-def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_stores, tmp_path, capsys):
+def test_extract_and_sweep_on_workers_sharing_only_the_bucket(
+    s3, videos, bucket_videos, heads_stores, tmp_path, capsys
+):
     """Workers in their own processes and working folders; the store is the only thing they share with
-    the client, and the sweep's runs come back to the client's folder through the scheduler."""
+    the client (the videos too, with --root s3://), and the sweep's runs come back to the client's folder
+    through the scheduler."""
     from distributed import Client, LocalCluster
 
     reference = f"s3://{BUCKET}/ref.zarr"
@@ -312,6 +365,9 @@ def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_
             client.run(os.chdir, str(tmp_path / f"worker{i}"), workers=[worker])
         url = f"s3://{BUCKET}/cluster.zarr"
         assert main([*extract_argv(videos, url), "--scheduler", cluster.scheduler_address]) == 0
+        assert objects_of(url) == objects_of(reference)
+        url = f"s3://{BUCKET}/cluster_from_bucket.zarr"  # no worker has the videos: they read the bucket
+        assert main([*extract_argv(bucket_videos, url), "--scheduler", cluster.scheduler_address]) == 0
         assert objects_of(url) == objects_of(reference)
 
         train, val = heads_stores
