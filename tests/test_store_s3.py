@@ -53,7 +53,7 @@ def s3():
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
-    make_folder_dataset(root, ["left", "right", "up"], {"train": 3}, 32, 6, seed=0)
+    make_folder_dataset(root, ["left", "right", "up"], {"train": 3, "val": 1}, 32, 6, seed=0)
     return root
 
 
@@ -154,7 +154,9 @@ def test_extract_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos,
         listed.append(capsys.readouterr().out)
     assert listed[0] == listed[1] and len(listed[0].splitlines()) == 9
     url = f"s3://{BUCKET}/from_bucket.zarr"
-    assert main(extract_argv(bucket_videos, url)) == 0
+    argv = extract_argv(bucket_videos, url)
+    argv[argv.index("--decode-workers") + 1] = "1"  # a spawned decoding worker (the client cannot fork)
+    assert main(argv) == 0
     got, want = objects_of(url), objects_of(reference)
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert FeatureStore.open(url).provenance["root"] == bucket_videos
@@ -207,6 +209,19 @@ def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path):
         assert local[0] and (name != "hmdb51" or local[2] == [("/x.avi", 1, None, None)]), local
     with pytest.raises(FileNotFoundError, match=f"dataset root s3://{BUCKET}/releases/none holds no objects"):
         build_index("folder", f"s3://{BUCKET}/releases/none", "train")
+
+
+def test_finetune_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos, tmp_path):
+    argv = ["finetune", "--dataset", "folder", "--config", "configs/models/zeroi2v_tiny.yaml", "--quiet"]
+    argv += ["--recipe", "configs/finetune/tiny.yaml", "model.backbone.img_size=32", "data.num_frames=4"]
+    argv += ["model.backbone.timm_kwargs.depth=2", "epochs=1"]
+    for name, root in (("local", videos), ("bucket", bucket_videos)):
+        assert main([*argv, "--root", str(root), "--out", str(tmp_path / name)]) == 0
+    local, bucket = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("local", "bucket"))
+    for timing in ("seconds", "train_clips_per_second"):
+        local.pop(timing), bucket.pop(timing)
+    assert local == bucket and local["val"]["num_clips"] == 3  # the same training and validation
+    assert yaml.safe_load((tmp_path / "bucket" / "config.yaml").read_text())["root"] == bucket_videos
 
 
 def test_a_missing_or_corrupt_video_object_is_a_recorded_failure(s3, videos, tmp_path, capsys):

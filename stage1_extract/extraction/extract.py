@@ -33,7 +33,7 @@ from stage1_extract.extraction.block_maps import pack_block_maps
 from stage1_extract.families.backbone import RANDOM_INIT_WARNING, normalise_video
 from stage1_extract.features import FeatureExtractor, build_feature_extractor, feature_type_name
 from stage1_extract.methods.models import feature_config_class, feature_config_from_dict, load_feature_config
-from stage1_extract.videos.bucket import VideoBytes, clip_source
+from stage1_extract.videos.bucket import VideoBytes, clip_source, worker_start_method
 from stage1_extract.videos.clip_geometry import ClipGeometry
 from stage1_extract.videos.datasets import (
     DEFAULT_MAX_VIDEO_MB,
@@ -265,10 +265,11 @@ def extract_shards(
         num_workers=opts.decode_workers,
         collate_fn=collate_clips,
         pin_memory=on_cuda,  # pinned batches: the copy to the GPU is asynchronous (non_blocking)
-        # NVDEC in a forked child of a process holding a CUDA context is undefined, and the object-store
-        # client of a bucket root does not survive fork(): start workers fresh
+        # NVDEC in a forked child of a process holding a CUDA context is undefined: start workers fresh
         multiprocessing_context=(
-            "spawn" if (decode_device == "cuda" or is_url(plan.root)) and opts.decode_workers else None
+            "spawn"
+            if decode_device == "cuda" and opts.decode_workers
+            else worker_start_method(plan.root, opts.decode_workers)
         ),
     )
     batches = iter(loader)  # decoding workers start now

@@ -182,6 +182,12 @@ def walk(folder: Path | BucketPath) -> Iterator[tuple[Path | BucketPath, list[st
         yield Path(dirpath), dirnames, filenames
 
 
+def worker_start_method(root: str | Path | None, num_workers: int) -> str | None:
+    """How DataLoader workers reading videos under ``root`` start: ``spawn`` under an object-store root
+    (its client's threads do not survive ``fork()``), else the platform's default."""
+    return "spawn" if root is not None and is_url(root) and num_workers > 0 else None
+
+
 def clip_name(root: str | Path, rel: str) -> str:
     """How a clip is named in messages: its URL under an object-store root, else ROOT/rel."""
     return f"{str(root).rstrip('/')}/{rel}" if is_url(root) else str(Path(root) / rel)
