@@ -30,7 +30,7 @@ from stage1_extract.videos.clip_paths import PathOutsideRoot
 from stage1_extract.videos.datasets import build_index
 from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.training.synthetic import synthetic_cache, write_store
-from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
+from store import FeatureStore, ShardBusyError, StoreError, import_h5, is_store, load_arrays, verify_store
 from store.objects import ObjectIO, ObjectLease, StoreURL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,6 +314,47 @@ def test_commands_on_s3_stores(s3, heads_stores, tmp_path, capsys):
     kept += b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".h5")
     assert s3.secret_key.encode() not in kept and s3.access_key.encode() not in kept
     assert s3.secret_key not in json.dumps(info)
+
+
+def test_import_and_export_h5_on_s3_match_the_folder_store(s3, heads_stores, tmp_path, capsys, monkeypatch):
+    """``store import`` into a bucket writes the objects a folder import writes as files; an interrupted
+    import leaves no store; ``store export`` reads the imported store back to the same HDF5."""
+    h5, url, folder = tmp_path / "train.h5", f"s3://{BUCKET}/imported.zarr", tmp_path / "imported.zarr"
+    assert main(["store", "export", heads_stores[0], "--h5", str(h5), "--quiet"]) == 0
+
+    reads = {"n": 0}
+    original = h5py.Dataset.__getitem__
+
+    def failing(self, key):  # the source fails in the second shard: the prefix is left without a store
+        reads["n"] += 1
+        if reads["n"] > 10:
+            raise OSError("disk gone")
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        import_h5(h5, url, progress=False)
+    monkeypatch.undo()
+    assert not is_store(url) and next(ObjectIO(StoreURL.parse(url)).list(), None) is not None
+
+    for out in (url, str(folder)):  # the leftovers of the interrupted import are replaced
+        assert main(["store", "import", str(h5), "--out", out, "--quiet"]) == 0
+    got = objects_of(url)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert {k: v for k, v in files.items() if "/" in k} == got and len(got) > 10
+    assert FeatureStore.open(url).attrs == FeatureStore.open(folder).attrs
+    assert FeatureStore.open(url).attrs == FeatureStore.open(heads_stores[0]).attrs
+
+    capsys.readouterr()
+    assert main(["store", "import", str(h5), "--out", url]) == 2
+    exists = f"{url}: exists (pass overwrite=True / --overwrite to replace it)"
+    assert capsys.readouterr().err.strip() == f"amflow store import: error: {exists}"
+    assert main(["store", "import", str(h5), "--out", url, "--overwrite", "--quiet"]) == 0
+    assert main(["store", "export", url, "--h5", str(tmp_path / "again.h5"), "--quiet"]) == 0
+    with h5py.File(h5) as a, h5py.File(tmp_path / "again.h5") as b:
+        assert dict(a.attrs) == dict(b.attrs) and set(a) == set(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
 def test_verify_and_repair_on_s3(s3, videos, capsys):
