@@ -29,7 +29,7 @@ from store.objects import StoreURL, is_url
 from store.repair import damage_summary, find_damage
 
 H5_COMPRESSIONS = ("none", "gzip", "lzf")
-PER_SHARD_ARRAYS = ("status", "failure_type", "failure_message")
+PER_SHARD_ARRAYS = ("failure_type", "failure_message", "status")  # in a writer's commit order
 
 
 def _h5_compression(compression: str) -> dict[str, object]:

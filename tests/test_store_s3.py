@@ -160,6 +160,9 @@ def test_extract_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos,
     got, want = objects_of(url), objects_of(reference)
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert FeatureStore.open(url).provenance["root"] == bucket_videos
+    capsys.readouterr()
+    assert main(extract_argv(videos, url)) == 0  # the fingerprint hashes no video: a local copy resumes it
+    assert "already complete (9 done, 0 failed)" in capsys.readouterr().out
 
 
 # Each release's layout (tests/test_datasets.py checks the readers on them): relative path -> content.
