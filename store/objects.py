@@ -279,6 +279,17 @@ class ObjectIO:
         except Exception as e:
             raise self._fail(e, "listing") from e
 
+    def list_folder(self) -> tuple[list[str], list[str]]:
+        """The prefix's own level: its sub-folders and its objects (relative keys), one LIST with a
+        delimiter (paginated), nothing below."""
+        import obstore
+
+        try:
+            found = obstore.list_with_delimiter(self.client)
+        except Exception as e:
+            raise self._fail(e, "listing") from e
+        return [str(p) for p in found["common_prefixes"]], [str(m["path"]) for m in found["objects"]]
+
     def delete_all(self, keep: str | None = None) -> None:
         """Deletes every object of the store (those under ``keep`` excepted)."""
         import obstore

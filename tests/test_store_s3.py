@@ -191,7 +191,7 @@ RELEASES: dict[str, dict[str, bytes | str]] = {
 }  # fmt: skip
 
 
-def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path):
+def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path, capsys):
     """Annotation files and listings under an s3:// root give the index a local copy of the tree gives."""
     io = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/releases"))
     for name, files in RELEASES.items():
@@ -212,6 +212,12 @@ def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path):
         assert local[0] and (name != "hmdb51" or local[2] == [("/x.avi", 1, None, None)]), local
     with pytest.raises(FileNotFoundError, match=f"dataset root s3://{BUCKET}/releases/none holds no objects"):
         build_index("folder", f"s3://{BUCKET}/releases/none", "train")
+    capsys.readouterr()
+    argv = ["datasets", "list", "--dataset", "folder", "--root", "s3://no-such-bucket", "--split", "train"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "amflow datasets list: error: s3://no-such-bucket: listing failed: the bucket does not exist"
+    )
 
 
 def test_finetune_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos, tmp_path):
@@ -228,19 +234,25 @@ def test_finetune_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos
 
 
 def test_a_missing_or_corrupt_video_object_is_a_recorded_failure(s3, videos, tmp_path, capsys):
-    """A list dataset whose annotation file is in the bucket names an absent and a truncated object: both
-    are recorded failures naming their URL, as missing and corrupt local files are."""
+    """A list dataset whose annotation file (and classes.txt beside it) is an object of the bucket names an
+    absent and a truncated video object: both are recorded failures naming their URL, as missing and
+    corrupt local files are."""
     root = f"s3://{BUCKET}/listed"
     io = ObjectIO(StoreURL.parse(root))
     good = sorted(videos.rglob("*.mp4"))[0].read_bytes()
     io.put("clips/good.mp4", good)
     io.put("clips/bad.mp4", good[: len(good) // 3])
-    io.put("train.csv", b"path,label\nclips/good.mp4,0\nclips/bad.mp4,1\nclips/gone.mp4,1\n")
+    lists = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/lists"))
+    lists.put("train.csv", b"path,label\nclips/good.mp4,cat\nclips/bad.mp4,dog\nclips/gone.mp4,dog\n")
+    lists.put("classes.txt", b"dog\ncat\n")
     url = f"s3://{BUCKET}/listed.zarr"
     argv = ["extract", "--dataset", "list", "--root", root, "--split", "train", "--config", TINY]
+    argv += ["--annotations", f"s3://{BUCKET}/lists/{{split}}.csv"]
     assert main([*argv, "--out", url, "--decode-workers", "0", *SMALL]) == 0
     assert "2 clips failed to decode" in capsys.readouterr().out
-    failures = {f["clip_id"]: f for f in FeatureStore.open(url).failures()}
+    st = FeatureStore.open(url)
+    assert st.class_names == ["dog", "cat"] and st.labels.tolist() == [0, 0, 1]  # bad, gone, good
+    failures = {f["clip_id"]: f for f in st.failures()}
     assert sorted(failures) == ["clips/bad.mp4", "clips/gone.mp4"]
     assert failures["clips/gone.mp4"]["error_type"] == "FileNotFoundError"
     assert failures["clips/gone.mp4"]["message"] == f"{root}/clips/gone.mp4: no such object"

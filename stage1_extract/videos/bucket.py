@@ -45,17 +45,25 @@ def video_input(path: str | Path | VideoBytes) -> str | io.BytesIO:
 
 @dataclass
 class _Listing:
-    """Every object under one root prefix (listed on first use), as folders of files."""
+    """Every object under one root prefix (listed on first use), as folders of files; ``shallow``: the
+    prefix's own level only (the folder of an annotation file given on its own)."""
 
     objects: ObjectIO
+    shallow: bool = False
     files: set[str] = field(default_factory=set)
     folders: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)  # key -> (folders, files)
     listed: bool = False
 
     def folder(self, key: str) -> tuple[set[str], set[str]] | None:
         if not self.listed:
-            for meta in self.objects.list():
-                self._add(str(meta["path"]))
+            if self.shallow:
+                folders, files = self.objects.list_folder()
+                self.folders[""] = (set(folders), set())
+                for name in files:
+                    self._add(name)
+            else:
+                for meta in self.objects.list():
+                    self._add(str(meta["path"]))
             self.listed = True
         return self.folders.get(key)
 
@@ -112,9 +120,6 @@ class BucketPath:
     def parent(self) -> BucketPath:
         return BucketPath(self.root, self._listing, posixpath.dirname(self.key))
 
-    def as_posix(self) -> str:
-        return str(self)
-
     def relative_to(self, other: BucketPath) -> PurePosixPath:
         if other.key and not self.key.startswith(other.key + "/") and self.key != other.key:
             raise ValueError(f"{self} is not inside {other}")
@@ -156,8 +161,7 @@ class BucketPath:
 
 
 def location(path: str | Path) -> Path | BucketPath:
-    """A dataset root or annotation file: a local ``Path``, or a ``BucketPath`` for an ``s3://`` URL (a file
-    URL is the file under a listing of its folder)."""
+    """A dataset root: a local ``Path``, or a ``BucketPath`` for an ``s3://`` URL (listed on first use)."""
     if not is_url(path):
         return Path(path)
     url = StoreURL.parse(str(path), whole_bucket=True)
@@ -165,12 +169,14 @@ def location(path: str | Path) -> Path | BucketPath:
 
 
 def annotation_location(path: str | Path) -> Path | BucketPath:
-    """An annotation file given on its own (``--annotations``): a local path or an ``s3://`` object."""
+    """An annotation file given on its own (``--annotations``): a local path, or an ``s3://`` object seen
+    through a listing of its folder's own level (the file and a ``classes.txt`` beside it)."""
     if not is_url(path):
         return Path(path)
     url = StoreURL.parse(str(path))
     parent, _, name = url.prefix.rpartition("/")
-    return location(str(StoreURL(url.bucket, parent))) / name
+    folder = StoreURL(url.bucket, parent)
+    return BucketPath(folder, _Listing(ObjectIO(folder), shallow=True)) / name
 
 
 def walk(folder: Path | BucketPath) -> Iterator[tuple[Path | BucketPath, list[str], list[str]]]:
