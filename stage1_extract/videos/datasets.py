@@ -283,7 +283,9 @@ def _is_video(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
-def _first_dir(root: Path | BucketPath, configured: str | None, defaults: Iterable[str], split: str) -> Path:
+def _first_dir(
+    root: Path | BucketPath, configured: str | None, defaults: Iterable[str], split: str
+) -> Path | BucketPath:
     """The configured folder, or the first of the release's usual folders that exists."""
     if configured is not None:
         folder = root / configured.format(split=split)
@@ -297,7 +299,9 @@ def _first_dir(root: Path | BucketPath, configured: str | None, defaults: Iterab
     raise FileNotFoundError(f"none of these folders exists: {', '.join(map(str, tried))}")
 
 
-def _find_annotation(root: Path | BucketPath, cfg: DatasetConfig, names: Sequence[str], split: str) -> Path:
+def _find_annotation(
+    root: Path | BucketPath, cfg: DatasetConfig, names: Sequence[str], split: str
+) -> Path | BucketPath:
     """The first existing annotation file among ``names`` in the configured or usual annotation folders."""
     dirs = [cfg.annotation_dir] if cfg.annotation_dir is not None else _ANNOTATION_DIRS[cfg.name]
     tried = []
@@ -590,7 +594,7 @@ def _read_diving48(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> D
 def _read_folder(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Users' own data: ``ROOT/{train,val,test}/<class>/<video>``; classes: sorted folder names."""
 
-    def split_dir(s: str) -> Path | None:
+    def split_dir(s: str) -> Path | BucketPath | None:
         for name in (s, _SPLIT_ALIASES.get(s, s)):
             if (root / name).is_dir():
                 return root / name
