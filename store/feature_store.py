@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,7 +220,7 @@ class FeatureStore:
             "provenance": prov,
         }
         if isinstance(path, StoreURL):
-            cls._create_remote(path, layout, attrs, ids, labs, overwrite)
+            cls.build_remote(path, layout, attrs, ids, labs, overwrite)
         elif path.exists() and overwrite:
             if is_store(path):
                 shutil.rmtree(path)
@@ -255,22 +255,25 @@ class FeatureStore:
         return store
 
     @staticmethod
-    def _create_remote(
+    def build_remote(
         url: StoreURL,
         layout: StoreLayout,
         attrs: dict[str, Any],
         ids: np.ndarray,
         labs: np.ndarray,
         overwrite: bool,
-    ) -> None:
+        fill: Callable[[zarr.Group], None] | None = None,
+    ) -> bool:
         """Builds the store in place under a creation lease (object stores have no rename): the group's
-        attributes are written last, so the prefix is a store only once everything else is there. A
-        creation killed half-way leaves the marker ``_locks/creating``: its leftovers may be replaced."""
+        attributes are written last, so the prefix is a store only once everything else is there (with
+        ``fill``, the data it writes too: ``store import``). A creation killed half-way leaves the marker
+        ``_locks/creating``: its leftovers may be replaced. False when the store exists (made by another
+        process meanwhile, or already there without ``overwrite``): nothing was written."""
         objects = ObjectIO(url)
         if overwrite and is_store(url):
             objects.delete_all()
         if is_store(url):
-            return
+            return False
         deadline = time.monotonic() + 1.5 * LEASE_SECONDS
         while True:  # another process creating the same store: wait for it (or for its lease to lapse)
             try:
@@ -278,7 +281,7 @@ class FeatureStore:
                 break
             except ShardBusyError:
                 if is_store(url):
-                    return
+                    return False
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"{url}: another process has been creating this store too long"
@@ -286,14 +289,15 @@ class FeatureStore:
                 time.sleep(0.1)
         try:
             if is_store(url):
-                return
+                return False
             leftovers = [m["path"] for m in objects.list() if not m["path"].startswith(LOCK_DIR + "/")]
             if leftovers and objects.head(CREATE_LEASE_MARK) is None:
                 raise StoreError(f"{url}: holds objects but no amflow feature store; refusing to write there")
             objects.put(CREATE_LEASE_MARK, b"")  # leftovers of this creation may be replaced
             objects.delete_all(keep=LOCK_DIR + "/")
-            build_empty_store(objects, layout, attrs, ids, labs)
+            build_empty_store(objects, layout, attrs, ids, labs, fill)
             objects.delete(CREATE_LEASE_MARK)
+            return True
         finally:
             lease.release()
 

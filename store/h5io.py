@@ -9,9 +9,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
-from foundation.atomic import atomic_path, fsync_tree
+from foundation.atomic import atomic_path
 from store.feature_store import (
     ATTRS_KEY,
     READABLE_SCHEMA_VERSIONS,
@@ -24,11 +25,11 @@ from store.feature_store import (
     check_free_space,
     is_store,
 )
-from store.objects import is_url
+from store.objects import StoreURL, is_url
 from store.repair import damage_summary, find_damage
 
 H5_COMPRESSIONS = ("none", "gzip", "lzf")
-PER_SHARD_ARRAYS = ("status", "failure_type", "failure_message")
+PER_SHARD_ARRAYS = ("failure_type", "failure_message", "status")  # in a writer's commit order
 
 
 def _h5_compression(compression: str) -> dict[str, object]:
@@ -115,22 +116,21 @@ def import_h5(
 ) -> FeatureStore:
     """Rebuilds a store from :func:`export_h5` output, with the same attributes (fingerprint, provenance).
 
-    The store is built in a temporary folder and renamed into place when complete.
+    A folder store is built in a temporary folder and renamed into place when complete. On object
+    storage (``s3://``) it is built in place under the creation lease, with its attributes written after
+    all of its data: the prefix becomes a store only once the import is complete (an interrupted import
+    leaves no store, and its leftovers are replaced by the next one; ``overwrite`` deletes the old store
+    first, as object stores cannot swap a prefix).
     """
-    if is_url(out_path):
-        raise StoreError(
-            f"{out_path}: import writes a store folder; give a local path (stores on object storage are "
-            "written by extract)"
-        )
-    src, out = Path(h5_path), Path(out_path)
+    src = Path(h5_path)
     if not src.is_file():
         raise StoreError(f"{src}: no such HDF5 file")
-    if out.exists():
-        if not overwrite:
-            raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
-        if not is_store(out):
-            raise StoreError(f"{out}: exists and is not an amflow feature store; refusing to delete it")
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
+    out: Path | StoreURL = StoreURL.parse(out_path) if is_url(out_path) else Path(out_path)
+    exists = is_store(out) if isinstance(out, StoreURL) else out.exists()
+    if exists and not overwrite:
+        raise StoreError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
+    if exists and isinstance(out, Path) and not is_store(out):
+        raise StoreError(f"{out}: exists and is not an amflow feature store; refusing to delete it")
     if not h5py.is_hdf5(src):  # by its content, whatever its name
         raise StoreError(f"{src}: not an HDF5 file (expected one written by amflow store export)")
     with h5py.File(src, "r") as f:
@@ -138,26 +138,37 @@ def import_h5(
         layout = StoreLayout.from_dict(attrs["layout"], attrs.get("provenance"))
         ids = np.asarray(f["clip_ids"].asstr()[:], dtype=STRING_DTYPE)
         labels = np.asarray(f["labels"][:], dtype=np.int64)
+
+        def fill(group: zarr.Group) -> None:
+            arrays = {
+                name: group[name].with_config({"write_empty_chunks": True})
+                for name in (*layout.clip_shapes(), *PER_SHARD_ARRAYS)
+            }
+            for shard in tqdm(
+                range(layout.num_shards),
+                desc=f"importing {src.name}",
+                unit="shard",
+                disable=not progress or layout.num_shards < 8,
+            ):
+                start = shard * layout.shard_clips
+                sl = slice(start, min(start + layout.shard_clips, layout.num_clips))
+                # Data first, status last: the same order a writer commits in.
+                for name, arr in arrays.items():
+                    ds = f[name]
+                    if h5py.check_string_dtype(ds.dtype):
+                        arr[sl] = np.asarray(ds.asstr()[sl], dtype=STRING_DTYPE)
+                    else:
+                        arr[sl] = ds[sl]
+
+        if isinstance(out, StoreURL):
+            if not FeatureStore.build_remote(out, layout, attrs, ids, labels, overwrite, fill):
+                raise StoreError(f"{out}: another process created a store there during the import")
+            return FeatureStore.open(out, mode="r")
+        tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build_empty_store(tmp, layout, attrs, ids, labels)
-            st = FeatureStore.open(tmp, mode="r+")
-            for shard in tqdm(
-                range(st.num_shards),
-                desc=f"importing {src.name}",
-                unit="shard",
-                disable=not progress or st.num_shards < 8,
-            ):
-                sl = slice(st.clips_in_shard(shard).start, st.clips_in_shard(shard).stop)
-                # Data first, status last: the same order a writer commits in.
-                for name in (*st.data_arrays, *PER_SHARD_ARRAYS):
-                    ds = f[name]
-                    if h5py.check_string_dtype(ds.dtype):
-                        st.array(name)[sl] = np.asarray(ds.asstr()[sl], dtype=STRING_DTYPE)
-                    else:
-                        st.array(name)[sl] = ds[sl]
-            fsync_tree(tmp)
+            build_empty_store(tmp, layout, attrs, ids, labels, fill)  # fsyncs the whole tree
             if out.exists():
                 shutil.rmtree(out)
             os.rename(tmp, out)

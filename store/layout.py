@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,10 +363,17 @@ def array_definitions(layout: StoreLayout) -> dict[str, dict[str, Any]]:
 
 
 def build_empty_store(
-    root: Path | ObjectIO, layout: StoreLayout, attrs: Mapping[str, Any], ids: np.ndarray, labs: np.ndarray
+    root: Path | ObjectIO,
+    layout: StoreLayout,
+    attrs: Mapping[str, Any],
+    ids: np.ndarray,
+    labs: np.ndarray,
+    fill: Callable[[zarr.Group], None] | None = None,
 ) -> None:
     """Builds an empty store (arrays, clip table, attributes) in ``root``; callers rename it into place.
-    On object storage (an ``ObjectIO``) it is built in place: the attributes, written last, make it one."""
+    On object storage (an ``ObjectIO``) it is built in place: the attributes, written last, make it one;
+    ``fill(group)`` writes the arrays' data before them (``store import``: all of it is there, or no store).
+    """
     remote = isinstance(root, ObjectIO)
     zstore = root.zarr_store(read_only=False) if remote else LocalStore(root)
     group = zarr.open_group(zstore, mode="a" if remote else "w", zarr_format=3)
@@ -376,6 +383,8 @@ def build_empty_store(
     group["clip_ids"][:] = ids
     if not remote:
         (root / LOCK_DIR).mkdir(exist_ok=True)
+    if fill is not None:
+        fill(group)
     group.attrs.put({ATTRS_KEY: dict(attrs)})
     if not remote:
         fsync_tree(root)

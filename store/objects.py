@@ -46,21 +46,23 @@ class StoreURL:
     prefix: str
 
     @classmethod
-    def parse(cls, url: str | StoreURL) -> StoreURL:
+    def parse(cls, url: str | StoreURL, whole_bucket: bool = False) -> StoreURL:
+        """``whole_bucket``: ``s3://BUCKET`` (no prefix) is accepted too (a dataset root; never a store)."""
         if isinstance(url, StoreURL):
             return url
         rest = str(url)[len(SCHEME) :]
         bucket, _, prefix = rest.partition("/")
         prefix = prefix.strip("/")
-        if not bucket or not prefix or "//" in prefix:
-            raise StoreError(f"{url}: expected s3://BUCKET/PATH (a bucket and a key prefix)")
+        if not bucket or not (prefix or whole_bucket) or "//" in prefix:
+            expected = "BUCKET[/PREFIX]" if whole_bucket else "BUCKET/PATH (a bucket and a key prefix)"
+            raise StoreError(f"{url}: expected s3://{expected}")
         return cls(bucket, prefix)
 
     def __str__(self) -> str:
-        return f"{SCHEME}{self.bucket}/{self.prefix}"
+        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
 
     def __truediv__(self, key: str) -> StoreURL:
-        return StoreURL(self.bucket, f"{self.prefix}/{key}")
+        return StoreURL(self.bucket, f"{self.prefix}/{key}" if self.prefix else key)
 
     @property
     def name(self) -> str:
@@ -150,7 +152,7 @@ def _client(url: StoreURL) -> Any:
             endpoint = settings.get("endpoint", "")
             _CLIENTS[key] = S3Store(
                 url.bucket,
-                prefix=url.prefix,
+                prefix=url.prefix or None,
                 region=settings["region"],
                 endpoint=endpoint or None,
                 credential_provider=settings["credential_provider"],
@@ -195,6 +197,31 @@ class ObjectIO:
             return obstore.get(self.client, key).bytes()
         except (NotFoundError, FileNotFoundError):
             return None
+        except Exception as e:
+            raise self._fail(e, f"reading {key}") from e
+
+    def read_object(self, key: str, max_bytes: int) -> Any:
+        """One whole object's bytes with one GET, its size checked against ``max_bytes`` from the response
+        headers before the body is read. The failures of that one object are raised as the errors a local
+        file gives, naming it: ``FileNotFoundError`` (absent), ``PermissionError`` (denied), ``ValueError``
+        (larger than ``max_bytes``); anything else (endpoint, credentials) is a StoreError naming the
+        store."""
+        import obstore
+        from obstore.exceptions import NotFoundError, PermissionDeniedError
+
+        where = self.url / key
+        try:
+            result = obstore.get(self.client, key)
+            size = int(result.meta["size"])
+            if size > max_bytes:
+                raise ValueError(f"{where}: {size} bytes, more than the {max_bytes} bytes allowed")
+            return result.bytes()
+        except (NotFoundError, FileNotFoundError):
+            raise FileNotFoundError(f"{where}: no such object") from None
+        except PermissionDeniedError:
+            raise PermissionError(f"{where}: access denied by the bucket's policy") from None
+        except ValueError:
+            raise
         except Exception as e:
             raise self._fail(e, f"reading {key}") from e
 
@@ -251,6 +278,17 @@ class ObjectIO:
                 yield from (dict(meta) for meta in batch)
         except Exception as e:
             raise self._fail(e, "listing") from e
+
+    def list_folder(self) -> tuple[list[str], list[str]]:
+        """The prefix's own level: its sub-folders and its objects (relative keys), one LIST with a
+        delimiter (paginated), nothing below."""
+        import obstore
+
+        try:
+            found = obstore.list_with_delimiter(self.client)
+        except Exception as e:
+            raise self._fail(e, "listing") from e
+        return [str(p) for p in found["common_prefixes"]], [str(m["path"]) for m in found["objects"]]
 
     def delete_all(self, keep: str | None = None) -> None:
         """Deletes every object of the store (those under ``keep`` excepted)."""

@@ -25,9 +25,12 @@ import yaml
 from s3_server import free_port, s3_server
 
 from amflow.cli import main
+from stage1_extract.videos.bucket import clip_source, location
+from stage1_extract.videos.clip_paths import PathOutsideRoot
+from stage1_extract.videos.datasets import build_index
 from stage1_extract.videos.synthetic import make_folder_dataset
 from stage2_temporal.training.synthetic import synthetic_cache, write_store
-from store import FeatureStore, ShardBusyError, StoreError, is_store, load_arrays, verify_store
+from store import FeatureStore, ShardBusyError, StoreError, import_h5, is_store, load_arrays, verify_store
 from store.objects import ObjectIO, ObjectLease, StoreURL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +53,18 @@ def s3():
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
-    make_folder_dataset(root, ["left", "right", "up"], {"train": 3}, 32, 6, seed=0)
+    make_folder_dataset(root, ["left", "right", "up"], {"train": 3, "val": 1}, 32, 6, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def bucket_videos(s3, videos):
+    """The same videos uploaded under a prefix of the bucket (a dataset root on object storage)."""
+    io = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/videos"))
+    for path in sorted(videos.rglob("*")):
+        if path.is_file():
+            io.put(path.relative_to(videos).as_posix(), path.read_bytes())
+    return f"s3://{BUCKET}/videos"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +77,7 @@ def heads_stores(s3):
     return train, val
 
 
-def extract_argv(videos: Path, out: str) -> list[str]:
+def extract_argv(videos: Path | str, out: str) -> list[str]:
     args = ["extract", "--dataset", "folder", "--root", str(videos), "--split", "train", "--config", TINY]
     return [*args, "--out", out, "--decode-workers", "0", "--shard-clips", "2", *SMALL]
 
@@ -127,6 +140,130 @@ def test_killed_extraction_resumes_to_the_same_bytes(s3, videos, capsys):
     assert got.keys() == want.keys() and len(got) > 10
     assert all(got[k] == want[k] for k in want), [k for k in want if got[k] != want[k]]
     assert not [m for m in ObjectIO(st.path).list("_locks/")], "every lease is released"
+
+
+def test_extract_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos, capsys):
+    """Videos and the folder listing read from the bucket: the same clips, labels and chunk bytes."""
+    reference = f"s3://{BUCKET}/ref.zarr"
+    if not is_store(reference):
+        assert main(extract_argv(videos, reference)) == 0
+    capsys.readouterr()
+    listed = []
+    for root in (videos, bucket_videos):
+        assert main(["datasets", "list", "--dataset", "folder", "--root", str(root), "--split", "train"]) == 0
+        listed.append(capsys.readouterr().out)
+    assert listed[0] == listed[1] and len(listed[0].splitlines()) == 9
+    url = f"s3://{BUCKET}/from_bucket.zarr"
+    argv = extract_argv(bucket_videos, url)
+    argv[argv.index("--decode-workers") + 1] = "1"  # a spawned decoding worker (the client cannot fork)
+    assert main(argv) == 0
+    got, want = objects_of(url), objects_of(reference)
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert FeatureStore.open(url).provenance["root"] == bucket_videos
+    capsys.readouterr()
+    assert main(extract_argv(videos, url)) == 0  # the fingerprint hashes no video: a local copy resumes it
+    assert "already complete (9 done, 0 failed)" in capsys.readouterr().out
+
+
+# Each release's layout (tests/test_datasets.py checks the readers on them): relative path -> content.
+V = b"not decoded"
+RELEASES: dict[str, dict[str, bytes | str]] = {
+    "smarthome": {"mp4/Walk_p03_r01_v16_c06.mp4": V, "mp4/Cook.Cut_p02_r00_v02_c03.mp4": V,
+                  "mp4/Pour.Fromcup_p03_r00_v01_c01.mp4": V, "mp4/holiday.mp4": V},
+    "k400": {"annotations/train.csv": 'label,youtube_id,time_start,time_end,split\n"air drumming",a_b,13,23,'
+             "train\nabseiling,xyz,0,10,train\nbowling,gone,5,15,train\n",
+             "train/air drumming/a_b_000013_000023.mp4": V, "train/xyz_000000_000010.mp4": V},
+    "ssv2": {"labels/labels.json": '{"Holding something": "0", "Pushing something": "1"}',
+             "labels/train.json": '[{"id": "42", "template": "Pushing [something]"}, {"id": "7", "template": '
+             '"Holding [something]"}, {"id": "8", "template": "Spinning"}]',
+             "20bn-something-something-v2/42.webm": V, "20bn-something-something-v2/8.webm": V},
+    "ucf101": {"ucfTrainTestlist/classInd.txt": "1 ApplyEyeMakeup\n2 YoYo\n",
+               "ucfTrainTestlist/trainlist01.txt": "YoYo/v_YoYo_g01_c01.avi 2\nYoYo/v_YoYo_g02_c01.avi 2\n",
+               "UCF-101/YoYo/v_YoYo_g01_c01.avi": V},
+    "hmdb51": {"testTrainMulti_7030_splits/wave_test_split1.txt": "d.avi 1 \ne.avi 2 \nf.avi 1 \n/x.avi 1\n",
+               "testTrainMulti_7030_splits/brush_test_split1.txt": "a.avi 1 \n",
+               "wave/d.avi": V, "brush/a.avi": V},
+    "diving48": {"Diving48_V2_train.json": '[{"vid_name": "x_1", "label": 4, "start_frame": 3, '
+                 '"end_frame": 9}]', "rgb/x_1.mp4": V},
+    "list": {"train.txt": "a/one.mp4 cat\n./a//two.mp4 dog\nb/three.mp4 cat\n", "classes.txt": "dog\ncat\n",
+             "a/one.mp4": V, "a/two.mp4": V},
+    "folder": {"train/cat/1.mp4": V, "train/cat/notes.txt": V, "validation/dog/2.mp4": V},
+}  # fmt: skip
+
+
+def test_every_dataset_reads_the_same_from_the_bucket(s3, tmp_path, capsys):
+    """Annotation files and listings under an s3:// root give the index a local copy of the tree gives."""
+    io = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/releases"))
+    for name, files in RELEASES.items():
+        for rel, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_bytes(data)
+            io.put(f"{name}/{rel}", data)
+
+    def table(index) -> tuple:
+        rows = [[(r.path, r.label, r.start_frame, r.end_frame) for r in records]
+                for records in (index.records, index.missing, index.refused)]  # fmt: skip
+        return (*rows, index.classes, index.skipped)
+
+    for name in RELEASES:
+        local = table(build_index(name, tmp_path / name, "train"))
+        assert table(build_index(name, f"s3://{BUCKET}/releases/{name}", "train")) == local
+        assert local[0] and (name != "hmdb51" or local[2] == [("/x.avi", 1, None, None)]), local
+    with pytest.raises(FileNotFoundError, match=f"dataset root s3://{BUCKET}/releases/none holds no objects"):
+        build_index("folder", f"s3://{BUCKET}/releases/none", "train")
+    capsys.readouterr()
+    argv = ["datasets", "list", "--dataset", "folder", "--root", "s3://no-such-bucket", "--split", "train"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "amflow datasets list: error: s3://no-such-bucket: listing failed: the bucket does not exist"
+    )
+
+
+def test_finetune_from_an_s3_root_matches_a_local_root(s3, videos, bucket_videos, tmp_path):
+    argv = ["finetune", "--dataset", "folder", "--config", "configs/models/zeroi2v_tiny.yaml", "--quiet"]
+    argv += ["--recipe", "configs/finetune/tiny.yaml", "model.backbone.img_size=32", "data.num_frames=4"]
+    argv += ["model.backbone.timm_kwargs.depth=2", "epochs=1"]
+    for name, root in (("local", videos), ("bucket", bucket_videos)):
+        assert main([*argv, "--root", str(root), "--out", str(tmp_path / name)]) == 0
+    local, bucket = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("local", "bucket"))
+    for timing in ("seconds", "train_clips_per_second"):
+        local.pop(timing), bucket.pop(timing)
+    assert local == bucket and local["val"]["num_clips"] == 3  # the same training and validation
+    assert yaml.safe_load((tmp_path / "bucket" / "config.yaml").read_text())["root"] == bucket_videos
+
+
+def test_a_missing_or_corrupt_video_object_is_a_recorded_failure(s3, videos, tmp_path, capsys):
+    """A list dataset whose annotation file (and classes.txt beside it) is an object of the bucket names an
+    absent and a truncated video object: both are recorded failures naming their URL, as missing and
+    corrupt local files are."""
+    root = f"s3://{BUCKET}/listed"
+    io = ObjectIO(StoreURL.parse(root))
+    good = sorted(videos.rglob("*.mp4"))[0].read_bytes()
+    io.put("clips/good.mp4", good)
+    io.put("clips/bad.mp4", good[: len(good) // 3])
+    lists = ObjectIO(StoreURL.parse(f"s3://{BUCKET}/lists"))
+    lists.put("train.csv", b"path,label\nclips/good.mp4,cat\nclips/bad.mp4,dog\nclips/gone.mp4,dog\n")
+    lists.put("classes.txt", b"dog\ncat\n")
+    url = f"s3://{BUCKET}/listed.zarr"
+    argv = ["extract", "--dataset", "list", "--root", root, "--split", "train", "--config", TINY]
+    argv += ["--annotations", f"s3://{BUCKET}/lists/{{split}}.csv"]
+    assert main([*argv, "--out", url, "--decode-workers", "0", *SMALL]) == 0
+    assert "2 clips failed to decode" in capsys.readouterr().out
+    st = FeatureStore.open(url)
+    assert st.class_names == ["dog", "cat"] and st.labels.tolist() == [0, 0, 1]  # bad, gone, good
+    failures = {f["clip_id"]: f for f in st.failures()}
+    assert sorted(failures) == ["clips/bad.mp4", "clips/gone.mp4"]
+    assert failures["clips/gone.mp4"]["error_type"] == "FileNotFoundError"
+    assert failures["clips/gone.mp4"]["message"] == f"{root}/clips/gone.mp4: no such object"
+    assert failures["clips/bad.mp4"]["message"].startswith(f"{root}/clips/bad.mp4")
+    with pytest.raises(ValueError, match=f"^{root}/clips/good.mp4: {len(good)} bytes, more than the 100"):
+        clip_source(root, "clips/good.mp4", max_bytes=100)
+    for outside in ("../videos/train/up/up_0.mp4", "/etc/passwd"):
+        with pytest.raises(PathOutsideRoot):
+            clip_source(root, outside, max_bytes=1 << 20)
+        with pytest.raises(PathOutsideRoot):
+            location(root) / outside
 
 
 def test_two_writers_cannot_own_one_shard(s3, heads_stores):
@@ -194,6 +331,47 @@ def test_commands_on_s3_stores(s3, heads_stores, tmp_path, capsys):
     assert s3.secret_key not in json.dumps(info)
 
 
+def test_import_and_export_h5_on_s3_match_the_folder_store(s3, heads_stores, tmp_path, capsys, monkeypatch):
+    """``store import`` into a bucket writes the objects a folder import writes as files; an interrupted
+    import leaves no store; ``store export`` reads the imported store back to the same HDF5."""
+    h5, url, folder = tmp_path / "train.h5", f"s3://{BUCKET}/imported.zarr", tmp_path / "imported.zarr"
+    assert main(["store", "export", heads_stores[0], "--h5", str(h5), "--quiet"]) == 0
+
+    reads = {"n": 0}
+    original = h5py.Dataset.__getitem__
+
+    def failing(self, key):  # the source fails in the second shard: the prefix is left without a store
+        reads["n"] += 1
+        if reads["n"] > 10:
+            raise OSError("disk gone")
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        import_h5(h5, url, progress=False)
+    monkeypatch.undo()
+    assert not is_store(url) and next(ObjectIO(StoreURL.parse(url)).list(), None) is not None
+
+    for out in (url, str(folder)):  # the leftovers of the interrupted import are replaced
+        assert main(["store", "import", str(h5), "--out", out, "--quiet"]) == 0
+    got = objects_of(url)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert {k: v for k, v in files.items() if "/" in k} == got and len(got) > 10
+    assert FeatureStore.open(url).attrs == FeatureStore.open(folder).attrs
+    assert FeatureStore.open(url).attrs == FeatureStore.open(heads_stores[0]).attrs
+
+    capsys.readouterr()
+    assert main(["store", "import", str(h5), "--out", url]) == 2
+    exists = f"{url}: exists (pass overwrite=True / --overwrite to replace it)"
+    assert capsys.readouterr().err.strip() == f"amflow store import: error: {exists}"
+    assert main(["store", "import", str(h5), "--out", url, "--overwrite", "--quiet"]) == 0
+    assert main(["store", "export", url, "--h5", str(tmp_path / "again.h5"), "--quiet"]) == 0
+    with h5py.File(h5) as a, h5py.File(tmp_path / "again.h5") as b:
+        assert dict(a.attrs) == dict(b.attrs) and set(a) == set(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
 def test_verify_and_repair_on_s3(s3, videos, capsys):
     url = f"s3://{BUCKET}/ref.zarr"  # the extraction of the kill test
     if not ObjectIO(StoreURL.parse(url)).head("zarr.json"):
@@ -233,9 +411,12 @@ def test_bad_object_store_ends_in_one_line(s3, case, capsys, monkeypatch):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
 
 
-def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_stores, tmp_path, capsys):
+def test_extract_and_sweep_on_workers_sharing_only_the_bucket(
+    s3, videos, bucket_videos, heads_stores, tmp_path, capsys
+):
     """Workers in their own processes and working folders; the store is the only thing they share with
-    the client, and the sweep's runs come back to the client's folder through the scheduler."""
+    the client (the videos too, with --root s3://), and the sweep's runs come back to the client's folder
+    through the scheduler."""
     from distributed import Client, LocalCluster
 
     reference = f"s3://{BUCKET}/ref.zarr"
@@ -255,6 +436,9 @@ def test_extract_and_sweep_on_workers_sharing_only_the_bucket(s3, videos, heads_
             client.run(os.chdir, str(tmp_path / f"worker{i}"), workers=[worker])
         url = f"s3://{BUCKET}/cluster.zarr"
         assert main([*extract_argv(videos, url), "--scheduler", cluster.scheduler_address]) == 0
+        assert objects_of(url) == objects_of(reference)
+        url = f"s3://{BUCKET}/cluster_from_bucket.zarr"  # no worker has the videos: they read the bucket
+        assert main([*extract_argv(bucket_videos, url), "--scheduler", cluster.scheduler_address]) == 0
         assert objects_of(url) == objects_of(reference)
 
         train, val = heads_stores

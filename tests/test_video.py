@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import stage1_extract  # noqa: F401  (first: fixes the torchvision import before anything imports timm)
+from stage1_extract.videos.bucket import VideoBytes
 from stage1_extract.videos.clip_geometry import ClipGeometry
 from stage1_extract.videos.datasets import ClipRecord, DatasetConfig
 from stage1_extract.videos.sampling import clip_indices, dense_indices, num_views, uniform_indices, view_index
@@ -24,6 +25,8 @@ from stage1_extract.videos.video import (
     collate_clips,
     crop_offsets,
     decode_views,
+    decord_frames,
+    read_frames_pyav,
     resized_shape,
 )
 
@@ -127,6 +130,23 @@ def test_widths_decord_copies_wrongly_fall_back_to_pyav(tmp_path):
     assert torch.allclose(green, torch.tensor([255.0 - 15 * f for f in (1, 3, 5, 7)]), atol=4)
     red = views[0, :, 0].float().mean(dim=(0, 1))  # one crop, averaged over frames and rows: red grows with x
     assert torch.allclose(red, torch.arange(48.0) * 250 // 47, atol=8)
+
+
+def test_a_video_decodes_the_same_from_its_bytes(coded_video, tmp_path):
+    """A video fetched from object storage is decoded from memory: the planned PyAV pass, decord's seeking
+    reader and the PyAV fallback give the frames they give from the file."""
+    portrait = write_video(tmp_path / "portrait.mp4", _coded_clip(num_frames=8, height=64, width=48))
+    geometry = ClipGeometry(num_frames=4, num_clips=2, num_crops=3, crop_size=32)
+    for path in (coded_video, portrait):
+        fetched = VideoBytes(f"s3://bucket/{path.name}", path.read_bytes())
+        assert torch.equal(decode_views(fetched, geometry), decode_views(path, geometry))
+        index_for = lambda n: clip_indices(n, geometry, train=False)  # noqa: E731
+        frames = decord_frames(fetched, 32, index_for)
+        np.testing.assert_array_equal(frames, decord_frames(path, 32, index_for))
+        idx = np.array([0, 3, 5])
+        np.testing.assert_array_equal(
+            read_frames_pyav(fetched, idx, (32, 43)), read_frames_pyav(path, idx, (32, 43))
+        )
 
 
 def test_train_items_depend_only_on_seed_epoch_index(coded_video, tmp_path):

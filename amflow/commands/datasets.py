@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lister.add_argument(
         "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48, folder, list"
     )
-    lister.add_argument("--root", required=True, help="the dataset's root folder")
+    lister.add_argument("--root", required=True, help="the dataset's root folder, or s3://BUCKET[/PREFIX]")
     lister.add_argument("--split", required=True, help="train, val/validation or test (per dataset)")
     lister.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: split number 1, 2, 3")
     lister.add_argument("--annotations", metavar="FILE", help="list dataset: the split's annotation file")

@@ -37,10 +37,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset", required=True, help="smarthome, k400, ssv2, ucf101, hmdb51, diving48, folder or list"
     )
-    p.add_argument("--root", required=True, help="the dataset's root folder")
+    p.add_argument(
+        "--root",
+        required=True,
+        help="the dataset's root folder, or s3://BUCKET[/PREFIX] (videos and annotation files read from the "
+        "bucket; credentials from the standard AWS places)",
+    )
     p.add_argument("--split", required=True, help="train, val/validation or test")
     p.add_argument("--protocol", help="smarthome: cs, cv1, cv2; ucf101/hmdb51: 1, 2, 3")
-    p.add_argument("--annotations", metavar="FILE", help="list dataset: the split's annotation file")
+    p.add_argument(
+        "--annotations", metavar="FILE", help="list dataset: the split's annotation file (path or s3:// URL)"
+    )
     p.add_argument("--config", required=True, help="model YAML (kind: amflow)")
     p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
     p.add_argument("--checkpoint", help="finetuned adapters (.safetensors) or a merged ZeroI2V model")

@@ -39,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset", required=True, help="dataset name (configs/datasets/NAME.yaml) or a YAML path"
     )
-    p.add_argument("--root", required=True, metavar="DIR", help="the dataset's release folder")
+    p.add_argument(
+        "--root", required=True, metavar="DIR", help="the dataset's release folder, or s3://BUCKET[/PREFIX]"
+    )
     p.add_argument("--protocol", default=None, help="Smarthome cs|cv1|cv2, UCF101/HMDB51 split 1|2|3")
     p.add_argument("--config", required=True, help="model YAML (configs/models/...), kind amflow or zeroi2v")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")

@@ -60,8 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write the store's arrays and attributes to one HDF5 file",
         epilog="example: amflow store export runs/train.zarr --h5 train.h5",
     )
-    p.add_argument("store", metavar="STORE", help="path of the store")
-    p.add_argument("--h5", required=True, metavar="OUT.h5", help="HDF5 file to write")
+    p.add_argument("store", metavar="STORE", help="path of the store (a folder or s3://BUCKET/PATH.zarr)")
+    p.add_argument("--h5", required=True, metavar="OUT.h5", help="HDF5 file to write (a local file)")
     p.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"], help="HDF5 filter")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,7 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: amflow store import train.h5 --out restored.zarr",
     )
     p.add_argument("h5", metavar="IN.h5", help="HDF5 file written by 'amflow store export'")
-    p.add_argument("--out", required=True, metavar="STORE", help="store folder to create")
+    p.add_argument(
+        "--out", required=True, metavar="STORE", help="store to create: a folder or s3://BUCKET/PATH.zarr"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace STORE if it is an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=with_paths(run, paths))

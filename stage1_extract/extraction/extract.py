@@ -33,11 +33,19 @@ from stage1_extract.extraction.block_maps import pack_block_maps
 from stage1_extract.families.backbone import RANDOM_INIT_WARNING, normalise_video
 from stage1_extract.features import FeatureExtractor, build_feature_extractor, feature_type_name
 from stage1_extract.methods.models import feature_config_class, feature_config_from_dict, load_feature_config
+from stage1_extract.videos.bucket import VideoBytes, clip_source, worker_start_method
 from stage1_extract.videos.clip_geometry import ClipGeometry
-from stage1_extract.videos.datasets import ClipRecord, DatasetConfig, build_index, load_dataset_config
+from stage1_extract.videos.datasets import (
+    DEFAULT_MAX_VIDEO_MB,
+    ClipRecord,
+    DatasetConfig,
+    build_index,
+    load_dataset_config,
+)
 from stage1_extract.videos.decode_plan import resolve_decode_device
 from stage1_extract.videos.video import VideoClipDataset, collate_clips
 from store.feature_store import STATUS_MISSING, FeatureStore, NonFiniteFeaturesError, StoreError
+from store.objects import is_url
 from store.repair import damage_summary, find_damage
 from store.writer import BackgroundCommits, ShardWriter
 
@@ -147,7 +155,7 @@ def feature_fingerprint(
         model.pop(key, None)
     weights = model["backbone"].pop("weights")
     data = config_to_dict(data_cfg)
-    for key in ("video_dir", "annotation_dir", "annotations", "train_crop"):
+    for key in ("video_dir", "annotation_dir", "annotations", "train_crop", "max_video_mb"):
         data.pop(key, None)
     return {
         "model": model,
@@ -228,7 +236,8 @@ def extract_shards(
     if device.startswith("cpu") and threads:
         torch.set_num_threads(threads)  # the model and the decoding workers share the cores
     records = [ClipRecord(*plan.records[i]) for i in todo]
-    sample = next((p for r in records if (p := Path(plan.root) / r.path).is_file()), None)
+    max_video_mb = plan.dataset_config.get("max_video_mb", DEFAULT_MAX_VIDEO_MB)
+    sample = _first_video(plan.root, records, max_video_mb) if opts.decode_device == "cuda" else None
     decode_device = resolve_decode_device(opts.decode_device, sample)
     if opts.train_views:
         from stage1_extract.extraction.train_views import TrainViewsDataset
@@ -241,11 +250,12 @@ def extract_shards(
             views=opts.train_views,
             flip=opts.train_flip,
             seed=opts.train_views_seed,
+            max_video_mb=max_video_mb,
         )
     else:
         dataset = VideoClipDataset(
             records, plan.root, plan.geometry, train=False,
-            decode_threads=opts.decode_threads, decode_device=decode_device,
+            decode_threads=opts.decode_threads, decode_device=decode_device, max_video_mb=max_video_mb,
         )  # fmt: skip
     on_cuda = device.startswith("cuda")
     sampler = ShardBatches([store.shard_of(i) for i in todo], opts.batch_size)
@@ -256,7 +266,11 @@ def extract_shards(
         collate_fn=collate_clips,
         pin_memory=on_cuda,  # pinned batches: the copy to the GPU is asynchronous (non_blocking)
         # NVDEC in a forked child of a process holding a CUDA context is undefined: start workers fresh
-        multiprocessing_context="spawn" if decode_device == "cuda" and opts.decode_workers else None,
+        multiprocessing_context=(
+            "spawn"
+            if decode_device == "cuda" and opts.decode_workers
+            else worker_start_method(plan.root, opts.decode_workers)
+        ),
     )
     batches = iter(loader)  # decoding workers start now
     model_json = json.dumps(plan.model_config, sort_keys=True)
@@ -306,6 +320,20 @@ def extract_shards(
             with contextlib.suppress(OSError):
                 writer.close()  # commits what fits; the lock is released in any case
     return counts
+
+
+def _first_video(root: str, records: Sequence[ClipRecord], max_video_mb: float) -> Path | VideoBytes | None:
+    """The first of ``records``' videos that exists (fetched from a bucket root): NVDEC is tried on it."""
+    for record in records:
+        try:
+            source = clip_source(root, record.path, int(max_video_mb * 2**20))
+        except StoreError:  # the bucket itself failed
+            raise
+        except (OSError, ValueError):  # absent, refused or too large: try the next one
+            continue
+        if isinstance(source, VideoBytes) or source.is_file():
+            return source
+    return None
 
 
 @torch.inference_mode()
@@ -404,7 +432,7 @@ def plan_extraction(
         "checkpoint_sha256": fingerprint["checkpoint_sha256"],
         "adapter_seed": model_cfg.seed,
         "dataset": dataset,
-        "root": str(Path(root).resolve()),
+        "root": str(root) if is_url(root) else str(Path(root).resolve()),  # a URL as given, never a secret
         "protocol": data_cfg.protocol,
         "split": split,
         "sampling": {

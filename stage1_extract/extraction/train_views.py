@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stage1_extract.videos.bucket import VideoBytes, clip_name, clip_source
 from stage1_extract.videos.clip_geometry import ClipGeometry
-from stage1_extract.videos.datasets import ClipRecord
-from stage1_extract.videos.video import DECODE_ERRORS, decode_views
+from stage1_extract.videos.datasets import DEFAULT_MAX_VIDEO_MB, ClipRecord
+from stage1_extract.videos.video import DECODE_ERRORS, clip_error, decode_views
+from store.objects import is_url
+from store.schema import StoreError
 
 
 def train_views(
-    path: str | Path,
+    path: str | Path | VideoBytes,
     geometry: ClipGeometry,
     *,
     views: int,
@@ -62,13 +65,15 @@ class TrainViewsDataset(Dataset):
         views: int,
         flip: float = 0.0,
         seed: int = 0,
+        max_video_mb: float = DEFAULT_MAX_VIDEO_MB,
     ) -> None:
         if views < 1:
             raise ValueError(f"--train-views {views}: expected a positive number of views")
         if not 0.0 <= flip <= 1.0:
             raise ValueError(f"--train-flip {flip}: expected a probability in [0, 1]")
         self.records, self.clip_indices = list(records), [int(i) for i in clip_indices]
-        self.root, self.geometry = Path(root), geometry
+        self.root, self.geometry = (root if is_url(root) else Path(root)), geometry
+        self.max_video_bytes = int(max_video_mb * 2**20)
         self.views, self.flip, self.seed = views, flip, seed
 
     def __len__(self) -> int:
@@ -77,9 +82,9 @@ class TrainViewsDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         item: dict[str, Any] = {"video": None, "label": record.label, "index": index, "path": record.path}
-        try:
+        try:  # a path leaving the root is refused; a bucket's video is fetched once for all its views
             item["video"] = train_views(
-                self.root / record.path,
+                clip_source(self.root, record.path, self.max_video_bytes),
                 self.geometry,
                 views=self.views,
                 flip=self.flip,
@@ -89,6 +94,8 @@ class TrainViewsDataset(Dataset):
                 end_frame=record.end_frame,
             )
             item["error"] = None
+        except StoreError:  # the bucket itself failed (endpoint, credentials): stop, a resume redoes the clip
+            raise
         except DECODE_ERRORS as e:
-            item["error"] = (type(e).__name__, str(e) or repr(e))
+            item["error"] = clip_error(e, clip_name(self.root, record.path))
         return item

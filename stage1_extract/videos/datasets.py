@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from foundation.config import CONFIG_ROOT, ConfigError, load_config
+from stage1_extract.videos.bucket import BucketPath, location, walk
 from stage1_extract.videos.clip_paths import clip_path_error, normalise_clip_path
 from stage1_extract.videos.k400_classes import KINETICS400_CLASSES
 
@@ -43,6 +44,7 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
     "hmdb51": ("1", "2", "3"),
 }
 _SPLIT_ALIASES = {"val": "validation", "validation": "val"}
+DEFAULT_MAX_VIDEO_MB = 1024.0  # a video under an s3:// root is fetched whole into memory
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 
 # Where each release keeps its videos and annotation files, relative to ROOT, tried in order when the
@@ -121,6 +123,9 @@ class DatasetConfig:
     # list dataset only: text lines may be 'path label start end' (a segment). Off, a line with more than
     # one value after the path is refused: it reads the same as mmaction2's multi-label 'path l1 l2 l3'.
     segments: bool = False
+    # ROOT on object storage (s3://...): each video is fetched whole into memory; a larger one is recorded
+    # as a failed clip instead. Changes no feature (not in a store's fingerprint).
+    max_video_mb: float = DEFAULT_MAX_VIDEO_MB
 
     def __post_init__(self) -> None:
         if isinstance(self.protocol, int) and not isinstance(self.protocol, bool):
@@ -149,6 +154,8 @@ class DatasetConfig:
             raise ValueError(f"key 'segments': only the list dataset reads it, not {self.name!r}")
         if self.crop_size is not None and self.crop_size < 1:
             raise ValueError(f"key 'crop_size': expected an integer >= 1 or null, got {self.crop_size}")
+        if not self.max_video_mb > 0:
+            raise ValueError(f"key 'max_video_mb': expected a size in MB > 0, got {self.max_video_mb}")
 
 
 def load_dataset_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> DatasetConfig:
@@ -179,7 +186,7 @@ class DatasetIndex:
     name: str
     split: str
     protocol: str | None
-    root: Path
+    root: Path | BucketPath
     classes: list[str]
     records: list[ClipRecord] = field(default_factory=list)
     missing: list[ClipRecord] = field(default_factory=list)
@@ -217,6 +224,7 @@ def build_index(name: str, root: str | Path, split: str, cfg: DatasetConfig | No
     """Lists the clips of ``split`` of dataset ``name`` under ``root`` (settings from ``cfg``).
 
     Without ``cfg`` the defaults of ``configs/datasets/<name>.yaml`` are used. Records are sorted by path.
+    ``root`` may be ``s3://bucket/prefix``: its objects are listed once and read from the bucket.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
@@ -226,9 +234,10 @@ def build_index(name: str, root: str | Path, split: str, cfg: DatasetConfig | No
         raise ValueError(f"build_index: dataset {name!r} given with a config for {cfg.name!r}")
     cfg.validate()
     split = canonical_split(name, split)
-    root = Path(root)
+    root = location(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} is not a directory")
+        what = "holds no objects" if isinstance(root, BucketPath) else "is not a directory"
+        raise FileNotFoundError(f"dataset root {root} {what}")
     index = _READERS[name](root, split, cfg)
     seen: set[str] = set()
     for record in (*index.records, *index.missing, *index.refused):
@@ -253,11 +262,11 @@ _BOMS = (  # longest first: UTF-32 LE's BOM begins with UTF-16 LE's
 )
 
 
-def read_text_file(path: str | Path) -> str:
+def read_text_file(path: str | Path | BucketPath) -> str:
     """An annotation file's text as editors and scripts write it: UTF-8 with or without a BOM, UTF-16 or
     UTF-32 with one (Windows' "Unicode"); CRLF line ends are split by ``str.splitlines``. Anything else
-    is one ValueError naming the file."""
-    data = Path(path).read_bytes()
+    is one ValueError naming the file. A ``BucketPath`` is read from object storage."""
+    data = (path if isinstance(path, BucketPath) else Path(path)).read_bytes()
     encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
     try:
         text = data.decode(encoding)
@@ -274,7 +283,9 @@ def _is_video(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
-def _first_dir(root: Path, configured: str | None, defaults: Iterable[str], split: str) -> Path:
+def _first_dir(
+    root: Path | BucketPath, configured: str | None, defaults: Iterable[str], split: str
+) -> Path | BucketPath:
     """The configured folder, or the first of the release's usual folders that exists."""
     if configured is not None:
         folder = root / configured.format(split=split)
@@ -288,7 +299,9 @@ def _first_dir(root: Path, configured: str | None, defaults: Iterable[str], spli
     raise FileNotFoundError(f"none of these folders exists: {', '.join(map(str, tried))}")
 
 
-def _find_annotation(root: Path, cfg: DatasetConfig, names: Sequence[str], split: str) -> Path:
+def _find_annotation(
+    root: Path | BucketPath, cfg: DatasetConfig, names: Sequence[str], split: str
+) -> Path | BucketPath:
     """The first existing annotation file among ``names`` in the configured or usual annotation folders."""
     dirs = [cfg.annotation_dir] if cfg.annotation_dir is not None else _ANNOTATION_DIRS[cfg.name]
     tried = []
@@ -304,15 +317,15 @@ def _find_annotation(root: Path, cfg: DatasetConfig, names: Sequence[str], split
 class _VideoFiles:
     """The video files under one folder, found by relative path without extension or by file stem."""
 
-    def __init__(self, root: Path, folder: Path) -> None:
+    def __init__(self, root: Path | BucketPath, folder: Path | BucketPath) -> None:
         self.by_key: dict[str, str] = {}
         self.by_stem: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(folder):
+        for dirpath, dirnames, filenames in walk(folder):
             dirnames.sort()
             for fn in sorted(filenames):
                 if not _is_video(fn):
                     continue
-                full = Path(dirpath) / fn
+                full = dirpath / fn
                 rel_root = full.relative_to(root).as_posix()
                 key = os.path.splitext(full.relative_to(folder).as_posix())[0]
                 self.by_key.setdefault(key, rel_root)
@@ -347,7 +360,7 @@ def _place(
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_smarthome(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Toyota Smarthome: split by subject (CS) or camera (CV1/CV2) from the file name."""
     protocol = str(cfg.protocol)
     classes = list(SMARTHOME_CS_CLASSES if protocol == "cs" else SMARTHOME_CV_CLASSES)
@@ -355,7 +368,8 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     folder = _first_dir(root, cfg.video_dir, _VIDEO_DIRS["smarthome"], split)
     index = DatasetIndex("smarthome", split, protocol, root, classes)
     skipped: Counter[str] = Counter()
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    entries = folder.iterdir() if isinstance(folder, BucketPath) else os.scandir(folder)
+    for entry in sorted(entries, key=lambda e: e.name):
         if entry.is_dir() or not _is_video(entry.name):
             continue
         match = _SMARTHOME_NAME.match(os.path.splitext(entry.name)[0])
@@ -372,7 +386,7 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
         if activity not in class_index:
             skipped[f"activity {activity} not in {protocol.upper()} classes"] += 1
             continue
-        rel = Path(entry.path).relative_to(root).as_posix()
+        rel = (folder / entry.name).relative_to(root).as_posix()
         # a dangling symbolic link is a listed-but-absent file: reported, and recorded as failed
         (index.records if entry.is_file() else index.missing).append(ClipRecord(rel, class_index[activity]))
     index.skipped = dict(skipped)
@@ -382,7 +396,7 @@ def _read_smarthome(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
 _K400_SPLIT_NAMES = {"train": ("train",), "val": ("val", "validate", "validation"), "test": ("test",)}
 
 
-def _read_k400(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_k400(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Kinetics-400: ``<split>.csv`` rows -> ``<youtube_id>_<start:06d>_<end:06d>`` files, found by name.
 
     The release names its validation split ``validate`` (``validate.csv``); ``val`` and ``validation``
@@ -428,7 +442,7 @@ def _read_k400(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _read_ssv2(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_ssv2(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Something-Something v2: label = ``labels.json`` index of the template with ``[`` ``]`` removed.
 
     The ``test`` split's json holds ids only; its labels come from ``test-answers.csv`` (``id;label``)
@@ -464,7 +478,7 @@ def _read_ssv2(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _ssv2_answers(root: Path, cfg: DatasetConfig, split: str) -> dict[str, str]:
+def _ssv2_answers(root: Path | BucketPath, cfg: DatasetConfig, split: str) -> dict[str, str]:
     """``test-answers.csv`` (``id;label`` lines) as id -> label, or {} when the file is absent."""
     try:
         path = _find_annotation(
@@ -482,7 +496,7 @@ def _ssv2_answers(root: Path, cfg: DatasetConfig, split: str) -> dict[str, str]:
     return answers
 
 
-def _read_json(path: Path) -> object:
+def _read_json(path: Path | BucketPath) -> object:
     """A JSON annotation file (any encoding ``read_text_file`` reads); a syntax error names the file."""
     try:
         return json.loads(read_text_file(path))
@@ -490,7 +504,7 @@ def _read_json(path: Path) -> object:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _read_ucf101(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_ucf101(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """UCF101: ``classInd.txt`` and ``{train,test}list0N.txt``; test labels from the folder name."""
     class_path = _find_annotation(root, cfg, ["classInd.txt"], split)
     numbered = [line.split() for line in read_text_file(class_path).splitlines() if line.strip()]
@@ -524,7 +538,7 @@ def _read_ucf101(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _read_hmdb51(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_hmdb51(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """HMDB51: ``<class>_test_split<N>.txt`` lines ``<name>.avi <0|1|2>`` (1 train, 2 test, 0 unused)."""
     split_dir = _first_dir(root, cfg.annotation_dir, _ANNOTATION_DIRS["hmdb51"], split)
     split_files = {}
@@ -553,7 +567,7 @@ def _read_hmdb51(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _read_diving48(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_diving48(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Diving48 V2: ``Diving48_V2_<split>.json`` entries with label and frame segment; ``rgb/<vid>.mp4``."""
     split_path = _find_annotation(root, cfg, ["Diving48_V2_{split}.json"], split)
     entries = _read_json(split_path)
@@ -577,10 +591,10 @@ def _read_diving48(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _read_folder(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_folder(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """Users' own data: ``ROOT/{train,val,test}/<class>/<video>``; classes: sorted folder names."""
 
-    def split_dir(s: str) -> Path | None:
+    def split_dir(s: str) -> Path | BucketPath | None:
         for name in (s, _SPLIT_ALIASES.get(s, s)):
             if (root / name).is_dir():
                 return root / name
@@ -616,7 +630,7 @@ def _read_folder(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
     return index
 
 
-def _read_list(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def _read_list(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     from stage1_extract.videos.list_dataset import read_list
 
     return read_list(root, split, cfg)

@@ -31,21 +31,24 @@ import av
 import numpy as np
 from av.filter import Graph
 
+from stage1_extract.videos.bucket import VideoBytes, video_input
+
 
 class Unplannable(Exception):
     """The file's timestamps do not let the planned reader reproduce decord's frames; use decord."""
 
 
-def open_container(path: str | Path, hwaccel: str | None = None) -> av.container.InputContainer:
-    """Opens ``path`` with PyAV, decoding on ``hwaccel`` (e.g. ``"cuda"``: NVDEC) when given."""
+def open_container(path: str | Path | VideoBytes, hwaccel: str | None = None) -> av.container.InputContainer:
+    """Opens ``path`` (a file, or a video's bytes) with PyAV, decoding on ``hwaccel`` (e.g. ``"cuda"``:
+    NVDEC) when given."""
     if hwaccel is None:
-        return av.open(str(path), metadata_errors="ignore")
+        return av.open(video_input(path), metadata_errors="ignore")
     from av.codec.hwaccel import HWAccel
 
     # CUDA: FFmpeg retains the device's primary context instead of creating a context per file
     options = {"primary_ctx": "1"} if hwaccel == "cuda" else None
     accel = HWAccel(device_type=hwaccel, allow_software_fallback=False, options=options)
-    return av.open(str(path), hwaccel=accel, metadata_errors="ignore")
+    return av.open(video_input(path), hwaccel=accel, metadata_errors="ignore")
 
 
 class PlannedReader:
@@ -54,7 +57,7 @@ class PlannedReader:
     ``threads``: FFmpeg decoder threads (1 when DataLoader workers already use every core).
     """
 
-    def __init__(self, path: str | Path, threads: int = 1, hwaccel: str | None = None) -> None:
+    def __init__(self, path: str | Path | VideoBytes, threads: int = 1, hwaccel: str | None = None) -> None:
         self.path = str(path)
         self.container = open_container(path, hwaccel)
         try:

@@ -26,6 +26,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from stage1_extract.videos.bucket import BucketPath, annotation_location
 from stage1_extract.videos.clip_paths import clip_path_error, normalise_clip_path
 from stage1_extract.videos.datasets import SPLITS, ClipRecord, DatasetConfig, DatasetIndex, read_text_file
 
@@ -37,7 +38,7 @@ _EXTENSIONS = (".txt", ".csv")
 class ListEntry:
     """One annotation line: where it is (file, line number) and what it says."""
 
-    source: Path
+    source: Path | BucketPath
     line: int
     path: str
     label: str
@@ -48,10 +49,11 @@ class ListEntry:
         return f"{self.source}:{self.line}"
 
 
-def split_file(root: Path, split: str, cfg: DatasetConfig) -> Path | None:
-    """The split's annotation file: ``cfg.annotations`` ("{split}" filled in), else ROOT/<split>.txt|.csv."""
+def split_file(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> Path | BucketPath | None:
+    """The split's annotation file: ``cfg.annotations`` ("{split}" filled in; a local path or an s3://
+    URL), else ROOT/<split>.txt|.csv."""
     if cfg.annotations is not None:
-        return Path(cfg.annotations.format(split=split))
+        return annotation_location(cfg.annotations.format(split=split))
     for name in _FILE_NAMES[split]:
         for ext in _EXTENSIONS:
             if (root / f"{name}{ext}").is_file():
@@ -69,7 +71,9 @@ def _frame(value: str, what: str, where: str) -> int:
     return frame
 
 
-def _entry(source: Path, line: int, cells: list[str], text_format: bool, segments: bool) -> ListEntry:
+def _entry(
+    source: Path | BucketPath, line: int, cells: list[str], text_format: bool, segments: bool
+) -> ListEntry:
     where = f"{source}:{line}"
     if text_format and not segments and len(cells) > 2:
         raise ValueError(
@@ -96,7 +100,7 @@ def _entry(source: Path, line: int, cells: list[str], text_format: bool, segment
     return entry
 
 
-def parse_list_file(source: Path, segments: bool = False) -> list[ListEntry]:
+def parse_list_file(source: Path | BucketPath, segments: bool = False) -> list[ListEntry]:
     """The entries of one annotation file (text or CSV by extension); a ValueError names file and line."""
     text = read_text_file(source)
     entries: list[ListEntry] = []
@@ -124,7 +128,7 @@ def parse_list_file(source: Path, segments: bool = False) -> list[ListEntry]:
     return entries
 
 
-def _read_classes(path: Path) -> list[str]:
+def _read_classes(path: Path | BucketPath) -> list[str]:
     names = [n.strip() for n in read_text_file(path).splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
@@ -135,7 +139,7 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
-def read_list(root: Path, split: str, cfg: DatasetConfig) -> DatasetIndex:
+def read_list(root: Path | BucketPath, split: str, cfg: DatasetConfig) -> DatasetIndex:
     """The clips of ``split``: entries of its annotation file, present files in ``records``, absent ones
     in ``missing``; classes from ``classes.txt`` or the labels of all splits' files."""
     source = split_file(root, split, cfg)

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stage1_extract.videos.bucket import VideoBytes, clip_name, clip_source, video_input
 from stage1_extract.videos.clip_geometry import ClipGeometry
-from stage1_extract.videos.clip_paths import resolve_clip_path
-from stage1_extract.videos.datasets import ClipRecord
+from stage1_extract.videos.datasets import DEFAULT_MAX_VIDEO_MB, ClipRecord
 from stage1_extract.videos.decode_plan import PlannedReader, Unplannable, decord_may_miscopy
 from stage1_extract.videos.sampling import clip_indices
+from store.objects import is_url
+from store.schema import StoreError
 
 # decord.DECORDError is not a RuntimeError subclass; PyAV's errors are OSError/ValueError subclasses or
 # av.FFmpegError.
@@ -47,12 +49,12 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def open_container(path: str | Path) -> av.container.InputContainer:
+def open_container(path: str | Path | VideoBytes) -> av.container.InputContainer:
     """PyAV input container whose metadata may be in any encoding (undecodable bytes are dropped)."""
-    return av.open(str(path), metadata_errors="ignore")
+    return av.open(video_input(path), metadata_errors="ignore")
 
 
-def probe_video(path: str | Path) -> tuple[int, int, int]:
+def probe_video(path: str | Path | VideoBytes) -> tuple[int, int, int]:
     """(height, width, rotation) of the first video stream as displayed.
 
     The size comes from the header; the rotation (counter-clockwise degrees, 0, 90, 180 or 270, as
@@ -78,7 +80,7 @@ def probe_video(path: str | Path) -> tuple[int, int, int]:
     return (width, height, rotation) if rotation in (90, 270) else (height, width, rotation)
 
 
-def probe_frame_size(path: str | Path) -> tuple[int, int]:
+def probe_frame_size(path: str | Path | VideoBytes) -> tuple[int, int]:
     """(height, width) of the first video stream as displayed (see ``probe_video``)."""
     return probe_video(path)[:2]
 
@@ -120,10 +122,10 @@ def crop_offsets(
     raise ValueError(f"num_crops: expected 1 or 3, got {num_crops}")
 
 
-def open_video(path: str | Path, size: tuple[int, int] | None = None) -> decord.VideoReader:
+def open_video(path: str | Path | VideoBytes, size: tuple[int, int] | None = None) -> decord.VideoReader:
     """A single-threaded decord reader (DataLoader workers parallelise), resizing to ``size`` (h, w)."""
     height, width = size if size is not None else (-1, -1)
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    return decord.VideoReader(video_input(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
 
 
 def read_frames(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarray:
@@ -139,7 +141,7 @@ def read_frames(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarray:
 
 
 def read_frames_pyav(
-    path: str | Path, indices: np.ndarray, size: tuple[int, int], rotation: int = 0
+    path: str | Path | VideoBytes, indices: np.ndarray, size: tuple[int, int], rotation: int = 0
 ) -> np.ndarray:
     """Like ``read_frames`` but decoding sequentially with PyAV, resizing to ``size`` (h, w, as displayed)
     and applying the display ``rotation`` (counter-clockwise degrees, from ``probe_video``).
@@ -166,7 +168,7 @@ def read_frames_pyav(
 
 
 def decode_views(
-    path: str | Path,
+    path: str | Path | VideoBytes,
     geometry: ClipGeometry,
     *,
     train: bool = False,
@@ -181,9 +183,10 @@ def decode_views(
     Training: one random clip and (with ``geometry.train_crop == "random"``) one random crop, from ``rng``.
     Frames come from one planned PyAV pass (``decode_plan``: the same frames as decord, less decoding;
     ``threads`` decoder threads, ``hwaccel="cuda"`` for NVDEC), else from decord as before.
-    Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file.
+    Raises one of ``DECODE_ERRORS`` for a missing, empty, corrupt or truncated file. ``path`` may be a
+    video's bytes fetched from object storage (``bucket.VideoBytes``).
     """
-    if not Path(path).is_file():
+    if not isinstance(path, VideoBytes) and not Path(path).is_file():
         what = "dangling symbolic link" if Path(path).is_symlink() else "no such file"
         raise FileNotFoundError(f"{path}: {what}")
 
@@ -206,7 +209,7 @@ def decode_views(
 
 
 def planned_frames(
-    path: str | Path,
+    path: str | Path | VideoBytes,
     crop_size: int,
     index_for: Callable[[int], np.ndarray],
     threads: int = 1,
@@ -224,7 +227,9 @@ def planned_frames(
         return reader.read(index_for(len(reader)), size)
 
 
-def decord_frames(path: str | Path, crop_size: int, index_for: Callable[[int], np.ndarray]) -> np.ndarray:
+def decord_frames(
+    path: str | Path | VideoBytes, crop_size: int, index_for: Callable[[int], np.ndarray]
+) -> np.ndarray:
     """Frames ``(clips, T, h, w, 3)`` at ``index_for(num_frames)`` through decord's seeking reader."""
     height, width, rotation = probe_video(path)
     size = resized_shape(height, width, crop_size)
@@ -263,9 +268,12 @@ class VideoClipDataset(Dataset):
         seed: int = 0,
         decode_threads: int = 1,
         decode_device: str = "cpu",
+        max_video_mb: float = DEFAULT_MAX_VIDEO_MB,
     ) -> None:
         self.records = list(records)
-        self.root = None if root is None else Path(root)  # None: paths as given (e.g. on the command line)
+        # None: paths as given (e.g. on the command line); an s3:// URL: videos fetched from the bucket
+        self.root = None if root is None else root if is_url(root) else Path(root)
+        self.max_video_bytes = int(max_video_mb * 2**20)
         self.geometry = geometry
         self.train = train
         self.seed = seed
@@ -284,12 +292,14 @@ class VideoClipDataset(Dataset):
         record = self.records[index]
         item: dict[str, Any] = {"video": None, "label": record.label, "index": index, "path": record.path}
         rng = np.random.default_rng((self.seed, self.epoch, index)) if self.train else None
-        path = Path(record.path) if self.root is None else self.root / record.path
+        path = record.path if self.root is None else clip_name(self.root, record.path)
         try:
-            if self.root is not None:  # paths from annotation files: refused when they leave the root
-                path = resolve_clip_path(self.root, record.path)
+            # paths from annotation files: refused when they leave the root; fetched from a bucket root
+            source = (
+                Path(path) if self.root is None else clip_source(self.root, record.path, self.max_video_bytes)
+            )
             item["video"] = decode_views(
-                path,
+                source,
                 self.geometry,
                 train=self.train,
                 rng=rng,
@@ -299,10 +309,18 @@ class VideoClipDataset(Dataset):
                 hwaccel=self.hwaccel,
             )
             item["error"] = None
+        except StoreError:  # the bucket itself failed (endpoint, credentials): stop, a resume redoes the clip
+            raise
         except DECODE_ERRORS as e:
-            message = str(e) or repr(e)  # every message names the file (decord's and PyAV's may not)
-            item["error"] = (type(e).__name__, message if str(path) in message else f"{path}: {message}")
+            item["error"] = clip_error(e, path)
         return item
+
+
+def clip_error(e: BaseException, path: str) -> tuple[str, str]:
+    """A failed clip's recorded (type, message); every message names the file (decord's and PyAV's may
+    not)."""
+    message = str(e) or repr(e)
+    return type(e).__name__, message if path in message else f"{path}: {message}"
 
 
 def collate_clips(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

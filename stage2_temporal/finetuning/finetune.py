@@ -54,6 +54,7 @@ from stage1_extract.methods.checkpoint import (
     read_metadata,
     save_trainable_checkpoint,
 )
+from stage1_extract.videos.bucket import worker_start_method
 from stage1_extract.videos.video import VideoClipDataset, collate_clips
 from stage2_temporal.finetuning.augment import AugmentedClips, derived_seed
 from stage2_temporal.finetuning.distributed import Distributed, StepBatches, epoch_order, init_distributed
@@ -164,9 +165,12 @@ class FinetuneRun:
         self.schedule = WarmupCosine(self.optimizer, total, warmup)
         self.lr_factor = cosine_with_warmup(total, warmup)
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and ft.precision == "bf16" else None
-        clips = VideoClipDataset(plan.train.records, plan.root, plan.geometry, train=True, seed=ft.seed)
+        fetch = {"max_video_mb": plan.data.max_video_mb}  # videos under an s3:// root
+        clips = VideoClipDataset(
+            plan.train.records, plan.root, plan.geometry, train=True, seed=ft.seed, **fetch
+        )
         self.train_set = AugmentedClips(clips, ft.augment, seed=ft.seed)
-        self.val_set = VideoClipDataset(plan.val.records, plan.root, plan.geometry, train=False)
+        self.val_set = VideoClipDataset(plan.val.records, plan.root, plan.geometry, train=False, **fetch)
         self.state = FinetuneState()
         self.step_rows: list[dict[str, Any]] = []
         self.board = EpochLogger(out, enabled=False)  # TensorBoard scalars per epoch (set by ``finetune``)
@@ -245,6 +249,7 @@ class FinetuneRun:
             num_workers=ft.num_workers,
             collate_fn=collate_clips,
             pin_memory=self.device.type == "cuda",
+            multiprocessing_context=worker_start_method(self.plan.root, ft.num_workers),
         )
         micro_batches = iter(loader)
         self.trained.train()

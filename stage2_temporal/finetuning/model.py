@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from foundation.config import ConfigError
 from stage1_extract.families import family_of
 from stage1_extract.families.backbone import RANDOM_INIT_WARNING, normalise_video, pixel_stats
+from stage1_extract.videos.bucket import worker_start_method
 from stage1_extract.videos.video import VideoClipDataset, collate_clips
 from stage2_temporal.finetuning.distributed import Distributed
 from stage2_temporal.finetuning.models import AMFlowModel, ModelConfig, build_model
@@ -77,6 +78,7 @@ def evaluate_clips(
         num_workers=num_workers,
         collate_fn=collate_clips,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=worker_start_method(dataset.root, num_workers),
     )
     mean, std = pixel_stats(model.vit, device)
     was_training = model.training

@@ -29,6 +29,7 @@ from stage1_extract.videos.datasets import (
 from stage2_temporal.finetuning.augment import AugmentConfig
 from stage2_temporal.finetuning.models import ModelConfig, load_model_config, model_config_class
 from store.feature_store import MISSING, config_differences
+from store.objects import is_url
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class FinetunePlan:
     """Everything a run reads: resolved configs, the two splits' indexes, and where the videos are."""
 
     dataset: str
-    root: Path
+    root: Path | str  # a folder, or an s3:// URL (the videos and annotation files read from the bucket)
     model: ModelConfig
     data: Any  # stage1_extract.videos.datasets.DatasetConfig
     recipe: FinetuneConfig
@@ -159,7 +160,7 @@ def plan_finetune(
             f"{recipe}: aligner_loss_weight {ft.aligner_loss_weight} needs an AM-flow model with "
             "aligning_encoder: true"
         )
-    root, name = Path(root).resolve(), data_cfg.name
+    root, name = (str(root) if is_url(root) else Path(root).resolve()), data_cfg.name
     train = build_index(name, root, "train", data_cfg)
     val = build_index(name, root, resolve_val_split(name, ft.val_split), data_cfg)
     for index in (train, val):
