@@ -69,12 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--epochs", type=int, default=40, help="epochs of the heads (the demo's 40)")
     p.add_argument("--aligner-steps", type=int, default=1500, help="steps of the supervised aligners")
-    p.add_argument("--aligner-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--aligner-lr", default="1e-3", help="the supervised aligners' rate (a list with --supervised-only)"
+    )
+    p.add_argument(
+        "--supervised-only", action="store_true", help="only train the supervised aligners at each rate"
+    )
     p.add_argument("--quick", action="store_true", help="toy sizes for the test suite")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.train_per_class, args.val_per_class, args.test_per_class, args.epochs = 1, 2, 1, 1, 3
         args.aligner_steps = 3
+    args.aligner_lrs = [float(v) for v in args.aligner_lr.split(",")]
     return args
 
 
@@ -159,9 +165,13 @@ def filmed(args: argparse.Namespace, split: str, n: int, reference: str, mean, s
     return norm(videos), norm(targets), np.stack(cameras), np.stack(masks)
 
 
-def supervised_aligner(plain, args: argparse.Namespace, reference: str, overrides: list[str], counts: dict):
+def supervised_aligner(
+    plain, args: argparse.Namespace, reference: str, overrides: list[str], counts: dict, lr: float
+):
     """A copy of ``plain`` with aligning encoders (``reference``) trained against the generator's answer
-    (see the module's doc), and their ``measure_alignment`` figures on the test clips, fresh and trained."""
+    (see the module's doc), and their figures on the test clips, fresh and trained: ``measure_alignment``'s
+    and ``to_target``, each block's token distance (normed patch tokens) of frame t+1 as it is and as
+    aligned to the exact target (frame t+1 filmed with the reference frame's camera)."""
     from stage1_extract.families.backbone import pixel_stats
     from stage1_extract.methods.alignment import aligner_blocks, block_inputs, measure_alignment
     from stage2_temporal.finetuning.models import build_model, load_model_config
@@ -182,9 +192,28 @@ def supervised_aligner(plain, args: argparse.Namespace, reference: str, override
     blocks = [b for _, b in aligner_blocks(model)]
     prefix = model.num_prefix_tokens
     params = [p for b in blocks for p in b.aligner.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.aligner_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     test = filmed(args, "test", counts["test"], reference, mean, std)
-    figures = {"fresh": measure_alignment(model, test[0], test[2], test[3])}
+    with torch.no_grad():
+        test_inputs = block_inputs(model, test[0])
+        test_wanted = [
+            x.reshape(len(test[0]), T - 1, *x.shape[2:])
+            for x in block_inputs(model, test[1].flatten(0, 1)[:, None])
+        ]
+
+    def to_target() -> dict[str, dict[str, float]]:
+        out = {}
+        with torch.no_grad():
+            for (name, block), x, y in zip(aligner_blocks(model), test_inputs, test_wanted):
+                wanted = block.norm1(y[:, :, prefix:])
+                aligned = block.norm1(block.aligner(x, reference)[:, :, prefix:])
+                out[name] = {
+                    "unaligned": float((block.norm1(x[:, 1:, prefix:]) - wanted).norm(dim=-1).mean()),
+                    "aligned": float((aligned - wanted).norm(dim=-1).mean()),
+                }
+        return out
+
+    figures = {"fresh": measure_alignment(model, test[0], test[2], test[3]), "fresh_to_target": to_target()}
     generator = torch.Generator().manual_seed(0)
     for _ in range(args.aligner_steps):
         batch = torch.randint(0, B, (16,), generator=generator)
@@ -196,7 +225,33 @@ def supervised_aligner(plain, args: argparse.Namespace, reference: str, override
         loss.backward()
         optimizer.step()
     figures["trained"] = measure_alignment(model, test[0], test[2], test[3])
+    figures["trained_to_target"] = to_target()
     return model.eval(), figures
+
+
+def supervised_only(args: argparse.Namespace, plain, overrides: list[str], counts: dict) -> dict:
+    """``--supervised-only``: the supervised aligners at every ``--aligner-lr``, both references; their
+    token distances to the exact target on the test clips (no heads trained)."""
+    lines = [f"| supervised aligner ({args.aligner_steps} steps, AdamW) | lr | block | to the exact target: "
+             "unaligned | trained aligner |", "|---|---:|---|---:|---:|"]  # fmt: skip
+    rows = []
+    for reference in ("previous", "first"):
+        for lr in args.aligner_lrs:
+            started = time.perf_counter()
+            _, figures = supervised_aligner(plain, args, reference, overrides, counts, lr)
+            for block, f in figures["trained_to_target"].items():
+                rows.append({"reference": reference, "lr": lr, "block": block, **f})
+                cells = f"{f['unaligned']:.3f} | {f['aligned']:.3f}"
+                lines.append(f"| {reference} | {lr:g} | {block} | {cells} |")
+            print(lines[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
+    table = "\n".join(lines)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "aligner_supervised.md").write_text(table + "\n")
+    (args.results / "aligner_supervised.json").write_text(
+        json.dumps({"rows": rows, "steps": args.aligner_steps})
+    )
+    print(table)
+    return {"rows": rows}
 
 
 def cached(model, flow: np.ndarray, labels: np.ndarray, source: str):
@@ -241,11 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
     with deterministic_torch(1), tempfile.TemporaryDirectory() as tmp:
         plain = build_model(load_model_config(MODEL, overrides)).eval()
         counts = {"train": args.train_per_class, "val": args.val_per_class, "test": args.test_per_class}
+        if args.supervised_only:
+            return supervised_only(args, plain, overrides, counts)
         for condition in CONDITIONS:
             model, source = plain, condition
             if condition in SUPERVISED:
                 model, alignment[condition] = supervised_aligner(
-                    plain, args, SUPERVISED[condition], overrides, counts
+                    plain, args, SUPERVISED[condition], overrides, counts, args.aligner_lrs[0]
                 )
                 source = "panning, raw"  # the panning clips as they are, through the trained aligners
             data = {

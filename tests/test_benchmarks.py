@@ -75,6 +75,23 @@ def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
     assert all(np.sum(m) == 4 for m in data["confusion"].values())  # 1 test clip per class, 1 seed
     fresh = [row for states in data["alignment"].values() for row in states["fresh"].values()]
     assert len(fresh) == 4 and all(r["aligned"] == r["before"] for r in fresh)  # the identity start
+    run(
+        "aligner_oracle.py",
+        "--quick",
+        "--supervised-only",
+        "--aligner-lr",
+        "1e-3,1e-2",
+        "--results",
+        str(tmp_path),
+    )
+    rows = json.loads((tmp_path / "aligner_supervised.json").read_text())["rows"]
+    assert [(r["reference"], r["lr"]) for r in rows[::2]] == [
+        ("previous", 1e-3),
+        ("previous", 1e-2),
+        ("first", 1e-3),
+        ("first", 1e-2),
+    ]
+    assert all(r["unaligned"] > 0 and r["aligned"] > 0 for r in rows)
     assert (tmp_path / "aligner_oracle.md").read_text().strip() in out
 
 
