@@ -18,7 +18,6 @@ Against a local S3 server (``moto_server -H 127.0.0.1 -p 5000`` and ``AWS_ENDPOI
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from foundation.atomic import fsync_file
 from store import BackgroundCommits, FeatureDataset, FeatureStore, ShardOrderedSampler, is_store, load_arrays
 from store.objects import is_url
 
@@ -52,14 +52,6 @@ def parse_args() -> argparse.Namespace:
         "--store-url", default=None, help="also run the store on object storage (s3://BUCKET/PREFIX)"
     )
     return p.parse_args()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def interleaved(
@@ -130,11 +122,12 @@ def main() -> None:
                     commits.close(w)
             return time.perf_counter() - t
 
-        def numpy_write() -> None:
+        def numpy_write() -> None:  # as durable as a commit: the files, then the folder (their names)
             for path, arr in ((emb_npy, emb), (cls_npy, cls)):
                 path.unlink(missing_ok=True)
                 np.save(path, arr)
                 fsync_file(path)
+            fsync_file(scratch)
 
         write = interleaved(store_write, numpy_write, args.repeats)
         store_create = statistics.median(create_seconds)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from foundation.atomic import fsync_path
-from store.fastio import is_raw, raw_chunk_bytes, read_shard, write_raw_chunk
+from foundation.atomic import fsync_file, fsync_folders, fsync_path, rename_into_place
+from store.fastio import is_raw, raw_chunk_bytes, read_shard, stage_raw_chunk
 from store.objects import ObjectLease
 from store.schema import (
     LOCK_DIR,
@@ -70,9 +70,10 @@ def _acquire_shard_lock(store: FeatureStore, shard: int) -> FileLock | ObjectLea
 class ShardWriter:
     """Owns one shard: ``put``/``fail`` buffer clips in memory, ``commit`` writes them crash-safely.
 
-    Commit order: the shard's data files (whole-shard rewrite, atomic rename by Zarr's LocalStore, then
-    fsync), the failure texts, and only then the shard's status chunk (atomic rename, fsync). A process
-    killed at any point leaves every clip marked done with its data on disk. ``commit_every=k`` commits
+    Commit order: the shard's data files (whole-shard rewrite: written and fsync'd under temp names,
+    renamed, folders fsync'd), the failure texts, and only then the shard's status chunk (its temp file
+    written and fsync'd beside the data's, renamed last, folder fsync'd). A process killed at any point,
+    or a power loss, leaves every clip marked done with its data on disk. ``commit_every=k`` commits
     after every k clips so a long shard keeps its work; each commit rewrites the shard (cost ~ shard size).
     Leaving the ``with`` block commits what is buffered, also when an exception ends it.
     """
@@ -94,6 +95,9 @@ class ShardWriter:
             self._remove_partial_files()
             self._status = np.asarray(store.array("status")[self.start : self.stop], dtype=np.int8).copy()
             self._committed_status = self._status.copy()
+            # Rows no clip was put into yet: NaN-filled at commit, a pass over the buffer less than filling
+            # a new shard's buffer first (a shard that every clip is put into is never filled).
+            self._unwritten = np.full(len(self._status), not (self._status == STATUS_DONE).any())
             self._data = {name: self._load_data(name) for name in store.data_arrays}
             self._types, self._messages = self._load_texts()
             self._committed_texts = (self._types.copy(), self._messages.copy())
@@ -128,12 +132,12 @@ class ShardWriter:
                     Path(entry.path).unlink(missing_ok=True)
 
     def _load_data(self, name: str) -> np.ndarray:
-        """The shard's done clips (resume) and NaN elsewhere, also over rows of an interrupted commit."""
+        """The shard's done clips (resume) and NaN elsewhere, also over rows of an interrupted commit;
+        unfilled (``_unwritten``) when no clip is done."""
         arr = self.store.array(name)
-        done = self._status == STATUS_DONE
-        if not done.any():
-            return fill_nan(np.empty((self.stop - self.start, *arr.shape[1:]), dtype=arr.dtype))
-        return fill_nan(read_shard(self.store, name, self.shard), ~done)
+        if self._unwritten.all():
+            return np.empty((self.stop - self.start, *arr.shape[1:]), dtype=arr.dtype)
+        return fill_nan(read_shard(self.store, name, self.shard), self._status != STATUS_DONE)
 
     def _load_texts(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.stop - self.start
@@ -189,12 +193,14 @@ class ShardWriter:
                         fill_nan(self._data[n], k)
                     else:
                         self._data[n][k] = before[n]
+                self._unwritten[k] = False
                 raise NonFiniteFeaturesError(
                     f"{self.store.path}: clip {index} ({self.store.clip_ids[index]!s}): {name} has {bad} "
                     f"non-finite value(s) in {self._dtype} (NaN/inf, or beyond the dtype's range); "
                     "record it with fail()"
                 )
         self._status[k] = STATUS_DONE
+        self._unwritten[k] = False
         self._types[k] = ""
         self._messages[k] = ""
         self._data_dirty = True
@@ -239,17 +245,29 @@ class ShardWriter:
             self._uncommitted = 0
             return 0
         self._lock.check()
-        if self._data_dirty:  # the arrays' files are written and fsync'd concurrently (both release the GIL)
-            with ThreadPoolExecutor(max_workers=len(self._data)) as pool:
-                list(pool.map(self._write_and_sync, self._data))
-        # Clips going failed -> done keep their old failure text until their status says done.
-        revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
-        types = np.where(revived, self._committed_texts[0], self._types)
-        messages = np.where(revived, self._committed_texts[1], self._messages)
-        self._write_texts(types, messages)
-        self._lock.check()  # a writer that lost its lease must not mark clips done
-        self._write("status", self._status)
-        self._sync("status")
+        if self._unwritten.any():  # rows never put read as NaN (filled now, not when the shard opened)
+            for buf in self._data.values():
+                fill_nan(buf, self._unwritten)
+            self._unwritten[:] = False
+        staged = self._stage_status()
+        try:
+            if self._data_dirty:
+                self._write_data()
+            # Clips going failed -> done keep their old failure text until their status says done.
+            revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
+            types = np.where(revived, self._committed_texts[0], self._types)
+            messages = np.where(revived, self._committed_texts[1], self._messages)
+            self._write_texts(types, messages)
+            self._lock.check()  # a writer that lost its lease must not mark clips done
+            if staged is None:
+                self._write("status", self._status)
+                self._sync("status")
+            else:
+                rename_into_place(self.store.chunk_file("status", self.shard))
+                self._sync_folders("status")
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
         if revived.any():
             self._write_texts(self._types, self._messages)
         self._committed_status = self._status.copy()
@@ -257,21 +275,51 @@ class ShardWriter:
         self._data_dirty = False
         return changed
 
-    def _write_and_sync(self, name: str) -> None:
-        self._write(name, self._data[name])
-        self._sync(name)
+    def _stage_status(self) -> Path | None:
+        """A folder store's status file, written and fsync'd under its temp name (renamed last, after the
+        data: only the rename makes it count), so its fsync is not one more wait after the data's."""
+        arr = self.store.array("status")
+        if self.store.objects is not None or not is_raw(arr):
+            return None
+        return stage_raw_chunk(
+            self.store.chunk_file("status", self.shard), self._status, self.store.shard_clips, 0, self.durable
+        )
 
-    def _write(self, name: str, buf: np.ndarray) -> None:
-        """Writes the shard's rows of an array: one plain write for a raw chunk file, else through Zarr."""
+    def _write_data(self) -> None:
+        """Every data array's shard file, concurrently (writes, fsyncs and PUTs release the GIL). In a
+        folder: each file is written and fsync'd under its temp name, renamed onto its chunk, and then
+        the folders are fsync'd (the renames), so the data is durable before the status rename."""
+        local = self.store.objects is None
+        names = list(self._data)
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            staged = list(pool.map(lambda n: self._write(n, self._data[n]), names))
+            try:
+                for name, tmp in zip(names, staged, strict=True):
+                    if tmp is not None:
+                        rename_into_place(self.store.chunk_file(name, self.shard))
+            finally:
+                for tmp in staged:
+                    if tmp is not None:
+                        tmp.unlink(missing_ok=True)
+            if local:
+                list(pool.map(self._sync_folders, names))
+
+    def _write(self, name: str, buf: np.ndarray) -> Path | None:
+        """Writes the shard's rows of an array. A raw chunk file in a folder is written (and fsync'd when
+        durable) under its temp name, which is returned for the caller to rename; on object storage one
+        PUT; any other array through Zarr (which renames its own temp file), then fsync'd."""
         arr = self.store.array(name)
         if is_raw(arr) and self.store.objects is not None:  # one PUT: the object appears whole or not at all
             chunk = raw_chunk_bytes(buf, self.store.shard_clips, arr.fill_value)
             self.store.objects.put(self.store.chunk_key(name, self.shard), memoryview(chunk).cast("B"))
         elif is_raw(arr):
-            chunk_rows = self.store.shard_clips
-            write_raw_chunk(self.store.chunk_file(name, self.shard), buf, chunk_rows, arr.fill_value, False)
+            chunk = self.store.chunk_file(name, self.shard)
+            return stage_raw_chunk(chunk, buf, self.store.shard_clips, arr.fill_value, self.durable)
         else:
             arr[self.start : self.stop] = buf
+            if self.durable and self.store.objects is None:
+                fsync_file(self.store.chunk_file(name, self.shard))
+        return None
 
     def _write_texts(self, types: np.ndarray, messages: np.ndarray) -> None:
         sl = slice(self.start, self.stop)
@@ -285,12 +333,18 @@ class ShardWriter:
         self._committed_texts = (types.copy(), messages.copy())
 
     def _sync(self, name: str) -> None:
-        """fsyncs the shard file and its folder (the rename); the first time also the folders above it."""
+        """fsyncs the shard file, then its folder (the rename; see ``_sync_folders``)."""
         if self.durable and self.store.objects is None:  # an object store's PUT is durable when it returns
-            first = name not in self._synced
+            fsync_path(self.store.chunk_file(name, self.shard))
+            self._sync_folders(name)
+
+    def _sync_folders(self, name: str) -> None:
+        """fsyncs the folder of the shard file (its rename); the first time also the folders up to the
+        array's (stores with nested chunk keys create folders)."""
+        if self.durable and self.store.objects is None:
+            folder = self.store.chunk_file(name, self.shard).parent
+            fsync_folders(folder, folder if name in self._synced else self.store.path / name)
             self._synced.add(name)
-            chunk = self.store.chunk_file(name, self.shard)
-            fsync_path(chunk, up_to=self.store.path / name if first else chunk.parent)
 
     # ------------------------------------------------------------------ lifetime
     def _release(self) -> None:
