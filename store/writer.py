@@ -93,7 +93,7 @@ class ShardWriter:
         self._lock: FileLock | ObjectLease | None = _acquire_shard_lock(store, shard)
         try:
             self._remove_partial_files()
-            self._status = np.asarray(store.array("status")[self.start : self.stop], dtype=np.int8).copy()
+            self._status = read_shard(store, "status", shard).astype(np.int8, copy=False)
             self._committed_status = self._status.copy()
             # Rows no clip was put into yet: NaN-filled at commit, a pass over the buffer less than filling
             # a new shard's buffer first (a shard that every clip is put into is never filled).
@@ -375,20 +375,23 @@ class ShardWriter:
 
 
 class BackgroundCommits:
-    """Closes (commits) shard writers on one background thread, so the next shard's clips are computed
-    while the last shard's files are written and fsync'd. The order inside a commit is unchanged (data,
-    then status), so a crash still leaves every clip marked done with its data on disk.
+    """Closes (commits) shard writers on background threads, so the next shard's clips are computed while
+    the last shards' files are written and fsync'd. The order inside a commit is unchanged (data, then
+    status), so a crash still leaves every clip marked done with its data on disk; different shards'
+    commits touch different files and may run at once.
 
     ``close(writer)`` first waits while ``max_pending`` writers are still committing (each holds its
     shard's buffers in memory) and re-raises their errors; ``wait()`` waits for all. Leaving the ``with``
     block waits for every commit (and re-raises a failure unless another exception is already on its way);
     ``shutdown()`` lets them finish without raising.
-    Measured with ``benchmarks/store_throughput.py``: writes ~1.5x faster than closing in line.
+    Measured with ``benchmarks/store_throughput.py``: writes ~1.5x faster than closing in line; two commits
+    at once overlap one's fsyncs with the other's writes (on a loaded 2-core machine 255 against 363 ms
+    for 152 MB in 8 shards, ``np.save`` 179 ms).
     """
 
-    def __init__(self, max_pending: int = 1) -> None:
+    def __init__(self, max_pending: int = 2) -> None:
         self.max_pending = max(1, max_pending)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
+        self._pool = ThreadPoolExecutor(max_workers=self.max_pending, thread_name_prefix="shard-commit")
         self._pending: deque[Future[None]] = deque()
 
     def close(self, writer: ShardWriter) -> None:
