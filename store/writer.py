@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from foundation.atomic import fsync_file, fsync_folders, fsync_path, rename_into_place
+from foundation.atomic import fsync_file, fsync_folders, fsync_path, rename_into_place, temp_path
 from store.fastio import is_raw, raw_chunk_bytes, read_shard, stage_raw_chunk
 from store.objects import ObjectLease
 from store.schema import (
@@ -249,25 +249,29 @@ class ShardWriter:
             for buf in self._data.values():
                 fill_nan(buf, self._unwritten)
             self._unwritten[:] = False
-        staged = self._stage_status()
+        data = list(self._data) if self._data_dirty else []
+        local = self.store.objects is None
+        # In a folder the status file is written and fsync'd with the data's, under its temp name: only its
+        # rename, last, makes it count.
+        early = [*data, "status"] if local and is_raw(self.store.array("status")) else data
         try:
-            if self._data_dirty:
-                self._write_data()
+            self._write_data(data, early)
             # Clips going failed -> done keep their old failure text until their status says done.
             revived = (self._committed_status == STATUS_FAILED) & (self._status == STATUS_DONE)
             types = np.where(revived, self._committed_texts[0], self._types)
             messages = np.where(revived, self._committed_texts[1], self._messages)
             self._write_texts(types, messages)
             self._lock.check()  # a writer that lost its lease must not mark clips done
-            if staged is None:
-                self._write("status", self._status)
-                self._sync("status")
-            else:
+            if "status" in early:
                 rename_into_place(self.store.chunk_file("status", self.shard))
                 self._sync_folders("status")
+            else:
+                self._write("status", self._status)
+                self._sync("status")
         finally:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+            if local:  # temp files of a failed commit
+                for name in early:
+                    temp_path(self.store.chunk_file(name, self.shard)).unlink(missing_ok=True)
         if revived.any():
             self._write_texts(self._types, self._messages)
         self._committed_status = self._status.copy()
@@ -275,34 +279,21 @@ class ShardWriter:
         self._data_dirty = False
         return changed
 
-    def _stage_status(self) -> Path | None:
-        """A folder store's status file, written and fsync'd under its temp name (renamed last, after the
-        data: only the rename makes it count), so its fsync is not one more wait after the data's."""
-        arr = self.store.array("status")
-        if self.store.objects is not None or not is_raw(arr):
-            return None
-        return stage_raw_chunk(
-            self.store.chunk_file("status", self.shard), self._status, self.store.shard_clips, 0, self.durable
-        )
-
-    def _write_data(self) -> None:
-        """Every data array's shard file, concurrently (writes, fsyncs and PUTs release the GIL). In a
-        folder: each file is written and fsync'd under its temp name, renamed onto its chunk, and then
-        the folders are fsync'd (the renames), so the data is durable before the status rename."""
-        local = self.store.objects is None
-        names = list(self._data)
-        with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            staged = list(pool.map(lambda n: self._write(n, self._data[n]), names))
-            try:
-                for name, tmp in zip(names, staged, strict=True):
-                    if tmp is not None:
+    def _write_data(self, data: list[str], early: list[str]) -> None:
+        """Writes the files of ``early`` (the data arrays ``data``, and in a folder the status file)
+        concurrently: writes, fsyncs and PUTs release the GIL. In a folder each raw file is written and
+        fsync'd under its temp name; then the data files are renamed onto their chunks and their folders
+        fsync'd, so the data is durable before the status is renamed."""
+        if not early:
+            return
+        with ThreadPoolExecutor(max_workers=len(early)) as pool:
+            buffers = {**self._data, "status": self._status}
+            staged = dict(zip(early, pool.map(lambda n: self._write(n, buffers[n]), early), strict=True))
+            if self.store.objects is None and data:
+                for name in data:
+                    if staged[name] is not None:
                         rename_into_place(self.store.chunk_file(name, self.shard))
-            finally:
-                for tmp in staged:
-                    if tmp is not None:
-                        tmp.unlink(missing_ok=True)
-            if local:
-                list(pool.map(self._sync_folders, names))
+                list(pool.map(self._sync_folders, data))
 
     def _write(self, name: str, buf: np.ndarray) -> Path | None:
         """Writes the shard's rows of an array. A raw chunk file in a folder is written (and fsync'd when
