@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from foundation.atomic import fsync_file, fsync_folders, fsync_path, rename_into_place, temp_path
 from store.fastio import is_raw, raw_chunk_bytes, read_shard, stage_raw_chunk
@@ -57,6 +58,17 @@ class FileLock:
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _cast_into(row: np.ndarray, value: np.ndarray) -> None:
+    """``row[...] = value`` cast to the row's dtype; float32 -> float16 with torch's vectorised cast (bit for
+    bit numpy's, overflows to inf included; 8 against 237 µs for a ViT-B AM/12 clip's embeddings here)."""
+    fast = value.dtype == np.float32 and row.dtype == np.float16 and value.dtype.isnative
+    if fast and value.flags.writeable and min(value.strides, default=0) >= 0:  # what torch.from_numpy takes
+        torch.from_numpy(row).copy_(torch.from_numpy(value))
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(row, value, casting="unsafe")
 
 
 def _acquire_shard_lock(store: FeatureStore, shard: int) -> FileLock | ObjectLease:
@@ -184,8 +196,7 @@ class ShardWriter:
         before = {n: self._data[n][k].copy() for n in values} if self._status[k] == STATUS_DONE else None
         for name, value in values.items():
             row = self._data[name][k]
-            with np.errstate(over="ignore", invalid="ignore"):
-                np.copyto(row, value, casting="unsafe")
+            _cast_into(row, value)
             if has_nonfinite(row):
                 bad = int(nonfinite_mask(row).sum())
                 for n in values:

@@ -91,3 +91,25 @@ def test_rejected_put_leaves_the_buffered_clip_as_it_was(tmp_path):
                 raise AssertionError("a float16 overflow must be rejected")
     np.testing.assert_array_equal(st.read_clip(0)["embeddings"], data(0)["embeddings"].astype(np.float16))
     assert np.isnan(st.read_clip(1)["embeddings"]).all() and list(st.status()) == [1, 0, 0, 0]
+
+
+def test_put_casts_float32_to_float16_as_numpy_does(tmp_path):
+    """put casts float32 with torch (fast path) and anything else with numpy: the stored bits are numpy's
+    ``astype`` either way, at float16's edges (ties, subnormals, the largest finite values) too."""
+    st = make(tmp_path / "s.zarr", 4)
+    edges = [65519.0, -65504.0, 65505.0, 1 + 2**-11, 1 + 3 * 2**-11, 2.0**-24, 1.5 * 2**-24, 2.0**-26, -0.0]
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(120) * 2.0 ** rng.integers(-26, 15, 120)).astype(np.float32)
+    values[: len(edges)] = edges
+    emb = values.reshape(5, 2, 3, 4)
+    cls = rng.standard_normal((2, 6)).astype(np.float32)
+    read_only = emb.copy()
+    read_only.flags.writeable = False
+    # torch's cast; numpy's for negative strides, a read-only array and float64
+    inputs = [emb, emb[..., ::-1].copy()[..., ::-1], read_only, emb.astype(np.float64)]
+    with st.shard_writer(0) as w:
+        for i, e in enumerate(inputs):
+            w.put(i, embeddings=e, cls=cls)
+    stored = load_arrays(st, progress=False).embeddings
+    for i in range(4):
+        assert stored[i].tobytes() == emb.astype(np.float16).tobytes(), i
