@@ -113,3 +113,19 @@ def test_put_casts_float32_to_float16_as_numpy_does(tmp_path):
     stored = load_arrays(st, progress=False).embeddings
     for i in range(4):
         assert stored[i].tobytes() == emb.astype(np.float16).tobytes(), i
+
+
+def test_a_reused_shard_buffer_writes_nan_where_no_clip_was_put(tmp_path):
+    """The next writer reuses a closed writer's buffers (``SpareBuffers``): rows of clips it was not given
+    must still be written as NaN, not as the last shard's values."""
+    st = make(tmp_path / "s.zarr", 8)
+    with st.shard_writer(0) as w:
+        for i in range(4):
+            w.put(i, **data(i))
+    with st.shard_writer(1) as w:
+        w.put(5, **data(5))
+        w.fail(6, "DecodeError", "cannot decode")
+    rows = read_shard(st, "embeddings", 1)
+    np.testing.assert_array_equal(rows[1], data(5)["embeddings"].astype(np.float16))
+    assert np.isnan(rows[[0, 2, 3]]).all() and list(st.status()[4:]) == [0, 1, 2, 0]
+    np.testing.assert_array_equal(read_shard(st, "cls", 0)[3], data(3)["cls"].astype(np.float16))
