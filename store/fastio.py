@@ -145,11 +145,11 @@ def read_raw_object(
     return out
 
 
-def stage_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float, durable: bool) -> Path:
+def stage_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float) -> Path:
     """Writes ``data`` (the first rows of a chunk of ``chunk_rows`` rows; the rest is ``fill_value``, as
-    Zarr pads an edge chunk) as a raw chunk file under the temp name beside ``path`` (one write, fsync'd
-    when ``durable``) and returns that name: the caller renames it onto ``path`` when the commit order
-    says so (``ShardWriter.commit``). A failed write removes the temp file."""
+    Zarr pads an edge chunk) as a raw chunk file under the temp name beside ``path`` (one write) and
+    returns that name: the caller fsyncs it and renames it onto ``path`` when the commit order says so
+    (``ShardWriter.commit``). A failed write removes the temp file."""
     data = np.ascontiguousarray(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -160,8 +160,6 @@ def stage_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: f
             if len(data) < chunk_rows:
                 pad = _fill(np.empty((chunk_rows - len(data), *data.shape[1:]), dtype=data.dtype), fill_value)
                 _write_all(fd, memoryview(pad).cast("B"))
-            if durable:
-                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:

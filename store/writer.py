@@ -302,36 +302,40 @@ class ShardWriter:
         return changed
 
     def _write_data(self, data: list[str], early: list[str]) -> None:
-        """Writes the files of ``early`` (the data arrays ``data``, and in a folder the status file)
-        concurrently: writes, fsyncs and PUTs release the GIL. In a folder each raw file is written and
-        fsync'd under its temp name; then the data files are renamed onto their chunks and their folders
-        fsync'd, so the data is durable before the status is renamed."""
+        """Writes the files of ``early`` (the data arrays ``data``, and in a folder the status file). In a
+        folder: every file written under its temp name, then all fsync'd at once (an fsync while a big
+        write runs stalls the write on the file system's journal), the data files renamed onto their
+        chunks and their folders fsync'd, so the data is durable before the status is renamed. On object
+        storage: one PUT per array, concurrently."""
         if not early:
             return
+        buffers = {**self._data, "status": self._status}
         with ThreadPoolExecutor(max_workers=len(early)) as pool:
-            buffers = {**self._data, "status": self._status}
-            staged = dict(zip(early, pool.map(lambda n: self._write(n, buffers[n]), early), strict=True))
-            if self.store.objects is None and data:
-                for name in data:
-                    if staged[name] is not None:
-                        rename_into_place(self.store.chunk_file(name, self.shard))
-                list(pool.map(self._sync_folders, data))
+            if self.store.objects is not None:
+                list(pool.map(lambda n: self._write(n, buffers[n]), early))
+                return
+            staged = {n: self._write(n, buffers[n]) for n in early}
+            if self.durable:
+                files = [staged[n] or self.store.chunk_file(n, self.shard) for n in early]
+                list(pool.map(fsync_file, files))
+            for name in data:
+                if staged[name] is not None:
+                    rename_into_place(self.store.chunk_file(name, self.shard))
+            list(pool.map(self._sync_folders, data))
 
     def _write(self, name: str, buf: np.ndarray) -> Path | None:
-        """Writes the shard's rows of an array. A raw chunk file in a folder is written (and fsync'd when
-        durable) under its temp name, which is returned for the caller to rename; on object storage one
-        PUT; any other array through Zarr (which renames its own temp file), then fsync'd."""
+        """Writes the shard's rows of an array: in a folder a raw chunk file under its temp name (returned,
+        for the caller to fsync and rename), any other array through Zarr (which renames its own temp
+        file); on object storage one PUT (an object appears whole or not at all)."""
         arr = self.store.array(name)
-        if is_raw(arr) and self.store.objects is not None:  # one PUT: the object appears whole or not at all
+        if is_raw(arr) and self.store.objects is not None:
             chunk = raw_chunk_bytes(buf, self.store.shard_clips, arr.fill_value)
             self.store.objects.put(self.store.chunk_key(name, self.shard), memoryview(chunk).cast("B"))
         elif is_raw(arr):
             chunk = self.store.chunk_file(name, self.shard)
-            return stage_raw_chunk(chunk, buf, self.store.shard_clips, arr.fill_value, self.durable)
+            return stage_raw_chunk(chunk, buf, self.store.shard_clips, arr.fill_value)
         else:
             arr[self.start : self.stop] = buf
-            if self.durable and self.store.objects is None:
-                fsync_file(self.store.chunk_file(name, self.shard))
         return None
 
     def _write_texts(self, types: np.ndarray, messages: np.ndarray) -> None:

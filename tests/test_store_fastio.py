@@ -129,3 +129,40 @@ def test_a_reused_shard_buffer_writes_nan_where_no_clip_was_put(tmp_path):
     np.testing.assert_array_equal(rows[1], data(5)["embeddings"].astype(np.float16))
     assert np.isnan(rows[[0, 2, 3]]).all() and list(st.status()[4:]) == [0, 1, 2, 0]
     np.testing.assert_array_equal(read_shard(st, "cls", 0)[3], data(3)["cls"].astype(np.float16))
+
+
+def test_a_commit_makes_the_data_durable_before_the_status_counts(tmp_path, monkeypatch):
+    """The power-loss order of store/SCHEMA.md, from the fsyncs and renames a commit makes: every file
+    fsync'd under its temp name before its rename; the data files' folders fsync'd after their renames
+    and before the status file's rename; the status folder fsync'd after it."""
+    import os
+
+    st = make(tmp_path / "s.zarr", 4)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    with st.shard_writer(0) as w:
+        for i in range(4):
+            w.put(i, **data(i))
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.undo()
+
+    def at(kind: str, path: Path) -> int:
+        return events.index((kind, str(path)))
+
+    status = st.chunk_file("status", 0)
+    for name in ("embeddings", "cls", "status"):
+        chunk = st.chunk_file(name, 0)
+        temp = chunk.with_name(f".{chunk.name}.{os.getpid()}.partial")
+        assert at("fsync", temp) < at("rename", chunk) < at("fsync", chunk.parent), name
+        if name != "status":
+            assert at("fsync", chunk.parent) < at("rename", status), name
