@@ -58,7 +58,9 @@ def interleaved(
     store_fn: Callable[[], float | None], numpy_fn: Callable[[], object], repeats: int
 ) -> tuple[float, float, float]:
     """Median store seconds, median numpy seconds and median per-repeat ratio, the two runs alternating
-    so that both see the same machine load."""
+    so that both see the same machine load, after one untimed run of each (on a VM, memory the guest
+    has not touched before is slow to fault in: ~180 MB/s here)."""
+    store_fn(), numpy_fn()
     ts, tn = [], []
     for _ in range(repeats):
         for fn, out in ((store_fn, ts), (numpy_fn, tn)):
