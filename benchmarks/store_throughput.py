@@ -1,5 +1,9 @@
 """Write and read throughput of the feature store against numpy.save / np.load of the same bytes.
 
+Writes are equally durable on both sides: the store's shard commits (data, then status, each made durable
+in order) against ``np.save`` of the two arrays, each file fsync'd, then the folder (the new names); each
+side deletes its last output outside the timing, and each pattern runs once untimed on each side first.
+
 Read patterns are stage 2's: the whole store into memory (``load_arrays`` vs ``np.load``), and
 shard-ordered random batches read out of core (``FeatureDataset(in_memory=False)`` + ``ShardOrderedSampler``
 vs fancy-indexing an ``np.load(mmap_mode="r")`` array in the same order). Files are fresh, so reads
@@ -126,8 +130,7 @@ def main() -> None:
 
         def numpy_write() -> float:
             # The last repeat's files are deleted outside the timing, as the store's (whose creation's
-            # fsyncs make the deletion durable: here the folder's fsync); the write is then as durable
-            # as a commit: each file fsync'd, then the folder (their names).
+            # fsyncs make the deletion durable; here the folder's fsync).
             for path in (emb_npy, cls_npy):
                 path.unlink(missing_ok=True)
             fsync_file(scratch)
