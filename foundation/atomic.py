@@ -24,10 +24,20 @@ def fsync_path(path: Path, up_to: Path | None = None) -> None:
             break
         parent = parent.parent
     for p in targets:
-        _fsync(p)
+        fsync_file(p)
 
 
-def _fsync(path: Path) -> None:
+def fsync_folders(folder: Path, up_to: Path) -> None:
+    """fsyncs ``folder`` and its parents up to ``up_to`` (inside it or equal): the names created in them."""
+    while True:
+        fsync_file(folder)
+        if folder == up_to or folder == folder.parent:
+            return
+        folder = folder.parent
+
+
+def fsync_file(path: Path) -> None:
+    """fsyncs one file (its contents) or folder (the names in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -43,6 +53,17 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath) / ".")
 
 
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name beside ``path`` that this process writes before renaming onto ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def rename_into_place(path: Path) -> None:
+    """Renames this process's temp file of ``path`` onto ``path`` (atomic): ``atomic_path``'s last step, for
+    a writer that makes several temp files durable first and renames them in an order of its own."""
+    os.replace(temp_path(path), path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` for any writer that takes a path (``torch.save``,
@@ -53,14 +74,14 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = temp_path(path)
     try:
         yield tmp
         if durable:
-            _fsync(tmp)
-        os.replace(tmp, path)
+            fsync_file(tmp)
+        rename_into_place(path)
         if durable:
-            _fsync(path.parent)
+            fsync_file(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

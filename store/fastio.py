@@ -6,7 +6,8 @@ through Zarr's async codec pipeline costs a thread hop, a buffer copy and per-ca
 shard (whole-store reads ran at 0.06-0.4x ``np.load`` on the same bytes); reading the file with
 ``readinto`` straight into the caller's array, and writing it with one ``write`` of the buffer, does what
 ``np.load``/``np.save`` do. The file written here is byte for byte what Zarr writes (a test reads it back
-through Zarr), with the same atomic temp-file-then-rename. Compressed or sharded arrays go through Zarr.
+through Zarr), under a temp name that the writer renames onto the chunk (atomic, as Zarr's own writes).
+Compressed or sharded arrays go through Zarr.
 On object storage (``store.objects``) a raw shard is one object, read with one GET straight into the array.
 """
 
@@ -23,7 +24,7 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.buffer.cpu import NDBuffer
 
-from foundation.atomic import atomic_path
+from foundation.atomic import temp_path
 from store.schema import fill_nan
 
 _NATIVE = sys.byteorder  # "little" on every platform numpy ships wheels for
@@ -144,21 +145,27 @@ def read_raw_object(
     return out
 
 
-def write_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float, durable: bool) -> None:
+def stage_raw_chunk(path: Path, data: np.ndarray, chunk_rows: int, fill_value: float) -> Path:
     """Writes ``data`` (the first rows of a chunk of ``chunk_rows`` rows; the rest is ``fill_value``, as
-    Zarr pads an edge chunk) as a raw chunk file: temp file, one write, optional fsync, atomic rename."""
+    Zarr pads an edge chunk) as a raw chunk file under the temp name beside ``path`` (one write) and
+    returns that name: the caller fsyncs it and renames it onto ``path`` when the commit order says so
+    (``ShardWriter.commit``). A failed write removes the temp file."""
     data = np.ascontiguousarray(data)
-    with atomic_path(path, durable=False) as tmp:  # the caller fsyncs the folder once per commit
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, memoryview(data).cast("B"))
             if len(data) < chunk_rows:
                 pad = _fill(np.empty((chunk_rows - len(data), *data.shape[1:]), dtype=data.dtype), fill_value)
                 _write_all(fd, memoryview(pad).cast("B"))
-            if durable:
-                os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def raw_chunk_bytes(data: np.ndarray, chunk_rows: int, fill_value: float) -> np.ndarray:

@@ -63,7 +63,7 @@ from store.schema import (
 )
 from store.schema import NonFiniteFeaturesError as NonFiniteFeaturesError
 from store.schema import nonfinite_mask as nonfinite_mask
-from store.writer import ShardWriter
+from store.writer import ShardWriter, SpareBuffers
 
 if TYPE_CHECKING:
     import dask.array
@@ -99,6 +99,7 @@ class FeatureStore:
         self._labels: np.ndarray | None = None
         self._id_order: np.ndarray | None = None
         self._sorted_keys: np.ndarray | None = None
+        self.spare_buffers = SpareBuffers()  # closed shard writers' buffers, for the next writers
 
     def _check_clip_count(self) -> None:
         """The layout's clip count must be the status array's: an edited or damaged ``zarr.json`` cannot

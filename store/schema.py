@@ -46,10 +46,13 @@ def nonfinite_mask(values: np.ndarray) -> np.ndarray:
 
 def has_nonfinite(values: np.ndarray) -> bool:
     """Whether any entry is NaN/inf; for float16 one masked maximum of the bits (no boolean array):
-    a value is non-finite when its bits without the sign are at least inf's, 0x7C00."""
+    a value is non-finite when its bits without the sign are at least inf's, 0x7C00. Values without a
+    sign bit (ReLU-pooled embeddings, flow maps) need only the plain maximum (no masked copy)."""
     if values.dtype == np.float16:
         bits = np.ascontiguousarray(values).view(np.uint16)
-        return bits.size > 0 and int(np.bitwise_and(bits, 0x7FFF).max()) >= 0x7C00
+        if bits.size == 0 or int(bits.max()) < 0x7C00:
+            return False
+        return int(np.bitwise_and(bits, 0x7FFF).max()) >= 0x7C00
     return not np.isfinite(values).all()
 
 

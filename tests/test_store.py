@@ -345,7 +345,7 @@ def test_background_commits_write_the_same_files_and_reraise_a_failed_commit(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("store.writer.ShardWriter.commit", full_disk)
-    with pytest.raises(OSError, match="No space left"), BackgroundCommits() as commits:
+    with pytest.raises(OSError, match="No space left"), BackgroundCommits(max_pending=1) as commits:
         w = broken.shard_writer(0)
         w.put(0, **clip_data(0))
         commits.close(w)

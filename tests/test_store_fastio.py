@@ -91,3 +91,78 @@ def test_rejected_put_leaves_the_buffered_clip_as_it_was(tmp_path):
                 raise AssertionError("a float16 overflow must be rejected")
     np.testing.assert_array_equal(st.read_clip(0)["embeddings"], data(0)["embeddings"].astype(np.float16))
     assert np.isnan(st.read_clip(1)["embeddings"]).all() and list(st.status()) == [1, 0, 0, 0]
+
+
+def test_put_casts_float32_to_float16_as_numpy_does(tmp_path):
+    """put casts float32 with torch (fast path) and anything else with numpy: the stored bits are numpy's
+    ``astype`` either way, at float16's edges (ties, subnormals, the largest finite values) too."""
+    st = make(tmp_path / "s.zarr", 4)
+    edges = [65519.0, -65504.0, 65505.0, 1 + 2**-11, 1 + 3 * 2**-11, 2.0**-24, 1.5 * 2**-24, 2.0**-26, -0.0]
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(120) * 2.0 ** rng.integers(-26, 15, 120)).astype(np.float32)
+    values[: len(edges)] = edges
+    emb = values.reshape(5, 2, 3, 4)
+    cls = rng.standard_normal((2, 6)).astype(np.float32)
+    read_only = emb.copy()
+    read_only.flags.writeable = False
+    # torch's cast; numpy's for negative strides, a read-only array and float64
+    inputs = [emb, emb[..., ::-1].copy()[..., ::-1], read_only, emb.astype(np.float64)]
+    with st.shard_writer(0) as w:
+        for i, e in enumerate(inputs):
+            w.put(i, embeddings=e, cls=cls)
+    stored = load_arrays(st, progress=False).embeddings
+    for i in range(4):
+        assert stored[i].tobytes() == emb.astype(np.float16).tobytes(), i
+
+
+def test_a_reused_shard_buffer_writes_nan_where_no_clip_was_put(tmp_path):
+    """The next writer reuses a closed writer's buffers (``SpareBuffers``): rows of clips it was not given
+    must still be written as NaN, not as the last shard's values."""
+    st = make(tmp_path / "s.zarr", 8)
+    with st.shard_writer(0) as w:
+        for i in range(4):
+            w.put(i, **data(i))
+    with st.shard_writer(1) as w:
+        w.put(5, **data(5))
+        w.fail(6, "DecodeError", "cannot decode")
+    rows = read_shard(st, "embeddings", 1)
+    np.testing.assert_array_equal(rows[1], data(5)["embeddings"].astype(np.float16))
+    assert np.isnan(rows[[0, 2, 3]]).all() and list(st.status()[4:]) == [0, 1, 2, 0]
+    np.testing.assert_array_equal(read_shard(st, "cls", 0)[3], data(3)["cls"].astype(np.float16))
+
+
+def test_a_commit_makes_the_data_durable_before_the_status_counts(tmp_path, monkeypatch):
+    """The power-loss order of store/SCHEMA.md, from the fsyncs and renames a commit makes: every file
+    fsync'd under its temp name before its rename; the data files' folders fsync'd after their renames
+    and before the status file's rename; the status folder fsync'd after it."""
+    import os
+
+    st = make(tmp_path / "s.zarr", 4)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    with st.shard_writer(0) as w:
+        for i in range(4):
+            w.put(i, **data(i))
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.undo()
+
+    def at(kind: str, path: Path) -> int:
+        return events.index((kind, str(path)))
+
+    status = st.chunk_file("status", 0)
+    for name in ("embeddings", "cls", "status"):
+        chunk = st.chunk_file(name, 0)
+        temp = chunk.with_name(f".{chunk.name}.{os.getpid()}.partial")
+        assert at("fsync", temp) < at("rename", chunk) < at("fsync", chunk.parent), name
+        if name != "status":
+            assert at("fsync", chunk.parent) < at("rename", status), name
