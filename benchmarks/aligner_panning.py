@@ -325,8 +325,8 @@ def format_tables(result: dict[str, Any]) -> str:
     lines.append(f"\nchance: {100 * result['chance']:.0f}%; {result['seeds']} seeds; wall time "
                  f"{result['seconds'] / 60:.1f} min ({result['cpu_note']})\n")  # fmt: skip
     lines += [
-        "| aligner (panning test clips) | block | token distance to frame t: before | aligned | true "
-        "shift | background/object AM flow: unaligned | aligned |",
+        "| aligner (panning test clips) | block | token distance to frame t (aligner-first: frame 1): "
+        "before | aligned | true shift | background/object AM flow: unaligned | aligned |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
