@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for condition, states in alignment.items():
-        for state, blocks in states.items():
+        for state in ("fresh", "trained"):
+            blocks = states[state]
             for block, f in blocks.items():
                 cells = [
                     f[k]

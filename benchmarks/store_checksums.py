@@ -31,7 +31,8 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from store.fastio import read_raw_rows, write_raw_chunk
+from foundation.atomic import rename_into_place
+from store.fastio import read_raw_rows, stage_raw_chunk
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,7 +77,8 @@ def main() -> None:
         out = np.empty_like(data)
 
         def raw_write() -> None:
-            write_raw_chunk(raw_file, data, rows, np.nan, durable=False)
+            stage_raw_chunk(raw_file, data, rows, np.nan)  # not fsync'd, as Zarr's side
+            rename_into_place(raw_file)
 
         def raw_read() -> None:
             read_raw_rows(raw_file, out, row_shape=data.shape[1:], fill_value=np.nan)
