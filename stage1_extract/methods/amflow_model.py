@@ -246,7 +246,8 @@ class AMFlowBlock(nn.Module):
         return attention_scores_sum_softmax(q, k, self.temperature)
 
     def _alignment_error(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean squared distance of the aligned frames t+1 to frames t, normed patch tokens; x (B, T, N, D)
+        """Mean squared distance of the aligned frames t+1 to their reference (frames t, or frame 1 with
+        ``aligner_reference="first"``), normed patch tokens; x (B, T, N, D)
         detached, so the loss trains the aligner and nothing before it (no collapse of the tokens)."""
         p = self.num_prefix_tokens
         aligned = self.norm1(self.aligner(x, self.aligner_reference)[:, :, p:])
