@@ -84,6 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def held_camera(args: argparse.Namespace, split: str, motion: str, k: int, offset: np.ndarray) -> np.ndarray:
+    """Panning clip k of ``motion`` in ``split`` filmed with its camera held at ``offset`` (y, x) in every
+    frame, uint8 (T, H, W, 3): the generator renders the scene again (no rounding, no resampling)."""
+    from stage1_extract.videos.synthetic import render_motion_clip, split_clip_rng
+
+    rng = split_clip_rng(0, split, motion, k)
+    camera = np.tile(offset, (args.frames, 1))
+    return render_motion_clip(
+        motion, size=args.size, num_frames=args.frames, rng=rng, pan=True, camera=camera
+    ).frames
+
+
 def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
     """AM flow (clips, 1 view, blocks, T, h, N) of the split's clips under ``condition``, and labels."""
     from stage1_extract.families.backbone import normalise_video, pixel_stats
@@ -93,34 +105,29 @@ def flows(model, args: argparse.Namespace, split: str, n: int, condition: str):
 
     mean, std = pixel_stats(model.vit)
 
-    def render(motion: str, k: int, camera: np.ndarray | None = None):
-        rng = split_clip_rng(0, split, motion, k)
-        pan = condition != "static"
-        clip = render_motion_clip(
-            motion, size=args.size, num_frames=args.frames, rng=rng, pan=pan, camera=camera
-        )
-        video = normalise_video(torch.from_numpy(clip.frames).permute(0, 3, 1, 2)[None], mean, std)
-        return clip, video
+    def as_video(frames: np.ndarray) -> torch.Tensor:  # uint8 (T, H, W, 3) -> normalised (1, T, 3, H, W)
+        return normalise_video(torch.from_numpy(frames).permute(0, 3, 1, 2)[None], mean, std)
 
     maps, labels = [], []
     for label, motion in enumerate(MOTIONS):
         for k in range(n):
-            clip, video = render(motion, k)
+            rng = split_clip_rng(0, split, motion, k)
+            pan = condition != "static"
+            clip = render_motion_clip(motion, size=args.size, num_frames=args.frames, rng=rng, pan=pan)
+            video = as_video(clip.frames)
             with torch.no_grad():
                 if condition == "panning, pairwise true shift undone":
                     pair_flow = model.extract(undo_camera(video, clip.camera[None])[0]).flow[:, :, 0]
                     flow = torch.cat([pair_flow, pair_flow[-1:]]).transpose(0, 1)[None]  # last repeats
                 elif condition == "panning, pairwise exact":
-                    pairs = []
-                    for t in range(args.frames - 1):
-                        _, still = render(motion, k, np.repeat(clip.camera[t : t + 1], args.frames, 0))
-                        pairs.append(still[0, t : t + 2])
+                    pairs = [  # frames t and t+1, both filmed with frame t's camera
+                        as_video(held_camera(args, split, motion, k, clip.camera[t]))[0, t : t + 2]
+                        for t in range(args.frames - 1)
+                    ]
                     pair_flow = model.extract(torch.stack(pairs)).flow[:, :, 0]
                     flow = torch.cat([pair_flow, pair_flow[-1:]]).transpose(0, 1)[None]  # last repeats
                 elif condition == "panning, all frames to frame 1 exact":
-                    flow = model.extract(
-                        render(motion, k, np.repeat(clip.camera[:1], args.frames, 0))[1]
-                    ).flow
+                    flow = model.extract(as_video(held_camera(args, split, motion, k, clip.camera[0]))).flow
                 elif condition == "panning, all frames undone to frame 1 (rolled)":
                     moves = np.round(clip.camera - clip.camera[:1]).astype(int)
                     frames = [
@@ -145,17 +152,17 @@ def filmed(args: argparse.Namespace, split: str, n: int, reference: str, mean, s
     videos, targets, cameras, masks = [], [], [], []
     for motion in MOTIONS:
         for k in range(n):
-            draw = dict(motion=motion, size=args.size, num_frames=T, pan=True)
-            clip = render_motion_clip(**draw, rng=split_clip_rng(0, split, motion, k))
-            seen = []
-            for t in range(1, T):
-                ref = clip.camera[0 if reference == "first" else t - 1]
-                still = render_motion_clip(
-                    **draw, rng=split_clip_rng(0, split, motion, k), camera=np.tile(ref, (T, 1))
+            clip = render_motion_clip(
+                motion, size=args.size, num_frames=T, rng=split_clip_rng(0, split, motion, k), pan=True
+            )
+            if reference == "first":
+                seen = held_camera(args, split, motion, k, clip.camera[0])[1:]
+            else:
+                seen = np.stack(
+                    [held_camera(args, split, motion, k, clip.camera[t - 1])[t] for t in range(1, T)]
                 )
-                seen.append(still.frames[t])
             videos.append(clip.frames)
-            targets.append(np.stack(seen))
+            targets.append(seen)
             cameras.append(clip.camera)
             masks.append(clip.object_mask)
 
