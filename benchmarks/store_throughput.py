@@ -15,7 +15,9 @@ come from the page cache on both sides. Example:
 With ``--store-url s3://BUCKET/PREFIX`` (credentials and endpoint from the AWS_* variables) the store's
 side is also run on object storage, interleaved with the same store on local disk: write, whole read,
 shard-ordered batches and one streamed stage-2 epoch (``StreamedFeatures`` under a memory budget of four
-shards, every clip read once in the epoch's order, no training), as object-store / local-disk time.
+shards, every clip read once in the epoch's order, no training), as object-store / local-disk time; and the
+server's floor: every shard object's bytes fetched with concurrent GETs and nothing else (no reader can be
+faster than that on that server).
 Against a local S3 server (``moto_server -H 127.0.0.1 -p 5000`` and ``AWS_ENDPOINT_URL=http://127.0.0.1:5000``).
 """
 
@@ -27,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from foundation.atomic import fsync_file
 from store import BackgroundCommits, FeatureDataset, FeatureStore, ShardOrderedSampler, is_store, load_arrays
-from store.objects import is_url
+from store.objects import default_read_threads, is_url
 
 
 def parse_args() -> argparse.Namespace:
@@ -203,6 +206,9 @@ def main() -> None:
         for name, to, tl, ratio in remote_rows:
             print(f"{name:<34}{mb / to:>12.0f}{mb / tl:>12.0f}{1 / ratio:>19.2f}")
         print("(medians of interleaved repeats; time ratio = median of the per-repeat ratios)")
+        times = {name: to for name, to, _tl, _ratio in remote_rows}
+        floor = times["stage-2 epoch, streamed"] / times["fetch every shard, nothing else"]
+        print(f"object-store epoch / the server's floor (median times): {floor:.2f}")
 
 
 def compare_object_store(
@@ -222,6 +228,18 @@ def compare_object_store(
         ds = FeatureDataset(st, in_memory=False, cache_shards=2)
         sampler = ShardOrderedSampler(ds, batch_size=args.batch_size, seed=0)
         return lambda: [b for b in DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)]
+
+    def fetch(st: FeatureStore) -> Callable[[], None]:
+        # The bytes of every shard object and nothing else (concurrent GETs, no copy): the least time any
+        # reader of this store can take on that server.
+        chunks = [(name, shard) for shard in range(st.num_shards) for name in ("embeddings", "cls")]
+
+        def get(chunk: tuple[str, int]) -> object:
+            if st.objects is not None:
+                return st.objects.get(st.chunk_key(*chunk))
+            return st.chunk_file(*chunk).read_bytes()
+
+        return lambda: list(ThreadPoolExecutor(default_read_threads(st)).map(get, chunks))
 
     def epoch(location: str | Path) -> Callable[[], float]:
         shard_bytes = store_selection(location).shard_bytes  # four shards held: streamed, read ahead
@@ -249,6 +267,10 @@ def compare_object_store(
             *interleaved(batches(stores["object"]), batches(stores["local"]), args.repeats),
         ),
         ("stage-2 epoch, streamed", *interleaved(epoch(url), epoch(local), args.repeats)),
+        (
+            "fetch every shard, nothing else",
+            *interleaved(fetch(stores["object"]), fetch(stores["local"]), args.repeats),
+        ),
     ]
 
 

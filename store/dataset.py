@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,20 @@ def float32_batch(n: int, row_shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.empty((n, *row_shape), dtype=np.float32))
 
 
+def source_tensor(source: np.ndarray) -> torch.Tensor:
+    """``source`` as a tensor sharing its memory, also when it is read-only (a shard read from object
+    storage is a view of its GET's buffer): the tensor is only read from."""
+    if source.flags.writeable:
+        return torch.from_numpy(source)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(source)
+
+
 def copy_rows(out: torch.Tensor, positions: Sequence[int], source: np.ndarray, rows: Sequence[int]) -> None:
     """``out[positions[i]] = source[rows[i]]``, cast row by row with torch's vectorised cast: one pass, where
     a numpy gather then ``astype`` makes two, and numpy's float16 -> float32 cast is ~4x slower."""
-    src = torch.from_numpy(source)
+    src = source_tensor(source)
     for p, r in zip(positions, rows, strict=True):
         out[p].copy_(src[r])
 

@@ -57,11 +57,13 @@ def read_shard(
     shard: int,
     out: np.ndarray | None = None,
     axis1: Sequence[int] | None = None,
+    read_only: bool = False,
 ) -> np.ndarray:
-    """One whole shard of an array (``fastio.read_shard``); ``axis1`` selects flow *blocks* also when the
-    flow maps are packed (blocks of different map shapes: their columns of the last axis)."""
+    """One whole shard of an array (``fastio.read_shard``, also for ``read_only``); ``axis1`` selects flow
+    *blocks* also when the flow maps are packed (blocks of different map shapes: their columns of the
+    last axis)."""
     if name != "flow" or axis1 is None or not store.layout.flow_packed:
-        return fastio.read_shard(store, name, shard, out=out, axis1=axis1)
+        return fastio.read_shard(store, name, shard, out=out, axis1=axis1, read_only=read_only)
     selected = fastio.read_shard(store, name, shard)[..., flow_columns(store.flow_geometry, axis1)]
     if out is None:
         return selected

@@ -27,13 +27,14 @@ def read_shard_arrays(
     spare: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays ``axis1`` names of one shard (positions ``axis1[name]`` of axis 1, None = all), read
-    into the arrays of ``spare`` (a dropped shard) when their shapes fit."""
+    into the arrays of ``spare`` (a dropped shard) when their shapes fit. Whole rows from object storage
+    are read-only views of their GET's buffer instead (no copy; the readers only read them)."""
     rows = len(store.clips_in_shard(shard))
     out = {}
     for name, sel in axis1.items():
         buf = spare.get(name) if spare else None
-        buf = buf if buf is not None and buf.shape[0] == rows else None
-        out[name] = read_shard(store, name, shard, out=buf, axis1=sel)
+        buf = buf if buf is not None and buf.shape[0] == rows and buf.flags.writeable else None
+        out[name] = read_shard(store, name, shard, out=buf, axis1=sel, read_only=store.objects is not None)
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from foundation.features import ClipFeatures
 from stage2_temporal.training.data import CachedFeatures, load_store, num_classes_of
 from store.budget import StoreSelection, parse_memory_budget, store_selection
+from store.dataset import float32_batch, source_tensor
 from store.objects import default_read_threads
 from store.reader import resolve_selection, selected_shape
 from store.shards import ShardCache, read_shard_arrays
@@ -219,11 +220,14 @@ class StreamedFeatures:
                 views_first = name == "cls" or (name == "flow" and self._packed)  # (clips, V, ...)
                 if name not in host:
                     row_shape = block.shape[2:] if views_first else block.shape[1:2] + block.shape[3:]
-                    host[name] = torch.empty((len(pos), *row_shape), dtype=dtype, pin_memory=pin)
-                out = host[name]
+                    host[name] = (
+                        torch.empty((len(pos), *row_shape), dtype=dtype, pin_memory=True)
+                        if pin
+                        else float32_batch(len(pos), row_shape)
+                    )
+                out, src = host[name], source_tensor(block)
                 for j in hit.tolist():
-                    row = block[local[j], view[j]] if views_first else block[local[j], :, view[j]]
-                    out[j].copy_(torch.from_numpy(row))
+                    out[j].copy_(src[local[j], view[j]] if views_first else src[local[j], :, view[j]])
             cache.used(s, len(hit))
         out = {n: t.to(device, non_blocking=pin).to(torch.float32) for n, t in host.items()}
         emb = out["embeddings"] if self._keep_adapters else out["embeddings"][:, :0]
