@@ -505,3 +505,53 @@ def test_a_writer_whose_lease_was_taken_over_writes_nothing(s3, heads_stores):
         writer.close()  # refuses again, and lets the shard go without deleting the other writer's lease
     assert io.head("_locks/shard_000002.lock") is not None
     io.delete("_locks/shard_000002.lock")
+
+
+def test_streamed_batches_from_s3_read_each_shard_with_one_get(s3, heads_stores, monkeypatch):
+    """A stage-2 epoch from the bucket gives the in-memory batches exactly, fetching each shard's arrays
+    with one whole GET each (no range requests for a selection of every adapter), as read-only views of
+    the GET's buffer that raise no warning when batched."""
+    import warnings
+
+    import torch
+
+    from stage2_temporal.training.data import load_store
+    from stage2_temporal.training.stream import StreamedFeatures, store_selection
+    from store import FeatureDataset
+    from store.shards import read_shard_arrays
+
+    train, _ = heads_stores
+    fetched: list[str] = []  # the data arrays' chunk keys fetched, by GET or ranged GET
+    for method in ("get", "get_ranges"):
+        original = getattr(ObjectIO, method)
+
+        def counted(self, key, *args, _method=method, _original=original):
+            if key.split("/")[0] in ("embeddings", "cls"):
+                fetched.append(f"{_method} {key}")
+            return _original(self, key, *args)
+
+        monkeypatch.setattr(ObjectIO, method, counted)
+    st = FeatureStore.open(train)
+    every = {"embeddings": list(range(len(st.adapter_names))), "cls": None}
+    shard = read_shard_arrays(st, every, 1)
+    assert fetched == [f"get {st.chunk_key('embeddings', 1)}", f"get {st.chunk_key('cls', 1)}"]
+    assert not shard["embeddings"].flags.writeable and not shard["cls"].flags.writeable
+    np.testing.assert_array_equal(shard["embeddings"], load_arrays(train, progress=False).embeddings[8:16])
+
+    mem = load_store(train, progress=False)
+    streamed = StreamedFeatures(train, memory_budget=2 * store_selection(train).shard_bytes)
+    fetched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "not writable" warning
+        order = streamed.epoch_order(torch.Generator().manual_seed(0))
+        for k in range(0, len(order), 5):
+            clips, views = order[k : k + 5], torch.zeros(len(order[k : k + 5]), dtype=torch.long)
+            a, b = mem.batch(clips, views, "cpu"), streamed.batch(clips, views, "cpu")
+            for name in ("embeddings", "cls"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+        wanted = [f"get {st.chunk_key(n, s)}" for s in range(st.num_shards) for n in ("embeddings", "cls")]
+        assert sorted(fetched) == sorted(wanted)  # each shard's arrays once, whole
+        items = FeatureDataset(train, in_memory=False)[[3, 17, 30]]
+    expected = load_arrays(train, progress=False).embeddings[[3, 17, 30]].astype(np.float32)
+    np.testing.assert_array_equal(items["embeddings"].numpy(), expected)
+    streamed.close()
