@@ -177,8 +177,9 @@ def supervised_aligner(
 ):
     """A copy of ``plain`` with aligning encoders (``reference``) trained against the generator's answer
     (see the module's doc), and their figures on the test clips, fresh and trained: ``measure_alignment``'s
-    and ``to_target``, each block's token distance (normed patch tokens) of frame t+1 as it is and as
-    aligned to the exact target (frame t+1 filmed with the reference frame's camera)."""
+    and ``to_target``, each block's token distance (normed patch tokens) to the exact target (frame t+1
+    filmed with the reference frame's camera) of frame t+1 as it is, as aligned, and of the reference frame
+    itself (what an aligner that copied its reference would score)."""
     from stage1_extract.families.backbone import pixel_stats
     from stage1_extract.methods.alignment import aligner_blocks, block_inputs, measure_alignment
     from stage2_temporal.finetuning.models import build_model, load_model_config
@@ -214,9 +215,12 @@ def supervised_aligner(
             for (name, block), x, y in zip(aligner_blocks(model), test_inputs, test_wanted):
                 wanted = block.norm1(y[:, :, prefix:])
                 aligned = block.norm1(block.aligner(x, reference)[:, :, prefix:])
+                ref = x[:, :-1] if reference == "previous" else x[:, :1].expand_as(x[:, 1:])
                 out[name] = {
                     "unaligned": float((block.norm1(x[:, 1:, prefix:]) - wanted).norm(dim=-1).mean()),
                     "aligned": float((aligned - wanted).norm(dim=-1).mean()),
+                    # the reference frame itself: right on the background, wrong where the object moved
+                    "copy_reference": float((block.norm1(ref[:, :, prefix:]) - wanted).norm(dim=-1).mean()),
                 }
         return out
 
@@ -240,7 +244,8 @@ def supervised_only(args: argparse.Namespace, plain, overrides: list[str], count
     """``--supervised-only``: the supervised aligners at every ``--aligner-lr``, both references; their
     token distances to the exact target on the test clips (no heads trained)."""
     lines = [f"| supervised aligner ({args.aligner_steps} steps, AdamW) | lr | block | to the exact target: "
-             "unaligned | trained aligner |", "|---|---:|---|---:|---:|"]  # fmt: skip
+             "unaligned | trained aligner | the reference frame |",
+             "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     rows = []
     for reference in ("previous", "first"):
         for lr in args.aligner_lrs:
@@ -248,7 +253,7 @@ def supervised_only(args: argparse.Namespace, plain, overrides: list[str], count
             _, figures = supervised_aligner(plain, args, reference, overrides, counts, lr)
             for block, f in figures["trained_to_target"].items():
                 rows.append({"reference": reference, "lr": lr, "block": block, **f})
-                cells = f"{f['unaligned']:.3f} | {f['aligned']:.3f}"
+                cells = f"{f['unaligned']:.3f} | {f['aligned']:.3f} | {f['copy_reference']:.3f}"
                 lines.append(f"| {reference} | {lr:g} | {block} | {cells} |")
             print(lines[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = "\n".join(lines)

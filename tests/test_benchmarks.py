@@ -92,6 +92,8 @@ def test_aligner_oracle_quick_writes_a_row_per_condition(tmp_path):
         ("first", 1e-2),
     ]
     assert all(r["unaligned"] > 0 and r["aligned"] > 0 for r in rows)
+    # copying the reference frame is a fixed answer: the same at every rate, not frame t+1's distance
+    assert rows[0]["copy_reference"] == rows[2]["copy_reference"] != rows[0]["unaligned"]
     assert (tmp_path / "aligner_oracle.md").read_text().strip() in out
 
 
