@@ -43,9 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "configs" / "models" / "amflow_tiny.yaml"
 RECIPE = ROOT / "configs" / "finetune" / "panning_camera.yaml"
 # no aligner; aligner (frame t+1 to frame t, the paper's); aligner + our auxiliary loss; aligner of every
-# frame to frame 1 (model.aligner_reference=first, our option)
-VARIANTS = ("plain", "aligner", "aligner+aux", "aligner-first")
-PANNING_ONLY = ("aligner+aux", "aligner-first")  # our additions: measured where they matter
+# frame to frame 1 (model.aligner_reference=first, our option); the last two with the aligner's own
+# position embedding (model.aligner_position=sincos, our option)
+VARIANTS = ("plain", "aligner", "aligner+aux", "aligner-first", "aligner-pos", "aligner-first-pos")
+PANNING_ONLY = VARIANTS[2:]  # our additions: measured where they matter
 PLACEMENTS = ("am2", "am12")  # AM/2: the first and last blocks (paper 000's (1,12)); AM/12: all
 CAMERAS = {"static": 0.0, "panning": 1.0}
 DATA_SEED = 0
@@ -118,8 +119,10 @@ def finetune_spec(
     blocks = f"[1,{args.depth}]" if placement == "am2" else "all"
     model = [f"model.blocks={blocks}", f"model.aligning_encoder={str(variant != 'plain').lower()}"]
     aux = [f"train.aligner_loss_weight={args.aux_weight}"] if variant == "aligner+aux" else []
-    if variant == "aligner-first":
+    if variant.startswith("aligner-first"):
         model.append("model.aligner_reference=first")
+    if variant.endswith("-pos"):
+        model.append("model.aligner_position=sincos")
     return {
         "camera": camera,
         "placement": placement,
@@ -297,6 +300,8 @@ VARIANT_NAMES = {
     "aligner": "aligner",
     "aligner+aux": "aligner + auxiliary alignment loss (our addition)",
     "aligner-first": "aligner to frame 1 (`aligner_reference: first`, our option)",
+    "aligner-pos": "aligner with its own position embedding (`aligner_position: sincos`, our option)",
+    "aligner-first-pos": "aligner to frame 1 with its own position embedding (our options)",
 }
 
 

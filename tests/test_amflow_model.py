@@ -138,10 +138,17 @@ def test_aligner_starts_as_the_identity_for_the_flow():
     # The same adapters, heads and backbone with and without aligners: at initialisation the AM flow,
     # the embeddings and the logits are bit-identical (METHOD.md s9's identity start).
     video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for blocks, reference in (("all", "previous"), ([2], "previous"), ([2], "first")):
+    cases = (("all", "previous", "none"), ([2], "previous", "none"), ([2], "first", "none"))
+    for blocks, reference, position in (*cases, ("all", "previous", "sincos"), ([2], "first", "sincos")):
         plain = build_amflow(tiny_cfg(blocks=blocks)).eval()
         aligned = build_amflow(
-            tiny_cfg(blocks=blocks, aligning_encoder=True, aligner_heads=3, aligner_reference=reference)
+            tiny_cfg(
+                blocks=blocks,
+                aligning_encoder=True,
+                aligner_heads=3,
+                aligner_reference=reference,
+                aligner_position=position,
+            )
         ).eval()
         own = {k: v for k, v in aligned.state_dict().items() if ".aligner." in k}
         aligned.load_state_dict({**own, **plain.state_dict()})
@@ -156,6 +163,29 @@ def test_aligner_starts_as_the_identity_for_the_flow():
         torch.nn.init.normal_(block.aligner.layer.self_attn.out_proj.weight, std=0.5)
         with torch.no_grad():
             assert not torch.equal(aligned.extract(video).flow, p.flow)
+
+
+def test_aligner_position_embedding_is_timms_sincos_table_on_the_patches():
+    from timm.layers import build_sincos2d_pos_embed
+
+    from stage1_extract.families.base import BlockGeometry
+    from stage1_extract.methods.amflow_model import aligner_position_table
+
+    model = build_amflow(
+        tiny_cfg(blocks=[1], aligning_encoder=True, aligner_heads=3, aligner_position="sincos")
+    )
+    aligner = model.vit.blocks[0].aligner
+    table = build_sincos2d_pos_embed([2, 2], 192)  # 32 px in 16 px patches; 192 = ViT-Ti's width
+    assert torch.equal(aligner.pos_embed[1:], table) and torch.equal(aligner.pos_embed[0], torch.zeros(192))
+    assert "pos_embed" in aligner.no_weight_decay()
+    # Tokens in another order (Hiera's mask units): row-major patch i sits at token grid_positions[i].
+    order = torch.tensor([2, 0, 3, 1])
+    rolled = aligner_position_table(BlockGeometry(grid=(2, 2), heads=3, width=192), order)
+    assert torch.equal(rolled[order], table)
+    with pytest.raises(ValueError, match="aligner_position"):
+        tiny_cfg(aligning_encoder=True, aligner_position="learned").validate()
+    plain = build_amflow(tiny_cfg(blocks=[1], aligning_encoder=True, aligner_heads=3))
+    assert plain.vit.blocks[0].aligner.pos_embed is None  # the default adds nothing (METHOD.md s1)
 
 
 def test_aligner_reference_is_where_frame_t_plus_1_is_aligned_to():

@@ -55,6 +55,10 @@ class AMFlowConfig:
     # What the aligner aligns frame t+1 to: frame t (paper 000's pairs, each flow map in frame t's view)
     # or the clip's first frame (every flow map in one view; our option, README "The aligning encoder").
     aligner_reference: Literal["previous", "first"] = "previous"
+    # The aligner's own 2D sin-cos position embedding over the patch grid, added to both frames' tokens
+    # inside it and learned from there ("sincos"; our option, README "The aligning encoder"), or none (the
+    # tokens carry only the backbone's position embedding, which a random backbone's barely has).
+    aligner_position: Literal["none", "sincos"] = "none"
     bottleneck: int | None = None  # adapter width r; None = the backbone width D
     pooling: Literal["mean", "cls", "flow"] = "mean"
     # What the per-token maps of the features hold: AM flow (h per token), or METHOD.md s7's control,
@@ -69,6 +73,8 @@ class AMFlowConfig:
             raise ValueError(f"blocks: expected 'all' or 1-based block numbers, got {self.blocks}")
         if self.bottleneck is not None and self.bottleneck < 1:
             raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
+        if self.aligner_position not in ("none", "sincos"):
+            raise ValueError(f"aligner_position: expected 'none' or 'sincos', got {self.aligner_position!r}")
         if self.aligner_reference not in ALIGNER_REFERENCES:
             raise ValueError(
                 f"aligner_reference: expected one of {list(ALIGNER_REFERENCES)}, "
@@ -118,9 +124,13 @@ class AligningEncoder(nn.Module):
         dim: token width D.
         num_heads: attention heads of its one encoder layer.
         mlp_ratio: feed-forward width over D.
+        position: (N, D) start of its own position embedding, added to both frames' tokens inside it (None:
+            none; see ``aligner_position_table``).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, position: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.layer = nn.TransformerEncoderLayer(
             d_model=dim,
@@ -135,20 +145,38 @@ class AligningEncoder(nn.Module):
             nn.init.zeros_(last.bias)
         self.frame_embed = nn.Parameter(torch.zeros(2, dim))
         nn.init.trunc_normal_(self.frame_embed, std=0.02)
+        self.pos_embed = nn.Parameter(position.clone()) if position is not None else None
 
     def no_weight_decay(self) -> set[str]:
-        """Trained without weight decay (timm's convention): the two frames' position embeddings."""
-        return {"frame_embed"}
+        """Trained without weight decay (timm's convention): the frame and position embeddings."""
+        return {"frame_embed", "pos_embed"}
 
     def forward(self, x: torch.Tensor, reference: str = "previous") -> torch.Tensor:
         """x: (B, T, N, D) -> frames 2..T aligned to their predecessors (``reference="previous"``) or to
         frame 1 (``"first"``), (B, T-1, N, D)."""
         B, T, N, D = x.shape
         ref = x[:, :-1] if reference == "previous" else x[:, :1].expand(B, T - 1, N, D)
-        pairs = torch.cat([ref + self.frame_embed[0], x[:, 1:] + self.frame_embed[1]], dim=2)
+        embed = (
+            self.frame_embed[:, None]
+            if self.pos_embed is None
+            else self.frame_embed[:, None] + self.pos_embed
+        )
+        pairs = torch.cat([ref + embed[0], x[:, 1:] + embed[1]], dim=2)
         pairs = pairs.reshape(B * (T - 1), 2 * N, D)
         update = (self.layer(pairs) - pairs)[:, N:]  # exactly 0 at initialisation
         return x[:, 1:] + update.reshape(B, T - 1, N, D)
+
+
+def aligner_position_table(geometry: BlockGeometry, grid_positions: torch.Tensor | None) -> torch.Tensor:
+    """(N, D) start of an aligner's position embedding: timm's 2D sin-cos table of the block's patch grid
+    on the patch tokens (in the block's token order), zeros on the prefix tokens."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    rows, cols = geometry.grid
+    grid = build_sincos2d_pos_embed([rows, cols], geometry.width)  # row-major patches
+    if grid_positions is not None:
+        grid = torch.zeros_like(grid).index_copy_(0, grid_positions.to(torch.long), grid)
+    return torch.cat([torch.zeros(geometry.prefix_tokens, geometry.width), grid])
 
 
 @dataclass
@@ -196,6 +224,7 @@ class AMFlowBlock(nn.Module):
         aligner_heads: heads of the aligning encoder for moving cameras (None: no aligner).
         aligner_mlp_ratio: the aligning encoder's feed-forward width over D.
         aligner_reference: what frame t+1 is aligned to, ``previous`` (frame t) or ``first`` (frame 1).
+        aligner_position: ``sincos``: the aligner's own position embedding (``aligner_position_table``).
         head_offsets: STDHA per-head frame offsets of this block's attention, or None.
     """
 
@@ -213,6 +242,7 @@ class AMFlowBlock(nn.Module):
         aligner_heads: int | None = None,
         aligner_mlp_ratio: float = 4 / 3,
         aligner_reference: str = "previous",
+        aligner_position: str = "none",
         head_offsets: list[int] | None = None,
     ) -> None:
         super().__init__()
@@ -230,7 +260,10 @@ class AMFlowBlock(nn.Module):
         self.register_buffer("grid_positions", grid_positions, persistent=False)
         self.adapter_attn = ParallelAdapter(dim + heads, r, dim)
         self.adapter_mlp = ParallelAdapter(dim, r, dim)
-        self.aligner = AligningEncoder(dim, aligner_heads, aligner_mlp_ratio) if aligner_heads else None
+        position = aligner_position_table(geometry, grid_positions) if aligner_position == "sincos" else None
+        self.aligner = (
+            AligningEncoder(dim, aligner_heads, aligner_mlp_ratio, position) if aligner_heads else None
+        )
         self.aligner_reference = aligner_reference
         # With ``track_alignment``, each training forward sets ``alignment_error``: the mean squared
         # distance of the aligned frame t+1 to frame t (normed patch tokens), for the optional auxiliary
@@ -493,6 +526,7 @@ def assemble_amflow(cfg: AMFlowConfig, weights: str | None = None) -> AMFlowExtr
             aligner_heads=cfg.aligner_heads if cfg.aligning_encoder else None,
             aligner_mlp_ratio=cfg.aligner_mlp_ratio,
             aligner_reference=cfg.aligner_reference,
+            aligner_position=cfg.aligner_position,
             head_offsets=offsets,
         )
     return AMFlowExtractor(vit, cfg)
