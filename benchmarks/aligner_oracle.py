@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--supervised-only", action="store_true", help="only train the supervised aligners at each rate"
     )
+    p.add_argument(
+        "--aligner-position",
+        default="none",
+        choices=("none", "sincos"),
+        help="the supervised aligners' own position embedding (model.aligner_position)",
+    )
     p.add_argument("--quick", action="store_true", help="toy sizes for the test suite")
     args = p.parse_args(argv)
     if args.quick:
@@ -185,7 +191,15 @@ def supervised_aligner(
     from stage2_temporal.finetuning.models import build_model, load_model_config
 
     model = build_model(
-        load_model_config(MODEL, [*overrides, "aligning_encoder=true", f"aligner_reference={reference}"])
+        load_model_config(
+            MODEL,
+            [
+                *overrides,
+                "aligning_encoder=true",
+                f"aligner_reference={reference}",
+                f"aligner_position={args.aligner_position}",
+            ],
+        )
     ).eval()
     own = {k: v for k, v in model.state_dict().items() if ".aligner." in k}
     model.load_state_dict({**own, **plain.state_dict()})  # the same backbone and adapters as ``plain``
@@ -243,8 +257,8 @@ def supervised_aligner(
 def supervised_only(args: argparse.Namespace, plain, overrides: list[str], counts: dict) -> dict:
     """``--supervised-only``: the supervised aligners at every ``--aligner-lr``, both references; their
     token distances to the exact target on the test clips (no heads trained)."""
-    lines = [f"| supervised aligner ({args.aligner_steps} steps, AdamW) | lr | block | to the exact target: "
-             "unaligned | trained aligner | the reference frame |",
+    lines = [f"| supervised aligner ({args.aligner_steps} steps, AdamW, position {args.aligner_position}) "
+             "| lr | block | to the exact target: unaligned | trained aligner | the reference frame |",
              "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     rows = []
     for reference in ("previous", "first"):
@@ -260,7 +274,7 @@ def supervised_only(args: argparse.Namespace, plain, overrides: list[str], count
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "aligner_supervised.md").write_text(table + "\n")
     (args.results / "aligner_supervised.json").write_text(
-        json.dumps({"rows": rows, "steps": args.aligner_steps})
+        json.dumps({"rows": rows, "steps": args.aligner_steps, "aligner_position": args.aligner_position})
     )
     print(table)
     return {"rows": rows}
