@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="toy sizes for the test suite (seconds)")
     p.add_argument("--keep", action="store_true", help="keep --out (videos, runs) afterwards")
     p.add_argument("--skip-stage2", action="store_true", help="finetuning rows only (no stage-2-only rows)")
+    p.add_argument(
+        "--heads-on-finetuned",
+        action="store_true",
+        help="also row (c)'s heads on the flow each finetuned model extracts (its trained aligners)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.placements, args.size, args.frames = 1, "am2", 32, 4
@@ -235,6 +240,46 @@ def stage2_rows(args: argparse.Namespace, camera: str, videos: Path) -> list[dic
     return rows
 
 
+def finetuned_flow_rows(args: argparse.Namespace, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Row (c), the AM-flow map heads trained as the stage-2-only rows are (``--head-epochs``), on stores
+    each finetuned model extracts with its checkpoint: what its trained aligners' flow is worth to stage 2,
+    apart from the finetuning's own short head training."""
+    from stage1_extract.extraction.extract import ExtractOptions, plan_extraction, run_extraction
+    from stage2_temporal.demo import demo_rows
+    from stage2_temporal.training.evaluate import evaluate_store
+    from stage2_temporal.training.train import train_heads_from_stores
+
+    rows = []
+    for job in jobs:
+        name = Path(job["run_dir"]).name
+        model = [o for o in job["overrides"] if o.startswith(("model.", "num_frames="))]
+        stores = {}
+        for split in ("train", "val", "test"):
+            stores[split] = args.out / "stores_finetuned" / f"{name}_{split}.zarr"
+            plan, store = plan_extraction(
+                "folder",
+                job["videos"],
+                split,
+                MODEL,
+                stores[split],
+                overrides=[*model, f"model.seed={job['seed']}"],
+                checkpoint=str(Path(job["run_dir"]) / "best.safetensors"),
+                options=ExtractOptions(store_flow=True, decode_workers=0, batch_size=16, threads=1),
+            )
+            run_extraction(plan, store)
+        row = next(r for r in demo_rows(args.head_epochs, job["seed"]) if r.name.startswith("(c)"))
+        train = row.train
+        if args.quick:
+            heads = dataclasses.replace(train.heads, hidden=16, flow_embed=16, flow_hidden=16)
+            train = dataclasses.replace(train, heads=heads)
+        run_dir = args.out / "heads_finetuned" / name
+        train_heads_from_stores(stores["train"], stores["val"], train, run_dir, progress=False)
+        metrics = evaluate_store(run_dir, stores["test"], progress=False)
+        where = {k: job[k] for k in ("camera", "placement", "variant", "seed")}
+        rows.append({**where, "test": metrics["mean_class_acc"]})
+    return rows
+
+
 def render_test_clips(args: argparse.Namespace, pan: bool):
     """The test split's clips as the generator rendered them (same seeds as the mp4s), with cameras."""
     import torch
@@ -324,6 +369,11 @@ def format_tables(result: dict[str, Any]) -> str:
         names.setdefault(name, {}).setdefault(r["camera"], []).append(r["test"])
     for r in result["stage2"]:
         names.setdefault(f"stage 2 only: {r['row']}", {}).setdefault(r["camera"], []).append(r["test"])
+    for r in result.get("heads_on_finetuned", []):
+        name = (
+            f"row (c) heads on the flow of finetuned {label(r['placement'])}, {VARIANT_NAMES[r['variant']]}"
+        )
+        names.setdefault(name, {}).setdefault(r["camera"], []).append(r["test"])
     for name, cams in names.items():
         cells = [mean_std(cams[c]) if c in cams else "–" for c in CAMERAS]
         lines.append(f"| {name} | {' | '.join(cells)} |")
@@ -378,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with deterministic_torch(1):
         for camera in () if args.skip_stage2 else CAMERAS:
             stage2 += stage2_rows(args, camera, videos[camera])
+    with deterministic_torch(1):
+        on_finetuned = finetuned_flow_rows(args, jobs) if args.heads_on_finetuned else []
     alignment = alignment_rows(args, finetuned)
     args.results.mkdir(parents=True, exist_ok=True)
     picture = args.results / "aligner_panning_flow.png"
@@ -386,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "finetune": [{k: v for k, v in r.items() if k != "run_dir"} for r in finetuned],
         "stage2": stage2,
+        "heads_on_finetuned": on_finetuned,
         "alignment": alignment,
         "chance": 1 / len(MOTIONS),
         "seeds": args.seeds,

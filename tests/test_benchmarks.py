@@ -47,7 +47,15 @@ def test_train_views_prints_a_row_per_dataset_and_k(tmp_path):
 
 def test_aligner_panning_quick_writes_table_json_and_picture(tmp_path):
     results = tmp_path / "results"
-    out = run("aligner_panning.py", "--quick", "--out", str(tmp_path / "work"), "--results", str(results))
+    out = run(
+        "aligner_panning.py",
+        "--quick",
+        "--heads-on-finetuned",
+        "--out",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+    )
     table = (results / "aligner_panning.md").read_text()
     assert table.strip() in out
     for row in ("finetuned AM/2, no aligner", "finetuned AM/2, aligner", "(a) last-frame appearance"):
@@ -56,7 +64,12 @@ def test_aligner_panning_quick_writes_table_json_and_picture(tmp_path):
     assert {(r["camera"], r["variant"]) for r in data["finetune"]} == {
         (c, v) for c in ("static", "panning") for v in ("plain", "aligner")
     }
-    assert all(0 <= r["test"] <= 1 for r in data["finetune"] + data["stage2"])
+    assert all(0 <= r["test"] <= 1 for r in data["finetune"] + data["stage2"] + data["heads_on_finetuned"])
+    # row (c) retrained on each finetuned model's own stored flow
+    assert [(r["camera"], r["variant"]) for r in data["heads_on_finetuned"]] == [
+        (r["camera"], r["variant"]) for r in data["finetune"]
+    ]
+    assert "row (c) heads on the flow of finetuned AM/2, aligner" in table
     fresh = [r for r in data["alignment"] if r["state"] == "fresh"]
     assert fresh and all(r["aligned"] == r["before"] > r["true_shift"] for r in fresh)  # identity start
     assert (results / "aligner_panning_flow.png").read_bytes()[:4] == b"\x89PNG"
