@@ -11,7 +11,11 @@ auxiliary alignment loss, per seed (model and recipe seed), scored on the test s
 validation epoch's checkpoint; (2) the demo's rows
 (``stage2_temporal.demo.demo_rows``: last frame, adapter-embedding heads, AM-flow map heads, all, the
 feature-difference control) trained per seed on stores extracted once with the demo's fresh model (all
-12 blocks, seed 0). For every
+12 blocks, seed 0); (3) with ``--heads-on-finetuned``, row (c)'s heads trained the same way on the flow
+each finetuned model extracts with its own checkpoint (its trained aligners). ``--variants`` picks the
+finetuned models: ``plain`` (no aligner), ``aligner`` (the paper's), and our options on it, in this order:
+``-first`` (aligned to frame 1), ``-pos`` (the aligner's own position embedding), ``+aux`` (the auxiliary
+alignment loss), e.g. ``aligner-first-pos+aux``; options run on the panning camera only. For every
 aligner run on the panning camera, ``stage1_extract.methods.alignment.measure_alignment`` on the test clips
 compares frame t+1's tokens with frame t's before and after alignment and with the true camera shift
 undone, fresh and trained, and one trained run is drawn with ``amflow visualize --aligned``.
@@ -29,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -42,11 +47,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "configs" / "models" / "amflow_tiny.yaml"
 RECIPE = ROOT / "configs" / "finetune" / "panning_camera.yaml"
-# no aligner; aligner (frame t+1 to frame t, the paper's); aligner + our auxiliary loss; aligner of every
-# frame to frame 1 (model.aligner_reference=first, our option); the last two with the aligner's own
-# position embedding (model.aligner_position=sincos, our option)
-VARIANTS = ("plain", "aligner", "aligner+aux", "aligner-first", "aligner-pos", "aligner-first-pos")
-PANNING_ONLY = VARIANTS[2:]  # our additions: measured where they matter
+# "plain" (no aligner) or "aligner" (frame t+1 to frame t, the paper's) with any of our options, in this
+# order: "-first" (every frame to frame 1, model.aligner_reference=first), "-pos" (the aligner's own
+# position embedding, model.aligner_position=sincos), "+aux" (our auxiliary alignment loss)
+VARIANT = re.compile(r"plain|aligner(-first)?(-pos)?(\+aux)?")
+VARIANTS = ("plain", "aligner", "aligner+aux", "aligner-first")  # the default set
+BASE = ("plain", "aligner")  # the others are our additions: measured where they matter (panning)
 PLACEMENTS = ("am2", "am12")  # AM/2: the first and last blocks (paper 000's (1,12)); AM/12: all
 CAMERAS = {"static": 0.0, "panning": 1.0}
 DATA_SEED = 0
@@ -60,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--placements", default="am2", help="comma-separated: am2 (blocks 1,12), am12 (all)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated: plain, or aligner[-first][-pos][+aux] (see the module's doc)",
+    )
     p.add_argument("--aux-weight", type=float, default=1.0, help="aligner_loss_weight of aligner+aux")
     p.add_argument("--train-per-class", type=int, default=100)
     p.add_argument("--val-per-class", type=int, default=10)
@@ -87,10 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [p for p in args.placements.split(",") if p not in PLACEMENTS]
     if unknown:
         p.error(f"--placements: unknown {unknown}; expected from {list(PLACEMENTS)}")
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [v for v in args.variants.split(",") if not VARIANT.fullmatch(v)]
     if unknown or args.variants.split(",") == ["plain"]:
         p.error(
-            f"--variants: expected an aligner variant and others from {list(VARIANTS)}, got {args.variants!r}"
+            f"--variants: expected an aligner variant and others, each plain or aligner[-first][-pos][+aux], "
+            f"got {args.variants!r}"
         )
     return args
 
@@ -123,10 +134,10 @@ def finetune_spec(
     name = f"{camera}_{placement}_{variant.replace('+', '_')}_s{seed}"
     blocks = f"[1,{args.depth}]" if placement == "am2" else "all"
     model = [f"model.blocks={blocks}", f"model.aligning_encoder={str(variant != 'plain').lower()}"]
-    aux = [f"train.aligner_loss_weight={args.aux_weight}"] if variant == "aligner+aux" else []
-    if variant.startswith("aligner-first"):
+    aux = [f"train.aligner_loss_weight={args.aux_weight}"] if variant.endswith("+aux") else []
+    if "-first" in variant:
         model.append("model.aligner_reference=first")
-    if variant.endswith("-pos"):
+    if "-pos" in variant:
         model.append("model.aligner_position=sincos")
     return {
         "camera": camera,
@@ -340,14 +351,18 @@ def draw(args: argparse.Namespace, job: dict[str, Any], picture: Path) -> list[s
     return argv
 
 
-VARIANT_NAMES = {
-    "plain": "no aligner",
-    "aligner": "aligner",
-    "aligner+aux": "aligner + auxiliary alignment loss (our addition)",
-    "aligner-first": "aligner to frame 1 (`aligner_reference: first`, our option)",
-    "aligner-pos": "aligner with its own position embedding (`aligner_position: sincos`, our option)",
-    "aligner-first-pos": "aligner to frame 1 with its own position embedding (our options)",
-}
+def variant_name(variant: str) -> str:
+    """aligner-first-pos+aux -> the table's words for it."""
+    if variant == "plain":
+        return "no aligner"
+    parts = ["aligner"]
+    if "-first" in variant:
+        parts.append("to frame 1 (`aligner_reference: first`, our option)")
+    if "-pos" in variant:
+        parts.append("with its own position embedding (`aligner_position: sincos`, our option)")
+    if variant.endswith("+aux"):
+        parts.append("+ auxiliary alignment loss (our addition)")
+    return " ".join(parts)
 
 
 def label(placement: str) -> str:
@@ -365,14 +380,12 @@ def format_tables(result: dict[str, Any]) -> str:
     lines = [header, "|---|---:|---:|"]
     names: dict[str, dict[str, list[float]]] = {}
     for r in result["finetune"]:
-        name = f"finetuned {label(r['placement'])}, {VARIANT_NAMES[r['variant']]}"
+        name = f"finetuned {label(r['placement'])}, {variant_name(r['variant'])}"
         names.setdefault(name, {}).setdefault(r["camera"], []).append(r["test"])
     for r in result["stage2"]:
         names.setdefault(f"stage 2 only: {r['row']}", {}).setdefault(r["camera"], []).append(r["test"])
     for r in result.get("heads_on_finetuned", []):
-        name = (
-            f"row (c) heads on the flow of finetuned {label(r['placement'])}, {VARIANT_NAMES[r['variant']]}"
-        )
+        name = f"row (c) heads on the flow of finetuned {label(r['placement'])}, {variant_name(r['variant'])}"
         names.setdefault(name, {}).setdefault(r["camera"], []).append(r["test"])
     for name, cams in names.items():
         cells = [mean_std(cams[c]) if c in cams else "–" for c in CAMERAS]
@@ -391,7 +404,7 @@ def format_tables(result: dict[str, Any]) -> str:
         cell = [f"{np.mean([r[k] for r in rs]):.3f}" for k in ("before", "aligned", "true_shift",
                 "flow_background_over_object_bypassed", "flow_background_over_object_aligned")]  # fmt: skip
         lines.append(
-            f"| {label(placement)}, {VARIANT_NAMES[variant]}, {state} | {block} | {' | '.join(cell)} |"
+            f"| {label(placement)}, {variant_name(variant)}, {state} | {block} | {' | '.join(cell)} |"
         )
     return "\n".join(lines)
 
@@ -415,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for placement in args.placements.split(",")
         for camera in CAMERAS
         for variant in args.variants.split(",")
-        if camera == "panning" or variant not in PANNING_ONLY
+        if camera == "panning" or variant in BASE
     ]
     if args.jobs == 1:
         finetuned = [finetune_job(job) for job in jobs]
