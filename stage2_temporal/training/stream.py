@@ -209,8 +209,8 @@ class StreamedFeatures:
         device = torch.device(device)
         pin = device.type == "cuda" and torch.cuda.is_available()
         # CPU: each row is cast straight from the shard into the float32 batch (torch's vectorised cast,
-        # one copy); CUDA: rows go into a pinned buffer in the stored dtype, cast on the device.
-        dtype = _torch_dtype(self._dtype) if pin else torch.float32
+        # one copy; numpy allocates it: huge pages); CUDA: rows go into a pinned buffer in the stored
+        # dtype, cast on the device.
         host: dict[str, torch.Tensor] = {}
         cache = self._reader()
         for s in dict.fromkeys(shard.tolist()):
@@ -221,7 +221,7 @@ class StreamedFeatures:
                 if name not in host:
                     row_shape = block.shape[2:] if views_first else block.shape[1:2] + block.shape[3:]
                     host[name] = (
-                        torch.empty((len(pos), *row_shape), dtype=dtype, pin_memory=True)
+                        torch.empty((len(pos), *row_shape), dtype=_torch_dtype(self._dtype), pin_memory=True)
                         if pin
                         else float32_batch(len(pos), row_shape)
                     )
