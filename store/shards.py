@@ -64,7 +64,9 @@ class ShardCache:
     def _drop(self, shard: int) -> None:
         future = self._held.pop(shard, None)
         if future is not None and future.done() and future.exception() is None and len(self._spare) < 2:
-            self._spare.append(future.result())
+            arrays = future.result()
+            if all(a.flags.writeable for a in arrays.values()):  # not a GET's own buffer: reusable
+                self._spare.append(arrays)
 
     def plan(self, shards: np.ndarray, counts: np.ndarray) -> None:
         with self._lock:

@@ -137,3 +137,26 @@ def test_features_held_as_device_tensors_give_the_same_batches(stores):
     for name in ("embeddings", "cls", "flow"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     assert hold_on_device(mem, "cpu") is mem  # only CUDA devices hold features
+
+
+def test_shard_cache_reuses_only_writable_arrays():
+    # A dropped shard's arrays are handed to the next read only when they can be written into; a shard
+    # read from object storage is a read-only view of its GET's buffer and is let go instead.
+    from store.shards import ShardCache
+
+    spares = []
+
+    def read(shard, spare):
+        spares.append(spare)
+        array = np.zeros(4)
+        array.flags.writeable = shard == 2
+        return {"x": array}
+
+    cache = ShardCache(read, capacity=1, threads=1)
+    cache.plan(np.array([1, 2, 3]), np.array([1, 1, 1]))
+    for shard in (1, 2, 3):
+        cache.get(shard)
+        cache.used(shard, 1)
+    cache.close()
+    assert spares[0] is None and spares[1] is None  # shard 1's read-only array is not reused
+    assert spares[2] is not None and spares[2]["x"].flags.writeable  # shard 2's is, by shard 3's read
