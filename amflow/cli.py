@@ -81,12 +81,24 @@ def _add_verbose(sub: argparse._SubParsersAction, verbose: dict) -> None:
                 _add_verbose(action, verbose)
 
 
+# How torch re-raises an error of a DataLoader worker process: the same type, its message the worker's
+# whole traceback after this line.
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
 def _one_line(error: BaseException) -> str:
-    """The error as one line: ``FILE: reason`` for the OS's errors, the message itself for ours."""
+    """The error as one line: ``FILE: reason`` for the OS's errors, the message itself for ours (also
+    when torch re-raises it from a decoding worker: the worker's traceback is dropped)."""
     if isinstance(error, OSError) and error.strerror:
         text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     else:
         text = str(error) or type(error).__name__
+    if WORKER_TRACEBACK in text:
+        last = text.strip().splitlines()[-1].strip()
+        cls = type(error)
+        for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+            if last.startswith(prefix):
+                return last.removeprefix(prefix)
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 

@@ -8,6 +8,7 @@ import pytest
 from amflow import cli
 from amflow.commands import model_info
 from foundation.config import ConfigError
+from store import StoreError
 
 TINY = "configs/models/amflow_tiny.yaml"
 
@@ -113,3 +114,30 @@ def test_only_the_random_init_warning_is_muted(monkeypatch, capsys):
     messages = [str(w.message) for w in caught]
     assert "another warning the user must see" in messages
     assert not any("randomly initialised" in m for m in messages)
+
+
+class FailingClips:
+    """A dataset whose every item fails as a decoding worker's read of a bucket can."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [StoreError("s3://bucket/videos: reading a.mp4 failed: connection refused"), ValueError("clip 3: bad")],
+)
+def test_an_error_raised_in_a_decoding_worker_is_still_one_line(error):
+    import torch.utils.data
+
+    loader = torch.utils.data.DataLoader(FailingClips(error), num_workers=1)
+    with pytest.raises(type(error)) as raised:
+        next(iter(loader))
+    assert "Original Traceback" in str(raised.value)  # torch re-raises it with the worker's traceback
+    assert cli._one_line(raised.value) == str(error)
