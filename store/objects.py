@@ -465,6 +465,7 @@ class ObjectLease:
 
 
 def default_read_threads(store: Any) -> int:
-    """Shards read at once by default: READ_THREADS from object storage (each request waits on the
-    network), 2 from a folder (file reads overlap the copies)."""
+    """Shards read ahead at once by default: READ_THREADS from object storage (each request waits on the
+    network), 2 from a folder (file reads overlap the copies into reused buffers; ``load_arrays``, which
+    fills one fresh array, reads a folder on one thread)."""
     return READ_THREADS if store.objects is not None else 2
