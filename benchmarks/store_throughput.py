@@ -239,7 +239,11 @@ def compare_object_store(
                 return st.objects.get(st.chunk_key(*chunk))
             return st.chunk_file(*chunk).read_bytes()
 
-        return lambda: list(ThreadPoolExecutor(default_read_threads(st)).map(get, chunks))
+        def run() -> None:
+            with ThreadPoolExecutor(default_read_threads(st)) as pool:
+                list(pool.map(get, chunks))
+
+        return run
 
     def epoch(location: str | Path) -> Callable[[], float]:
         shard_bytes = store_selection(location).shard_bytes  # four shards held: streamed, read ahead
