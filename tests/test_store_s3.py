@@ -479,8 +479,7 @@ def test_store_throughput_benchmark_on_the_server(s3, tmp_path, capsys, monkeypa
     assert f"s3://{BUCKET}/bench.zarr against local disk" in out
     for pattern in ("write (one PUT per shard file)", "batches of 4", "stage-2 epoch, streamed"):
         assert pattern in out
-    floor = re.search(r"fetch every shard, nothing else +(\d+) +\d+", out)
-    assert floor and int(floor.group(1)) > 0
+    assert re.search(r"fetch every shard, nothing else +\d+ +\d+ +\d+\.\d\d\n", out)  # the tiny store: 0 MB/s
     assert re.search(r"object-store epoch / the server's floor \(median times\): \d+\.\d\d\n", out)
     assert FeatureStore.open(f"s3://{BUCKET}/bench.zarr").counts()["done"] == 12
 
